@@ -1,0 +1,274 @@
+"""Read Llama 2 checkpoints (Hugging Face or Meta format) as canonical tensors, one at a time.
+
+Canonical tensors carry the reference model's names (Meta's: `layers.0.attention.wq.weight`),
+PyTorch Linear layout `(out_features, in_features)`, and the half-split rotary layout of Hugging
+Face checkpoints. Each source format has one name table; opening a source checks that every
+checkpoint tensor maps to exactly one canonical name, and `read` checks every shape.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from . import safetensors_io
+from .config import Config
+from .errors import CheckpointError, ConfigError
+
+HF_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+HF_LAYER_NAMES = {
+    "input_layernorm.weight": "attention_norm.weight",
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+}
+# Tensors present in some checkpoints that carry nothing the model needs.
+IGNORED = re.compile(r"(rope\.freqs|.*rotary_emb\.inv_freq)$")
+
+# Meta's model-parallel shards: the axis each tensor was split along (None: replicated).
+META_SHARD_AXIS = {
+    "tok_embeddings.weight": 1,
+    "output.weight": 0,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "feed_forward.w3.weight": 0,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+    "norm.weight": None,
+}
+
+_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+
+
+def canonical_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor name with its expected shape."""
+    d, h, kv = config.dim, config.hidden_dim, config.kv_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_embeddings.weight": (config.vocab_size, d),
+        "norm.weight": (d,),
+        "output.weight": (config.vocab_size, d),
+    }
+    per_layer = {
+        "attention_norm.weight": (d,),
+        "attention.wq.weight": (config.n_heads * config.head_dim, d),
+        "attention.wk.weight": (kv, d),
+        "attention.wv.weight": (kv, d),
+        "attention.wo.weight": (d, config.n_heads * config.head_dim),
+        "ffn_norm.weight": (d,),
+        "feed_forward.w1.weight": (h, d),
+        "feed_forward.w2.weight": (d, h),
+        "feed_forward.w3.weight": (h, d),
+    }
+    for i in range(config.n_layers):
+        shapes.update({f"layers.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def meta_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Permute wq/wk rows from Meta's interleaved rotary pairs to the half-split layout."""
+    rows, cols = w.shape
+    # (heads, head_dim/2, 2, cols) -> (heads, 2, head_dim/2, cols)
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+class Source(Protocol):
+    """A checkpoint that yields canonical float tensors by name."""
+
+    config: Config
+
+    def read(self, name: str) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, str]: ...
+
+
+class _Checked:
+    """Shape checks and a record of which canonical tensors were read."""
+
+    config: Config
+    available: set[str]
+
+    def _check(self, name: str, arr: np.ndarray) -> np.ndarray:
+        expected = canonical_shapes(self.config)[name]
+        if tuple(arr.shape) != expected:
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(arr.shape)} but the config implies {expected}; "
+                "the checkpoint and its config do not belong together."
+            )
+        return arr
+
+    def _check_complete(self) -> None:
+        missing = sorted(set(canonical_shapes(self.config)) - self.available)
+        extra = sorted(self.available - set(canonical_shapes(self.config)))
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint lacks {len(missing)} tensors (first: {missing[0]}); "
+                "is a shard missing or not downloaded?"
+            )
+        if extra:
+            raise CheckpointError(
+                f"the checkpoint has tensors the config does not describe (first: {extra[0]}); "
+                "check n_layers in its config."
+            )
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{what} folder {path} does not exist; pass the folder that holds it.")
+    return path
+
+
+class HFSource(_Checked):
+    """A Hugging Face LlamaForCausalLM folder: config.json plus one or more .safetensors files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = _require_dir(folder, "Hugging Face checkpoint")
+        self.config = hf_config(self.folder / "config.json")
+        self.tied = False
+        self.infos: dict[str, safetensors_io.TensorInfo] = {}
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            hint = " (it has PyTorch .bin files: save it with safe_serialization=True)" if list(
+                self.folder.glob("*.bin")) else ""
+            raise CheckpointError(f"{self.folder} has no .safetensors files{hint}.")
+        for file in files:
+            for key, info in safetensors_io.read_header(file).items():
+                self._add(key, info)
+        if "output.weight" not in self.infos and self._tie_word_embeddings:
+            self.tied = True
+            self.infos["output.weight"] = self.infos["tok_embeddings.weight"]
+        self.available = set(self.infos)
+        self._check_complete()
+
+    @property
+    def _tie_word_embeddings(self) -> bool:
+        raw = json.loads((self.folder / "config.json").read_text())
+        return bool(raw.get("tie_word_embeddings", False))
+
+    def _add(self, key: str, info: safetensors_io.TensorInfo) -> None:
+        if IGNORED.match(key):
+            return
+        match = _LAYER.match(key)
+        if key in HF_NAMES:
+            name = HF_NAMES[key]
+        elif match and match.group(2) in HF_LAYER_NAMES:
+            name = f"layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}"
+        else:
+            raise CheckpointError(
+                f"{info.path.name} holds tensor {key!r} that a Llama 2 checkpoint does not have; "
+                "only LlamaForCausalLM checkpoints are supported."
+            )
+        if name in self.infos:
+            raise CheckpointError(f"tensor {key!r} appears in two files of {self.folder}.")
+        self.infos[name] = info
+
+    def read(self, name: str) -> np.ndarray:
+        return self._check(name, safetensors_io.read_tensor(self.infos[name]))
+
+    def describe(self) -> dict[str, str]:
+        return {"format": "huggingface", "source": self.folder.name}
+
+
+def hf_config(path: Path) -> Config:
+    """Translate a Hugging Face Llama config.json into a Config, refusing other architectures."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; a Hugging Face checkpoint folder needs config.json.")
+    raw = json.loads(path.read_text())
+    arch = raw.get("architectures") or []
+    if raw.get("model_type") != "llama" or (arch and arch[0] != "LlamaForCausalLM"):
+        raise ConfigError(
+            f"{path} describes model_type={raw.get('model_type')!r} {arch}; only Llama 2 "
+            "(model_type 'llama', LlamaForCausalLM) can be exported."
+        )
+    if raw.get("rope_scaling"):
+        raise ConfigError(f"{path} uses rope_scaling {raw['rope_scaling']}, which is not supported.")
+    if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("mlp_bias"):
+        raise ConfigError(f"{path} uses an activation or biases that Llama 2 does not have.")
+    heads = raw["num_attention_heads"]
+    return Config(
+        dim=raw["hidden_size"],
+        n_layers=raw["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=raw.get("num_key_value_heads", heads),
+        vocab_size=raw["vocab_size"],
+        norm_eps=raw.get("rms_norm_eps", 1e-5),
+        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        max_seq_len=raw.get("max_position_embeddings", 4096),
+        intermediate_size=raw["intermediate_size"],
+    )
+
+
+class MetaSource(_Checked):
+    """Meta's original format: params.json plus consolidated.NN.pth model-parallel shards."""
+
+    def __init__(self, folder: Path, vocab_size: int | None = None) -> None:
+        import torch  # only needed to unpickle .pth shards
+
+        self.folder = _require_dir(folder, "Meta checkpoint")
+        params_path = self.folder / "params.json"
+        if not params_path.is_file():
+            raise CheckpointError(f"{params_path} is missing; a Meta checkpoint folder needs it.")
+        self.paths = sorted(self.folder.glob("consolidated.*.pth"))
+        if not self.paths:
+            raise CheckpointError(f"{self.folder} has no consolidated.NN.pth files.")
+        self.shards = [_load_pth(torch, p) for p in self.paths]
+        params = json.loads(params_path.read_text())
+        embed_rows = self.shards[0]["tok_embeddings.weight"].shape[0]
+        if params.get("vocab_size", -1) in (-1, None):
+            params["vocab_size"] = vocab_size or embed_rows
+        params.setdefault("max_seq_len", 4096)
+        try:
+            self.config = Config.from_dict(params, source=str(params_path))
+        except TypeError as exc:
+            raise ConfigError(f"{params_path} is not a Llama 2 params.json ({exc}).") from None
+        self.available = {k for k in self.shards[0] if not IGNORED.match(k)}
+        self._check_complete()
+
+    def read(self, name: str) -> np.ndarray:
+        import torch
+
+        axis = META_SHARD_AXIS[_LAYER.sub(r"\2", name)]
+        parts = [shard[name] for shard in self.shards]
+        tensor = parts[0] if axis is None or len(parts) == 1 else torch.cat(parts, dim=axis)
+        arr = tensor.float().numpy()
+        if name.endswith("attention.wq.weight"):
+            arr = meta_to_half_split(arr, self.config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            arr = meta_to_half_split(arr, self.config.n_kv_heads)
+        return self._check(name, arr)
+
+    def describe(self) -> dict[str, str]:
+        return {"format": "meta", "source": self.folder.name, "shards": str(len(self.paths))}
+
+
+def _load_pth(torch, path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad archive
+        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint ({exc}).") from None
+
+
+def open_source(hf: Path | None = None, meta: Path | None = None,
+                vocab_size: int | None = None) -> Source:
+    """Open exactly one of a Hugging Face or a Meta checkpoint folder."""
+    if (hf is None) == (meta is None):
+        raise CheckpointError("pass exactly one of --hf DIR or --meta DIR.")
+    return HFSource(hf) if hf is not None else MetaSource(meta, vocab_size)
+

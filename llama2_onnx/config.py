@@ -1,0 +1,140 @@
+"""The one model configuration: written to each variant's config.json, read by everything else."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+# Bumped whenever graph input/output names, shapes or meanings change (see DESIGN.md).
+CONTRACT_VERSION = 1
+
+DType = Literal["float32", "float16"]
+DTYPES: tuple[str, ...] = ("float32", "float16")
+
+
+@dataclass
+class Config:
+    """Llama 2 model arguments (Meta's names) plus what a variant needs to run.
+
+    `intermediate_size` is set when a checkpoint states its MLP width directly (Hugging Face
+    configs do); otherwise the width follows Meta's rule from `multiple_of` and
+    `ffn_dim_multiplier`.
+    """
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    intermediate_size: int | None = None
+    dtype: DType = "float16"
+    chat: bool = False
+    contract_version: int = CONTRACT_VERSION
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config value {name}={value!r} must be a positive integer.")
+        if self.dim % self.n_heads:
+            raise ConfigError(
+                f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                "fix the checkpoint's config."
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
+                "grouped-query attention needs whole groups."
+            )
+        # ONNX Runtime's GroupQueryAttention kernels need head_dim to be a multiple of 16.
+        if self.head_dim % 16:
+            raise ConfigError(
+                f"head_dim={self.head_dim} (dim/n_heads) is not a multiple of 16, which ONNX "
+                "Runtime's GroupQueryAttention requires; this model cannot be exported."
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        if self.contract_version != CONTRACT_VERSION:
+            raise ConfigError(
+                f"this variant uses graph contract {self.contract_version} but this code reads "
+                f"contract {CONTRACT_VERSION}; re-export it with tools/export_and_publish.py."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the SiLU-gated MLP (Meta's FeedForward rule unless stated directly)."""
+        if self.intermediate_size:
+            return self.intermediate_size
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def n_params(self) -> int:
+        """Number of weights, embedding table included."""
+        attn = self.dim * (self.dim + 2 * self.kv_dim) + self.dim * self.dim
+        mlp = 3 * self.dim * self.hidden_dim
+        per_layer = attn + mlp + 2 * self.dim
+        return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        """Build a Config, failing loudly on keys this version does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source} has unknown keys {unknown}; it was written by a newer exporter or "
+                "edited by hand; re-export the variant or remove those keys."
+            )
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: Path) -> Config:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist; is this a variant folder?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); re-export the variant.") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object; re-export the variant.")
+        return cls.from_dict(data, source=str(path))
+
+    def save(self, path: Path) -> None:
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

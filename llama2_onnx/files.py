@@ -1,0 +1,103 @@
+"""Checks on a variant's files before loading: Git LFS pointers, sizes and sha256 from manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .config import write_text_atomic
+from .errors import VariantError
+
+MANIFEST = "manifest.json"
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    """True when `path` is a Git LFS pointer file (small text) instead of the real content."""
+    try:
+        if path.stat().st_size > 1024:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
+    except OSError:
+        return False
+
+
+def lfs_message(path: Path) -> str:
+    folder = _repo_root(path)
+    return (f"{path} is a Git LFS pointer, not the file itself; run `git lfs pull` in "
+            f"{folder} to download it.")
+
+
+def _repo_root(path: Path) -> Path:
+    for parent in [path.parent, *path.parents]:
+        if (parent / ".git").exists():
+            return parent
+    return path.parent
+
+
+def check_not_lfs_pointer(path: Path) -> None:
+    if is_lfs_pointer(path):
+        raise VariantError(lfs_message(path))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, name: str) -> dict:
+    """Record the size and sha256 of every file in `folder` (except the manifest itself)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel == MANIFEST or rel.startswith(".git/") or "/.cache/" in f"/{rel}":
+            continue
+        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = {"variant": name, "files": files}
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    check_not_lfs_pointer(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise VariantError(f"{path} is not valid JSON; fetch the variant again.") from None
+
+
+def check_files(folder: Path, sha256: bool = False) -> list[str]:
+    """Compare the variant's files with its manifest.
+
+    Args:
+        folder: the variant folder.
+        sha256: also hash every file (slow for big variants); otherwise sizes only.
+    Returns:
+        One sentence per problem found; empty when everything matches.
+    """
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return [f"{folder / MANIFEST} is missing; re-export or fetch the variant again."]
+    problems = []
+    for rel, entry in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{path} is missing; run `git lfs pull` in {folder} or re-export.")
+        elif is_lfs_pointer(path) and entry["size"] > 1024:
+            problems.append(lfs_message(path))
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes but the manifest says "
+                            f"{entry['size']}; it is truncated or corrupted: run `git lfs pull` "
+                            f"in {folder} again (or re-export).")
+        elif sha256 and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path} does not match its sha256 in the manifest; it is corrupted: "
+                            f"delete it and run `git lfs pull` in {folder} (or re-export).")
+    return problems

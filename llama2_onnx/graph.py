@@ -1,0 +1,231 @@
+"""Build the Llama 2 ONNX graph of our contract, streaming its weights into one external-data file.
+
+Graph contract (version in config.CONTRACT_VERSION):
+
+  inputs   inputs_embeds          (batch, seq, dim)                         model dtype
+           position_ids           (batch, seq)                              int64
+           seqlens_k              (batch,)  = past + seq - 1                int32
+           total_sequence_length  ()        = past + seq                    int32
+           past_key.N, past_value.N (batch, kv_heads, cache_len, head_dim)  model dtype
+  outputs  logits                 (batch, 1, vocab)  last position only     float32
+           present_key.N, present_value.N  same buffers as past_* when bound to the same OrtValue
+
+One decoder layer (N = 0 .. n_layers-1); the residual stream `r` travels beside the normed one:
+
+      r ──► SkipSimplifiedLayerNorm ──► x ──► MatMul q ──► RotaryEmbedding ──┐
+      ▲      (adds the previous          ├──► MatMul k ──► RotaryEmbedding ──┤
+      │       block's output to r)       └──► MatMul v ──────────────────────┤
+      │                                             GroupQueryAttention ◄────┘ (cache in place)
+      │                                                      │
+      │     SkipSimplifiedLayerNorm ◄── MatMul o ◄───────────┘
+      │           │
+      │           └──► MatMul w1 ──► x*Sigmoid(x) ──► Mul ◄── MatMul w3
+      │                                                │
+      └──────────────────── MatMul w2 ◄────────────────┘
+
+Operator support, from ONNX Runtime's OperatorKernels.md (checked for CPU, CUDA and DirectML):
+- GroupQueryAttention: CPU float/float16, CUDA float16 only (float32 variants fall back to CPU
+  for attention on CUDA), DirectML float/float16 but without packed QKV or built-in rotary,
+  which is why Q, K, V are separate MatMuls and rotary is its own RotaryEmbedding node.
+- RotaryEmbedding (com.microsoft), SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization,
+  MatMul, Sigmoid, Mul, Slice, Cast: all three providers, float and float16 (CPU computes
+  float16 MatMul/Mul/Sigmoid by inserting casts, so float16 variants are for GPUs).
+- float16 safety: both layer norms accumulate the mean of squares in float32, and attention's
+  softmax runs in float32 inside GroupQueryAttention on every provider; logits leave as float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .config import Config
+from .rope import rotary_cos_sin
+
+OPSET = 17
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+LINEAR_SUFFIXES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def input_names(config: Config) -> list[str]:
+    names = ["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"]
+    for i in range(config.n_layers):
+        names += [f"past_key.{i}", f"past_value.{i}"]
+    return names
+
+
+def output_names(config: Config) -> list[str]:
+    names = ["logits"]
+    for i in range(config.n_layers):
+        names += [f"present_key.{i}", f"present_value.{i}"]
+    return names
+
+
+class ExternalDataWriter:
+    """Appends tensors to one .onnx.data file and returns initializers that point into it."""
+
+    def __init__(self, path: Path, on_write: Callable[[str, int], None] | None = None) -> None:
+        self.path = Path(path)
+        self.file = open(self.path, "wb")
+        self.offset = 0
+        self.on_write = on_write
+
+    def add(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        # Large tensors start on 64 KiB boundaries so ONNX Runtime can memory-map them
+        # (Windows' allocation granularity); small ones only need 64-byte alignment.
+        align = 65536 if array.nbytes >= (1 << 20) else 64
+        pad = -self.offset % align
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        self.file.write(memoryview(array).cast("B"))
+        tensor = TensorProto(name=name, dims=array.shape,
+                             data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)),
+                           ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        self.offset += array.nbytes
+        if self.on_write:
+            self.on_write(name, array.nbytes)
+        return tensor
+
+    def close(self) -> None:
+        self.file.flush()
+        self.file.close()
+
+
+class _GraphBuilder:
+    """Accumulates nodes and initializers; weights are fetched and written as they are needed."""
+
+    def __init__(self, config: Config, weights: Callable[[str], np.ndarray],
+                 writer: ExternalDataWriter) -> None:
+        self.config = config
+        self.weights = weights
+        self.writer = writer
+        self.dtype = NP_DTYPES[config.dtype]
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+
+    def weight(self, name: str) -> str:
+        """Write a canonical weight (Linear weights transposed to (in, out)) and return its name."""
+        array = self.weights(name)
+        if name.split(".")[-2] in LINEAR_SUFFIXES or name == "output.weight":
+            array, name = array.T, name + "_t"
+        self.initializers.append(self.writer.add(name, array.astype(self.dtype)))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str,
+             domain: str = "", **attrs) -> None:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+
+    def matmul(self, x: str, weight: str, out: str) -> str:
+        self.node("MatMul", [x, self.weight(weight)], [out], out)
+        return out
+
+    def skip_norm(self, x: str, residual: str, weight: str, prefix: str) -> tuple[str, str]:
+        normed, summed = f"{prefix}/normed", f"{prefix}/residual"
+        self.node("SkipSimplifiedLayerNormalization", [x, residual, self.weight(weight)],
+                  [normed, "", "", summed], prefix, domain="com.microsoft",
+                  epsilon=self.config.norm_eps)
+        return normed, summed
+
+    def rotary(self, x: str, heads: int, out: str) -> str:
+        self.node("RotaryEmbedding", [x, "position_ids", "cos_cache", "sin_cache"], [out], out,
+                  domain="com.microsoft", interleaved=0, num_heads=heads)
+        return out
+
+    def attention(self, x: str, i: int) -> str:
+        c, p = self.config, f"/layers.{i}/attention"
+        q = self.rotary(self.matmul(x, f"layers.{i}.attention.wq.weight", f"{p}/q"), c.n_heads,
+                        f"{p}/q_rot")
+        k = self.rotary(self.matmul(x, f"layers.{i}.attention.wk.weight", f"{p}/k"),
+                        c.n_kv_heads, f"{p}/k_rot")
+        v = self.matmul(x, f"layers.{i}.attention.wv.weight", f"{p}/v")
+        self.node("GroupQueryAttention",
+                  [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k",
+                   "total_sequence_length"],
+                  [f"{p}/out", f"present_key.{i}", f"present_value.{i}"], f"{p}/gqa",
+                  domain="com.microsoft", num_heads=c.n_heads, kv_num_heads=c.n_kv_heads)
+        return self.matmul(f"{p}/out", f"layers.{i}.attention.wo.weight", f"{p}/o")
+
+    def feed_forward(self, x: str, i: int) -> str:
+        p = f"/layers.{i}/feed_forward"
+        gate = self.matmul(x, f"layers.{i}.feed_forward.w1.weight", f"{p}/gate")
+        self.node("Sigmoid", [gate], [f"{p}/sigmoid"], f"{p}/sigmoid")
+        self.node("Mul", [gate, f"{p}/sigmoid"], [f"{p}/silu"], f"{p}/silu")
+        up = self.matmul(x, f"layers.{i}.feed_forward.w3.weight", f"{p}/up")
+        self.node("Mul", [f"{p}/silu", up], [f"{p}/act"], f"{p}/act")
+        return self.matmul(f"{p}/act", f"layers.{i}.feed_forward.w2.weight", f"{p}/down")
+
+    def build(self) -> onnx.ModelProto:
+        c = self.config
+        cos, sin = rotary_cos_sin(c.head_dim, c.rope_theta, c.max_seq_len)
+        self.initializers += [self.writer.add("cos_cache", cos.astype(self.dtype)),
+                              self.writer.add("sin_cache", sin.astype(self.dtype))]
+        x = "/layers.0/attention_norm/normed"
+        self.node("SimplifiedLayerNormalization",
+                  ["inputs_embeds", self.weight("layers.0.attention_norm.weight")], [x],
+                  "/layers.0/attention_norm", axis=-1, epsilon=c.norm_eps)
+        residual, block_out = "inputs_embeds", None
+        for i in range(c.n_layers):
+            if i > 0:
+                x, residual = self.skip_norm(block_out, residual,
+                                             f"layers.{i}.attention_norm.weight",
+                                             f"/layers.{i}/attention_norm")
+            attn = self.attention(x, i)
+            x, residual = self.skip_norm(attn, residual, f"layers.{i}.ffn_norm.weight",
+                                         f"/layers.{i}/ffn_norm")
+            block_out = self.feed_forward(x, i)
+        x, _ = self.skip_norm(block_out, residual, "norm.weight", "/norm")
+        # Only the last position's logits are computed: (batch, 1, dim) -> (batch, 1, vocab).
+        self.initializers += [
+            helper.make_tensor(n, TensorProto.INT64, [1], [v])
+            for n, v in (("/last/start", -1), ("/last/end", 2**62), ("/last/axis", 1))]
+        self.node("Slice", [x, "/last/start", "/last/end", "/last/axis"], ["/last"], "/last")
+        logits = self.matmul("/last", "output.weight", "/lm_head")
+        self.node("Cast", [logits], ["logits"], "/logits", to=TensorProto.FLOAT)
+        return self._model()
+
+    def _model(self) -> onnx.ModelProto:
+        c, t = self.config, ONNX_DTYPES[self.config.dtype]
+        cache = ["batch", c.n_kv_heads, "cache_len", c.head_dim]
+        inputs = [helper.make_tensor_value_info("inputs_embeds", t, ["batch", "seq", c.dim]),
+                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+                  helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+                  helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                 ["batch", 1, c.vocab_size])]
+        for i in range(c.n_layers):
+            inputs += [helper.make_tensor_value_info(f"past_{kv}.{i}", t, cache)
+                       for kv in ("key", "value")]
+            outputs += [helper.make_tensor_value_info(f"present_{kv}.{i}", t, cache)
+                        for kv in ("key", "value")]
+        graph = helper.make_graph(self.nodes, "llama2", inputs, outputs, self.initializers)
+        model = helper.make_model(
+            graph, producer_name="llama2_onnx",
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 8
+        return model
+
+
+def build_model(config: Config, weights: Callable[[str], np.ndarray],
+                writer: ExternalDataWriter) -> onnx.ModelProto:
+    """Build the graph for `config`, pulling canonical weights from `weights` one at a time.
+
+    Args:
+        config: the variant's configuration (its dtype selects float32 or float16).
+        weights: returns a canonical tensor by name (see checkpoints.py).
+        writer: where the weights go; the returned model refers to it as external data.
+    """
+    return _GraphBuilder(config, weights, writer).build()
+
+
+def n_graph_tensors(config: Config) -> int:
+    """How many weight tensors build_model writes (for progress bars)."""
+    return 9 * config.n_layers + 2 + 2

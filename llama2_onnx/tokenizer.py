@@ -1,0 +1,68 @@
+"""SentencePiece tokenizer wrapper and a streaming decoder that keeps word spacing right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import VariantError
+from .files import check_not_lfs_pointer
+
+
+class Tokenizer:
+    """Llama 2's SentencePiece tokenizer. Text is encoded as plain text: a user typing `<s>` or
+    `[INST]` gets those characters, never the control tokens."""
+
+    def __init__(self, processor) -> None:
+        self.sp = processor
+        self.n_words: int = processor.vocab_size()
+        self.bos_id: int = processor.bos_id()
+        self.eos_id: int = processor.eos_id()
+
+    @classmethod
+    def from_file(cls, path: Path) -> Tokenizer:
+        import sentencepiece
+
+        path = Path(path)
+        if not path.is_file():
+            raise VariantError(f"tokenizer {path} does not exist; pass --tokenizer_path or "
+                               "pull the variant's files.")
+        check_not_lfs_pointer(path)
+        processor = sentencepiece.SentencePieceProcessor()
+        try:
+            processor.Load(str(path))
+        except (OSError, RuntimeError):
+            raise VariantError(f"{path} is not a SentencePiece model; use the variant's "
+                               "tokenizer.model.") from None
+        return cls(processor)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = self.sp.EncodeAsIds(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.DecodeIds(list(ids))
+
+
+class StreamDecoder:
+    """Turns tokens into text pieces as they arrive.
+
+    SentencePiece drops the leading space of the first piece it decodes and a multi-byte
+    character may span several byte tokens, so each new token is decoded together with the
+    tokens before it and only the new, complete text is returned.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context: list[int] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(context or [])[-1:]
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset])
+        text = decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
