@@ -1,0 +1,261 @@
+"""Export a Llama 2 checkpoint to a verified variant folder, streaming one tensor at a time."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import __version__, safetensors_io
+from .checkpoints import Source, open_source
+from .config import Config
+from .errors import UserError, VerificationError
+from .files import check_not_lfs_pointer, write_manifest
+from .graph import NP_DTYPES, ExternalDataWriter, build_model, n_graph_tensors
+from .tokenizer import Tokenizer
+from .variant_card import gitattributes, variant_readme
+
+# Verification bounds on max |logit difference| against the float32 PyTorch reference.
+# float16 rounds weights and activations to 11 significant bits; over a few layers and a vocab
+# projection that accumulates to around 1e-2 on logits of magnitude ~10, hence the looser bound.
+TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
+VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+VERIFY_STEPS = 20
+
+
+@dataclass
+class ExportRequest:
+    """Everything `export_variant` needs; mirrors the CLI's flags."""
+
+    variant: str
+    precision: str
+    hf: Path | None = None
+    meta: Path | None = None
+    tokenizer: Path | None = None
+    out: Path = Path(".")
+    max_seq_len: int | None = None
+    chat: bool = False
+    force: bool = False
+    skip_verify: bool = False
+    progress: bool = True
+
+
+def onnx_name(variant: str) -> str:
+    return f"LlamaV2_{variant}.onnx"
+
+
+def export_variant(req: ExportRequest) -> Path:
+    """Write `<out>/<variant>/`, verify it, and move it into place only when complete.
+
+    Returns:
+        The finished variant folder.
+    Raises:
+        UserError (or a subclass) for bad input; VerificationError when the graph disagrees
+        with the reference, in which case nothing is left behind.
+    """
+    final = Path(req.out) / req.variant
+    if final.exists() and not req.force:
+        raise UserError(f"{final} already exists; pass --force to replace it or choose "
+                        "another --variant/--out.")
+    if req.precision not in NP_DTYPES:
+        raise UserError(f"--precision {req.precision!r} is not one of float32, float16.")
+    source, tokenizer_path, config = _open_inputs(req)
+    _check_disk(final.parent, config)
+    staging = final.parent / f".{req.variant}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_variant(staging, source, tokenizer_path, config, req)
+        if not req.skip_verify:
+            print(verify_variant_against(staging, source).summary())
+        _move_into_place(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
+    tokenizer_path = _find_tokenizer(req)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    source = open_source(hf=req.hf, meta=req.meta, vocab_size=tokenizer.n_words)
+    if tokenizer.n_words != source.config.vocab_size:
+        raise UserError(
+            f"the tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model has "
+            f"vocab_size={source.config.vocab_size}; pass the tokenizer that came with these "
+            "weights (--tokenizer)."
+        )
+    max_len = req.max_seq_len or source.config.max_seq_len
+    if max_len <= 0:
+        raise UserError(f"--max-seq-len {max_len} must be a positive number of tokens.")
+    provenance = {**source.describe(), "exporter": f"llama2_onnx {__version__}",
+                  "onnx_opset": "17 + com.microsoft 1",
+                  "exported": datetime.date.today().isoformat()}
+    config = source.config.replace(dtype=req.precision, chat=req.chat, max_seq_len=max_len,
+                                   provenance=provenance)
+    return source, tokenizer_path, config
+
+
+def _find_tokenizer(req: ExportRequest) -> Path:
+    if req.tokenizer is not None:
+        path = Path(req.tokenizer)
+    else:
+        folder = Path(req.hf or req.meta or ".")
+        candidates = [folder / "tokenizer.model", folder.parent / "tokenizer.model"]
+        path = next((p for p in candidates if p.is_file()), candidates[0])
+    if not path.is_file():
+        raise UserError(f"tokenizer {path} does not exist; pass --tokenizer PATH to the "
+                        "tokenizer.model that came with the weights.")
+    check_not_lfs_pointer(path)
+    return path
+
+
+def estimated_bytes(config: Config) -> int:
+    return config.n_params() * np.dtype(NP_DTYPES[config.dtype]).itemsize
+
+
+def _check_disk(folder: Path, config: Config) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    need, free = int(estimated_bytes(config) * 1.05), shutil.disk_usage(folder).free
+    if free < need:
+        raise UserError(f"the export needs about {need / 2**30:.1f} GiB in {folder} but only "
+                        f"{free / 2**30:.1f} GiB is free; free some space or pass another --out.")
+
+
+def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: Config,
+                   req: ExportRequest) -> None:
+    (folder / "ONNX").mkdir(parents=True)
+    graph_path = folder / "ONNX" / onnx_name(req.variant)
+    with _Progress(config, enabled=req.progress) as progress:
+        writer = ExternalDataWriter(graph_path.with_name(graph_path.name + ".data"),
+                                    on_write=progress.update)
+        try:
+            model = build_model(config, source.read, writer)
+        finally:
+            writer.close()
+        onnx.save_model(model, str(graph_path))
+        _write_embeddings(folder / "embeddings.safetensors", source, config)
+        progress.update("tok_embeddings.weight", config.vocab_size * config.dim)
+    shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+    config.save(folder / "config.json")
+    (folder / "README.md").write_text(variant_readme(req.variant, config), encoding="utf-8")
+    (folder / ".gitattributes").write_text(gitattributes(), encoding="utf-8")
+    write_manifest(folder, req.variant)
+
+
+def _write_embeddings(path: Path, source: Source, config: Config) -> None:
+    dtype = NP_DTYPES[config.dtype]
+    spec = [("weight", np.dtype(dtype), (config.vocab_size, config.dim))]
+    safetensors_io.write_streaming(path, spec, lambda _: source.read("tok_embeddings.weight"))
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+class _Progress:
+    """A tqdm bar counting tensors and bytes, or nothing when disabled."""
+
+    def __init__(self, config: Config, enabled: bool) -> None:
+        self.enabled, self.bar = enabled, None
+        self.total = n_graph_tensors(config) + 1
+        self.count = 0
+        self.bytes = estimated_bytes(config)
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.bytes, unit="B", unit_scale=True, desc="export")
+        return self
+
+    def update(self, name: str, nbytes: int) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"tensor {self.count}/{self.total}", refresh=False)
+            self.bar.update(nbytes)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class VerifyReport:
+    precision: str
+    max_abs_diff: float
+    tolerance: float
+    tokens_agree: bool
+    steps: int
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.tokens_agree
+
+    def summary(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        return (f"verify {verdict}: max |logit diff| {self.max_abs_diff:.3g} "
+                f"(tolerance {self.tolerance:g} for {self.precision}), greedy tokens "
+                f"{'agree' if self.tokens_agree else 'DISAGREE'} over {self.steps} steps")
+
+
+def verify_variant_against(folder: Path, source: Source) -> VerifyReport:
+    """Run the variant on ONNX Runtime CPU and compare with the PyTorch reference.
+
+    Raises:
+        VerificationError when the logits differ by more than TOLERANCE or greedy tokens differ.
+    """
+    report = compare_with_reference(folder, source)
+    if not report.ok:
+        raise VerificationError(report.summary() + "; the variant was not written. Re-run with "
+                                "--precision float32 to check the source, or report a bug.")
+    return report
+
+
+def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STEPS
+                           ) -> VerifyReport:
+    """Teacher-forced comparison: at each step both models see the reference's greedy tokens."""
+    import torch
+
+    from .generation import Engine
+    from .reference import Transformer
+
+    engine = Engine.from_variant(folder, provider="cpu", check_files=False)
+    reference = load_reference(source, Transformer)
+    prompt = engine.tokenizer.encode(VERIFY_PROMPT)
+    with torch.no_grad():
+        ref_logits = reference(torch.tensor([prompt]))[0]
+    tokens = list(prompt)
+    ort_logits = engine.prefill(prompt)
+    worst, agree = 0.0, True
+    for step in range(steps):
+        ref_last = ref_logits[-1].numpy()
+        worst = max(worst, float(np.abs(ort_logits - ref_last).max()))
+        agree &= int(ort_logits.argmax()) == int(ref_last.argmax())
+        tokens.append(int(ref_last.argmax()))
+        if step + 1 < steps:
+            with torch.no_grad():
+                ref_logits = reference(torch.tensor([tokens]))[0]
+            ort_logits = engine.decode_step(tokens[-1])
+    return VerifyReport(engine.config.dtype, worst, TOLERANCE[engine.config.dtype], agree, steps)
+
+
+def load_reference(source: Source, transformer_cls):
+    """Build the float32 PyTorch reference from the source's canonical tensors."""
+    import torch
+
+    model = transformer_cls(source.config)
+    state = {name: torch.from_numpy(np.asarray(source.read(name), dtype=np.float32))
+             for name in model.state_dict()}
+    model.load_state_dict(state)
+    return model.eval()
+

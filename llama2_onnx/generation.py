@@ -1,0 +1,204 @@
+"""The generation engine: prefill, decode one token at a time, and stream text pieces."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .config import Config
+from .errors import GenerationError, VariantError
+from .sampling import SamplingSettings, make_rng, sample_token
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+class Runner(Protocol):
+    """What the engine needs from a session wrapper (session.Runtime, legacy.LegacyRuntime)."""
+
+    cache_len: int
+    supports_continued_prefill: bool
+
+    def run(self, embeds: np.ndarray, start: int) -> np.ndarray: ...
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stop_reason: str = ""
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefilled_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.new_tokens - 1
+        return steps / self.decode_s if self.decode_s and steps > 0 else 0.0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+class Engine:
+    """A loaded variant: tokenizer, embedding table and a runner holding the KV cache.
+
+    `tokens` lists the tokens whose keys and values are in the cache, in order. A new prompt
+    that starts with some of them (the next turn of a chat) pre-fills only the rest.
+    """
+
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, embeddings: np.ndarray,
+                 config: Config, name: str = "") -> None:
+        self.runner, self.tokenizer, self.embeddings = runner, tokenizer, embeddings
+        self.config, self.name = config, name
+        self.tokens: list[int] = []
+        self.last_prefill_count = 0
+        self.last_stats = GenerationStats()
+
+    @classmethod
+    def from_variant(cls, path: Path, provider: str = "auto", max_seq_len: int | None = None,
+                     check_files: bool = True, verify: bool = False, graph_capture: bool = False,
+                     graph_cache: bool = True) -> Engine:
+        """Open a variant folder (our format or the original Llama-2-Onnx one)."""
+        from .loading import load_engine
+
+        return load_engine(cls, Path(path), provider=provider, max_seq_len=max_seq_len,
+                           check_files=check_files, verify=verify, graph_capture=graph_capture,
+                           graph_cache=graph_cache)
+
+    @property
+    def context_len(self) -> int:
+        return self.runner.cache_len
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Make the cache hold `tokens`, computing only what it does not already hold.
+
+        Returns:
+            Logits (vocab,) after the last token.
+        """
+        if not tokens:
+            raise GenerationError("the prompt is empty; give some text to complete.")
+        if len(tokens) > self.context_len:
+            raise GenerationError(self._too_long(len(tokens)))
+        keep = min(common_prefix(self.tokens, tokens), len(tokens) - 1)
+        new = list(tokens[keep:])
+        self.tokens = self.tokens[:keep]
+        if keep == 0 or self.runner.supports_continued_prefill:
+            logits = self.runner.run(self.embeddings[new], keep)
+            self.tokens += new
+        else:
+            for token in new:
+                logits = self.decode_step(token)
+        self.last_prefill_count = len(new)
+        return logits
+
+    def decode_step(self, token: int) -> np.ndarray:
+        """Run one token at the next position; returns logits (vocab,)."""
+        logits = self.runner.run(self.embeddings[token:token + 1], len(self.tokens))
+        self.tokens.append(token)
+        return logits
+
+    def _too_long(self, n: int) -> str:
+        return (f"the prompt has {n} tokens but the context holds {self.context_len}; shorten "
+                f"it or raise --max_seq_len (this variant allows up to {self.config.max_seq_len}).")
+
+    def generate(self, prompt: Sequence[int], settings: SamplingSettings | None = None,
+                 max_new_tokens: int = 256, stop: Sequence[str] = ()) -> Iterator[str]:
+        """Stream the continuation of `prompt` as text pieces.
+
+        Stops on EOS, a stop string (not included in the output), `max_new_tokens`, or a full
+        context. Statistics of the run land in `last_stats`, also when the caller stops early.
+
+        Raises:
+            GenerationError for an empty prompt, one that does not fit, or bad settings.
+        """
+        settings = settings or SamplingSettings()
+        if max_new_tokens < 1:
+            raise GenerationError(f"max new tokens must be at least 1, not {max_new_tokens}.")
+        if len(prompt) >= self.context_len:
+            raise GenerationError(self._too_long(len(prompt)))
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
+        return self._generate(list(prompt), settings, max_new_tokens, _StopFilter(stop), stats)
+
+    def _generate(self, prompt: list[int], settings: SamplingSettings, max_new_tokens: int,
+                  stop: _StopFilter, stats: GenerationStats) -> Iterator[str]:
+        rng, decoder = make_rng(settings.seed), StreamDecoder(self.tokenizer, prompt)
+        start = time.perf_counter()
+        logits = self.prefill(prompt)
+        stats.prefilled_tokens, stats.prefill_s = self.last_prefill_count, time.perf_counter() - start
+        history = prompt if settings.repetition_penalty != 1.0 else ()
+        try:
+            while True:
+                token = sample_token(logits, settings, rng, history)
+                if not stats.new_tokens:
+                    stats.ttft_s = time.perf_counter() - start
+                if token == self.tokenizer.eos_id:
+                    stats.stop_reason = "eos"
+                    break
+                stats.new_tokens += 1
+                stats.tokens.append(token)
+                if history:
+                    history.append(token)
+                piece, stopped = stop.push(decoder.push(token))
+                if piece:
+                    yield piece
+                if stopped or stats.new_tokens >= max_new_tokens:
+                    stats.stop_reason = "stop string" if stopped else "max tokens"
+                    break
+                if len(self.tokens) >= self.context_len:
+                    stats.stop_reason = "context full"
+                    break
+                logits = self.decode_step(token)
+            if tail := stop.flush():
+                yield tail
+        finally:
+            stats.decode_s = time.perf_counter() - start - stats.ttft_s
+            stats.stop_reason = stats.stop_reason or "stopped"
+
+
+class _StopFilter:
+    """Holds back text that might be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        if not self.stops:
+            return piece, False
+        self.pending += piece
+        for s in self.stops:
+            if (i := self.pending.find(s)) >= 0:
+                out, self.pending = self.pending[:i], ""
+                return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s))
+                    if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def check_vocab(tokenizer: Tokenizer, config: Config, tokenizer_path: Path) -> None:
+    if tokenizer.n_words != config.vocab_size:
+        raise VariantError(
+            f"the tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model "
+            f"expects {config.vocab_size}; use the tokenizer.model that belongs to this variant.")

@@ -1,0 +1,209 @@
+"""ONNX Runtime sessions: provider choice, session options, and the device-resident KV cache.
+
+KV cache layout (graph contract, see graph.py): one buffer per layer and per K/V of shape
+(1, kv_heads, cache_len, head_dim), allocated once on the device and zero-filled. Each buffer is
+bound as both `past_*` input and `present_*` output, so GroupQueryAttention writes the new
+positions in place; which positions are valid is told by `seqlens_k`/`total_sequence_length`,
+so rewinding the cache (a new chat turn that shares a prefix) costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .config import Config
+from .errors import UserError, VariantError
+from .graph import NP_DTYPES
+
+PROVIDERS = {"dml": "DmlExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "cpu": "CPUExecutionProvider"}
+PACKAGES = {"dml": "onnxruntime-directml (Windows only)",
+            "cuda": "onnxruntime-gpu (uninstall the plain onnxruntime package first)",
+            "cpu": "onnxruntime"}
+PROVIDER_CHOICES = ("auto", "dml", "cuda", "cpu")
+
+
+def resolve_provider(name: str) -> str:
+    """Turn `auto|dml|cuda|cpu` into an installed provider's short name.
+
+    Raises:
+        UserError when the name is unknown or its provider is not installed.
+    """
+    available = ort.get_available_providers()
+    if name == "auto":
+        return next(p for p in ("dml", "cuda", "cpu") if PROVIDERS[p] in available)
+    if name not in PROVIDERS:
+        raise UserError(f"--provider {name!r} is not one of {', '.join(PROVIDER_CHOICES)}.")
+    if PROVIDERS[name] not in available:
+        raise UserError(f"--provider {name} needs the package {PACKAGES[name]}; this "
+                        f"onnxruntime only has {', '.join(available)}.")
+    return name
+
+
+def provider_list(provider: str, device_id: int = 0, graph_capture: bool = False) -> list:
+    """Execution providers in priority order, with their options; CPU is always the fallback."""
+    if provider == "cuda":
+        options = {"device_id": str(device_id)}
+        if graph_capture:
+            options["enable_cuda_graph"] = "1"
+        return [(PROVIDERS["cuda"], options), PROVIDERS["cpu"]]
+    if provider == "dml":
+        return [(PROVIDERS["dml"], {"device_id": str(device_id)}), PROVIDERS["cpu"]]
+    return [PROVIDERS["cpu"]]
+
+
+def session_options(provider: str, cache_len: int, graph_capture: bool = False
+                    ) -> ort.SessionOptions:
+    """Session options per provider.
+
+    Fixing `batch` and `cache_len` lets the providers plan memory and (on DirectML) reuse
+    compiled kernels between steps; `seq` stays free for prefill. DirectML requires sequential
+    execution and no memory pattern (ONNX Runtime's DirectML documentation).
+    """
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_free_dimension_override_by_name("batch", 1)
+    so.add_free_dimension_override_by_name("cache_len", cache_len)
+    if provider == "dml":
+        so.enable_mem_pattern = False
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if graph_capture:
+            so.add_session_config_entry("ep.dml.enable_graph_capture", "1")
+    return so
+
+
+def optimized_cache_path(graph: Path, provider: str) -> Path:
+    """Where the optimized graph for `provider` is kept, keyed by ONNX Runtime's version."""
+    return graph.parent / ".cache" / f"{graph.stem}.{provider}.ort-{ort.__version__}.onnx"
+
+
+def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bool = False,
+                   use_cache: bool = True) -> ort.InferenceSession:
+    """Open the graph, reusing (or writing) the optimized graph cached beside it.
+
+    Raises:
+        VariantError when ONNX Runtime cannot load the files.
+    """
+    so = session_options(provider, cache_len, graph_capture)
+    cached = optimized_cache_path(graph, provider)
+    load_from, writing = graph, None
+    if use_cache and _is_fresh(cached, graph):
+        load_from = cached
+    elif use_cache and _has_room_for_copy(graph):
+        writing = cached.with_name(cached.name + f".partial-{os.getpid()}")
+        writing.parent.mkdir(exist_ok=True)
+        so.optimized_model_filepath = str(writing)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    cached.name + ".data")
+        so.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    session = _open(load_from, so, provider_list(provider, graph_capture=graph_capture))
+    if writing is not None and writing.exists():
+        os.replace(writing, cached)
+    return session
+
+
+def _open(path: Path, so: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as exc:  # ORT raises Fail, InvalidProtobuf, RuntimeException...
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise VariantError(f"ONNX Runtime cannot load {path} ({first}); check the files with "
+                           "`python tools/export_and_publish.py verify <variant>`.") from None
+
+
+def _is_fresh(cached: Path, graph: Path) -> bool:
+    data = Path(str(cached) + ".data")
+    if not cached.is_file():
+        return False
+    newest_source = max(p.stat().st_mtime for p in graph.parent.glob(graph.name + "*"))
+    return cached.stat().st_mtime >= newest_source and (
+        not data.exists() or data.stat().st_mtime >= newest_source)
+
+
+def _has_room_for_copy(graph: Path) -> bool:
+    size = sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*"))
+    return shutil.disk_usage(graph.parent).free > 2 * size + (1 << 30)
+
+
+class Runtime:
+    """Runs our graph contract with IO binding; only embeddings and a few integers go in and
+    last-position logits come out per call."""
+
+    supports_continued_prefill = True
+
+    def __init__(self, session: ort.InferenceSession, config: Config, provider: str,
+                 cache_len: int) -> None:
+        self.session, self.config, self.provider = session, config, provider
+        self.cache_len = cache_len
+        self.device = {"cuda": "cuda", "dml": "dml"}.get(provider, "cpu")
+        # DirectML's GroupQueryAttention ignores the past when seq > 1 (ONNX Runtime's
+        # DmlOperatorGroupQueryAttention), so continued prefill goes one token at a time there.
+        self.supports_continued_prefill = provider != "dml"
+        self.dtype = NP_DTYPES[config.dtype]
+        self.binding = session.io_binding()
+        self._keep: list[np.ndarray] = []  # host arrays that back CPU OrtValues
+        self.caches = self._bind_caches()
+        self.logits = np.zeros((1, 1, config.vocab_size), np.float32)
+        self.binding.bind_ortvalue_output("logits", self._value(self.logits, "cpu"))
+        self.step = {"inputs_embeds": np.zeros((1, 1, config.dim), self.dtype),
+                     "position_ids": np.zeros((1, 1), np.int64),
+                     "seqlens_k": np.zeros((1,), np.int32)}
+        self.step_values = {k: self._value(v, self.device) for k, v in self.step.items()}
+        self.total = np.zeros((), np.int32)
+        self.total_value = self._value(self.total, "cpu")
+        self.run_options = ort.RunOptions()
+
+    def _value(self, array: np.ndarray, device: str) -> ort.OrtValue:
+        if device == "cpu":
+            self._keep.append(array)  # the OrtValue points into this array
+            return ort.OrtValue.ortvalue_from_numpy(array)
+        return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+
+    def _bind_caches(self) -> list[ort.OrtValue]:
+        c = self.config
+        zeros = np.zeros((1, c.n_kv_heads, self.cache_len, c.head_dim), self.dtype)
+        caches = []
+        for i in range(c.n_layers):
+            for kind in ("key", "value"):
+                host = zeros.copy() if self.device == "cpu" else zeros
+                value = self._value(host, self.device)
+                self.binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
+                self.binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
+                caches.append(value)
+        return caches
+
+    def run(self, embeds: np.ndarray, start: int) -> np.ndarray:
+        """Process `embeds` (seq, dim) at positions start..start+seq-1.
+
+        Returns:
+            float32 logits (vocab,) for the last position (a view, valid until the next call).
+        """
+        seq = embeds.shape[0]
+        assert 0 < seq and start + seq <= self.cache_len, (start, seq, self.cache_len)
+        self.total[...] = start + seq
+        if seq == 1:
+            self._bind_step(embeds, start)
+        else:
+            b = self.binding
+            b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], self.dtype))
+            b.bind_cpu_input("position_ids", np.arange(start, start + seq, dtype=np.int64)[None])
+            b.bind_cpu_input("seqlens_k", np.array([start + seq - 1], np.int32))
+        self.binding.bind_ortvalue_input("total_sequence_length", self.total_value)
+        self.session.run_with_iobinding(self.binding, self.run_options)
+        return self.logits[0, 0]
+
+    def _bind_step(self, embeds: np.ndarray, start: int) -> None:
+        self.step["inputs_embeds"][0, 0] = embeds[0]
+        self.step["position_ids"][0, 0] = start
+        self.step["seqlens_k"][0] = start
+        for name, value in self.step_values.items():
+            if self.device != "cpu":
+                value.update_inplace(self.step[name])
+            self.binding.bind_ortvalue_input(name, value)

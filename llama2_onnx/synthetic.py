@@ -1,0 +1,101 @@
+"""Seeded random Llama 2 checkpoints in Hugging Face and Meta formats, for tests and benchmarks.
+
+Tensors are generated one at a time from a per-tensor seed, so a checkpoint with Llama-2-7B
+shapes can be written with little memory, and the same seed gives the same weights in both
+formats (Meta's wq/wk rows are permuted back to its interleaved rotary layout).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import safetensors_io
+from .checkpoints import HF_LAYER_NAMES, HF_NAMES, META_SHARD_AXIS, canonical_shapes
+from .config import Config
+
+HF_FROM_CANONICAL = {v: k for k, v in HF_NAMES.items()}
+HF_LAYER_FROM_CANONICAL = {v: k for k, v in HF_LAYER_NAMES.items()}
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype=np.float32) -> np.ndarray:
+    """A canonical tensor with magnitudes like a trained model's (unit-scale activations)."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    if name.endswith("norm.weight"):
+        return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+    scale = 1.0 if name == "tok_embeddings.weight" else shape[-1] ** -0.5
+    return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
+
+
+def hf_name(canonical: str) -> str:
+    if canonical in HF_FROM_CANONICAL:
+        return HF_FROM_CANONICAL[canonical]
+    _, i, rest = canonical.split(".", 2)
+    return f"model.layers.{i}.{HF_LAYER_FROM_CANONICAL[rest]}"
+
+
+def hf_config_dict(config: Config) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.max_seq_len, "hidden_act": "silu",
+        "tie_word_embeddings": False, "torch_dtype": "float16",
+    }
+
+
+def write_hf(folder: Path, config: Config, seed: int = 0, dtype=np.float32,
+             shards: int = 1) -> Path:
+    """Write config.json and `shards` .safetensors files with random weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
+    shapes = list(canonical_shapes(config).items())
+    per_shard = -(-len(shapes) // shards)
+    for s in range(shards):
+        part = shapes[s * per_shard:(s + 1) * per_shard]
+        specs = [(hf_name(n), np.dtype(dtype), shape) for n, shape in part]
+        lookup = {hf_name(n): (n, shape) for n, shape in part}
+        safetensors_io.write_streaming(
+            folder / f"model-{s + 1:05d}-of-{shards:05d}.safetensors", specs,
+            lambda key: random_tensor(*lookup[key], seed=seed, dtype=dtype))
+    return folder
+
+
+def half_split_to_meta(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of checkpoints.meta_to_half_split."""
+    rows, cols = w.shape
+    # (heads, 2, head_dim/2, cols) -> (heads, head_dim/2, 2, cols)
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def write_meta(folder: Path, config: Config, seed: int = 0, shards: int = 1,
+               bfloat16: bool = False) -> Path:
+    """Write params.json and consolidated.NN.pth shards (bfloat16, as Meta ships, on request)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
+              "n_kv_heads": config.n_kv_heads, "multiple_of": config.multiple_of,
+              "ffn_dim_multiplier": config.ffn_dim_multiplier, "norm_eps": config.norm_eps,
+              "rope_theta": config.rope_theta, "vocab_size": -1}
+    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    dtype = torch.bfloat16 if bfloat16 else torch.float32
+    state: list[dict] = [{} for _ in range(shards)]
+    for name, shape in canonical_shapes(config).items():
+        w = random_tensor(name, shape, seed)
+        if name.endswith("attention.wq.weight"):
+            w = half_split_to_meta(w, config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            w = half_split_to_meta(w, config.n_kv_heads)
+        axis = META_SHARD_AXIS[name.split(".", 2)[-1] if name.startswith("layers.") else name]
+        parts = [w] * shards if axis is None else np.split(w, shards, axis=axis)
+        for s, part in enumerate(parts):
+            state[s][name] = torch.from_numpy(np.ascontiguousarray(part)).to(dtype)
+    for s in range(shards):
+        torch.save(state[s], folder / f"consolidated.{s:02d}.pth")
+    return folder

@@ -1,0 +1,42 @@
+"""Generated text files of a variant folder: its README card and its Git LFS attributes."""
+
+from __future__ import annotations
+
+from .config import Config
+
+LFS_PATTERNS = ("*.onnx", "*.onnx.data", "*.safetensors", "*.model", "*.pth")
+
+
+def gitattributes() -> str:
+    lines = [f"{p} filter=lfs diff=lfs merge=lfs -text" for p in LFS_PATTERNS]
+    return "\n".join(lines) + "\n"
+
+
+def variant_readme(name: str, config: Config) -> str:
+    kind = "chat (Llama-2-chat prompt format)" if config.chat else "base (plain text completion)"
+    gib = config.n_params() * (2 if config.dtype == "float16" else 4) / 2**30
+    prov = ", ".join(f"{k}: {v}" for k, v in sorted(config.provenance.items()))
+    return f"""# {name}
+
+Llama 2 variant for [llama2_onnx](../README.md): ONNX graph with external weights, embedding
+table, tokenizer and config, produced by `tools/export_and_publish.py`.
+
+| | |
+|---|---|
+| kind | {kind} |
+| precision | {config.dtype} |
+| parameters | {config.n_params() / 1e6:.1f} M ({gib:.2f} GiB of weights) |
+| layers / dim / heads / kv heads | {config.n_layers} / {config.dim} / {config.n_heads} / {config.n_kv_heads} |
+| vocabulary | {config.vocab_size} |
+| context | {config.max_seq_len} tokens |
+| graph contract | {config.contract_version} |
+| provenance | {prov} |
+
+Files: `ONNX/LlamaV2_{name}.onnx` (graph), `ONNX/LlamaV2_{name}.onnx.data` (weights),
+`embeddings.safetensors` (token embeddings), `tokenizer.model`, `config.json`,
+`manifest.json` (size and sha256 of every file; check with
+`python tools/export_and_publish.py verify {name}`).
+
+Llama 2 weights are licensed by Meta under the Llama 2 Community License; a variant made from
+them keeps that license.
+"""
