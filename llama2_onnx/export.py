@@ -143,6 +143,7 @@ def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: C
     config.save(folder / "config.json")
     (folder / "README.md").write_text(variant_readme(req.variant, config), encoding="utf-8")
     (folder / ".gitattributes").write_text(gitattributes(), encoding="utf-8")
+    (folder / ".gitignore").write_text("ONNX/.cache/\n", encoding="utf-8")
     write_manifest(folder, req.variant)
 
 
@@ -229,7 +230,7 @@ def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STE
     from .generation import Engine
     from .reference import Transformer
 
-    engine = Engine.from_variant(folder, provider="cpu", check_files=False)
+    engine = Engine.from_variant(folder, provider="cpu", check_files=False, graph_cache=False)
     reference = load_reference(source, Transformer)
     prompt = engine.tokenizer.encode(VERIFY_PROMPT)
     with torch.no_grad():

@@ -1,0 +1,88 @@
+"""Complete a prompt with a Llama 2 variant on ONNX Runtime, streaming the text to stdout.
+
+    python MinimumExample/Example_ONNX_LlamaV2.py --prompt "What is the lightest element?"
+
+Without --variant it uses the first variant that is checked out and pulled, else the small
+demo variant shipped in the repository. --list shows every variant slot and its state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llama2_onnx.chat_format import complete_tokens, dialog_tokens  # noqa: E402
+from llama2_onnx.cli import (  # noqa: E402
+    add_engine_args,
+    add_sampling_args,
+    open_engine_from_args,
+    run_main,
+    sampling_from_args,
+)
+from llama2_onnx.errors import UserError  # noqa: E402
+from llama2_onnx.variants import list_variants  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompt", help="text to complete (chat variants: your message)")
+    parser.add_argument("--system", default=None, help="system prompt for chat variants")
+    parser.add_argument("--max_gen_len", type=int, default=256, help="most tokens to generate")
+    parser.add_argument("--list", action="store_true", help="list variant slots and exit")
+    parser.add_argument("--stats", action="store_true",
+                        help="print load time, time to first token and tokens/s to stderr")
+    parser.add_argument("--verify", action="store_true", help="check sha256 of every file first")
+    parser.add_argument("--onnx_file", help="original-style: path to the .onnx graph")
+    parser.add_argument("--embedding_file", help="original-style: embeddings file")
+    parser.add_argument("--tokenizer_path", help="original-style: tokenizer.model")
+    add_engine_args(parser)
+    add_sampling_args(parser)
+    return parser.parse_args(argv)
+
+
+def print_variants() -> None:
+    for v in list_variants(ROOT):
+        hint = f"  ({v.hint})" if v.hint else ""
+        print(f"{v.name:16s} {v.state}{hint}")
+
+
+def complete(args: argparse.Namespace) -> None:
+    if args.list:
+        return print_variants()
+    if args.prompt is None or not args.prompt.strip():
+        raise UserError("the prompt is empty; pass some text with --prompt \"...\".")
+    settings = sampling_from_args(args)
+    engine, load_s = open_engine_from_args(args, ROOT)
+    print(f"[{engine.name} on {engine.runner.provider}]", file=sys.stderr)
+    tok = engine.tokenizer
+    if engine.config.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = dialog_tokens(tok, system + [{"role": "user", "content": args.prompt}])
+    else:
+        prompt = complete_tokens(tok, args.prompt)
+        print(args.prompt, end="", flush=True)
+    for piece in engine.generate(prompt, settings, max_new_tokens=args.max_gen_len):
+        print(piece, end="", flush=True)
+    print()
+    if args.stats:
+        print_stats(engine.last_stats, load_s)
+
+
+def print_stats(stats, load_s: float) -> None:
+    print(f"load {load_s:.2f} s | time to first token {stats.ttft_s * 1000:.0f} ms | "
+          f"prefill {stats.prefill_tok_s:.1f} tok/s ({stats.prefilled_tokens} tokens) | "
+          f"decode {stats.decode_tok_s:.1f} tok/s ({stats.new_tokens} tokens) | "
+          f"stop: {stats.stop_reason}", file=sys.stderr)
+
+
+def main() -> None:
+    args = parse_args()
+    run_main(lambda: complete(args))
+
+
+if __name__ == "__main__":
+    main()

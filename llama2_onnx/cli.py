@@ -1,0 +1,96 @@
+"""Pieces shared by the command-line entry points: flags, error reporting, engine opening."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import Config
+from .errors import UserError
+from .sampling import SamplingSettings
+from .session import PROVIDER_CHOICES
+
+
+def run_main(func: Callable[[], int | None]) -> None:
+    """Run `func`; a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        code = func()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    raise SystemExit(code or 0)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", help="variant name (a folder in the repository) or path; "
+                        "default: the first ready variant, else the demo variant")
+    parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto",
+                        help="execution provider (auto: DirectML, then CUDA, then CPU)")
+    parser.add_argument("--max_seq_len", type=int, default=None,
+                        help="context length to allocate the KV cache for (default: the model's)")
+    parser.add_argument("--graph_capture", action="store_true",
+                        help="experimental: capture the decode step as a CUDA/DirectML graph")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    d = SamplingSettings()
+    parser.add_argument("--temperature", type=float, default=d.temperature,
+                        help=f"0 for greedy decoding (default {d.temperature})")
+    parser.add_argument("--top_p", type=float, default=d.top_p, help=f"default {d.top_p}")
+    parser.add_argument("--top_k", type=int, default=d.top_k, help="0 disables (default)")
+    parser.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty,
+                        help="1.0 disables (default)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
+    return SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def open_engine_from_args(args: argparse.Namespace, root: Path):
+    """Open the engine named by --variant or by the original --onnx_file style flags.
+
+    Returns:
+        (engine, seconds it took to load).
+    """
+    from .generation import Engine
+
+    start = time.perf_counter()
+    if getattr(args, "onnx_file", None):
+        engine = _open_explicit_files(args)
+    else:
+        from .variants import resolve_variant
+
+        path = resolve_variant(args.variant, root)
+        engine = Engine.from_variant(path, provider=args.provider, max_seq_len=args.max_seq_len,
+                                     verify=getattr(args, "verify", False),
+                                     graph_capture=args.graph_capture)
+    return engine, time.perf_counter() - start
+
+
+def _open_explicit_files(args: argparse.Namespace):
+    """--onnx_file/--embedding_file/--tokenizer_path, as the original example took them."""
+    from .generation import Engine
+    from .legacy import load_legacy_engine
+    from .loading import open_engine
+
+    graph = Path(args.onnx_file)
+    if not graph.is_file():
+        raise UserError(f"--onnx_file {graph} does not exist.")
+    folder = graph.parent.parent
+    tokenizer = Path(args.tokenizer_path or folder / "tokenizer.model")
+    if (folder / "config.json").exists():
+        embeddings = Path(args.embedding_file or folder / "embeddings.safetensors")
+        return open_engine(Engine, graph, embeddings, tokenizer, Config.load(folder / "config.json"),
+                           provider=args.provider, max_seq_len=args.max_seq_len,
+                           graph_capture=args.graph_capture)
+    if not args.embedding_file:
+        raise UserError("--embedding_file is required with an original-format --onnx_file.")
+    return load_legacy_engine(Engine, graph, Path(args.embedding_file), tokenizer,
+                              provider=args.provider, max_seq_len=args.max_seq_len)

@@ -1,0 +1,65 @@
+"""The subcommands of tools/export_and_publish.py: export, publish, verify."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import UserError
+from .export import ExportRequest, export_variant
+
+
+def export_command(args: argparse.Namespace, root: Path) -> int:
+    """Export (and with --publish, publish) one variant."""
+    if args.publish and not (args.remote or args.hub):
+        raise UserError("--publish needs --remote URL or --hub ORG/NAME.")
+    if not args.publish and (args.remote or args.hub):
+        raise UserError("--remote/--hub only apply with --publish; add --publish.")
+    request = ExportRequest(variant=args.variant, precision=args.precision, hf=args.hf,
+                            meta=args.meta, tokenizer=args.tokenizer, out=args.out,
+                            max_seq_len=args.max_seq_len, chat=args.chat, force=args.force,
+                            skip_verify=args.skip_verify, progress=not args.no_progress)
+    folder = export_variant(request)
+    print(f"exported {folder}")
+    if args.publish:
+        _publish(folder, args)
+    return 0
+
+
+def publish_command(args: argparse.Namespace, root: Path) -> int:
+    folder = args.variant if args.variant.is_absolute() or args.variant.exists() \
+        else root / args.variant
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} is not an exported variant folder (no config.json); export "
+                        "it first with `tools/export_and_publish.py export`.")
+    _publish(folder, args)
+    return 0
+
+
+def _publish(folder: Path, args: argparse.Namespace) -> None:
+    from .publish import hub_upload, publish_variant
+
+    if args.hub:
+        url = hub_upload(folder, args.hub)
+        result = publish_variant(folder, url, dist=args.dist, hub=True)
+    else:
+        result = publish_variant(folder, args.remote, dist=args.dist)
+    print(result)
+
+
+def verify_command(args: argparse.Namespace, root: Path) -> int:
+    """Check sizes and sha256 of every file in the manifest; exit 1 when something is wrong."""
+    from .files import check_files
+    from .loading import check_folder
+
+    folder = Path(args.variant)
+    if not folder.exists():
+        folder = root / args.variant
+    check_folder(folder)
+    problems = check_files(folder, sha256=True)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        return 1
+    print(f"OK {folder}: every file matches manifest.json")
+    return 0

@@ -1,0 +1,37 @@
+"""The variant slots the distribution lists, and the one command that fills each from Meta's weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    size: str
+    chat: bool
+    precision: str
+
+    @property
+    def meta_folder(self) -> str:
+        return f"llama-2-{self.size.lower()}" + ("-chat" if self.chat else "")
+
+    @property
+    def description(self) -> str:
+        kind = "chat fine-tuned" if self.chat else "base"
+        return f"Llama 2 {self.size} {kind}, {self.precision}"
+
+    def command(self, remote: str = "<GIT-URL>") -> str:
+        chat = " --chat" if self.chat else ""
+        return (f"python tools/export_and_publish.py export --meta {self.meta_folder} "
+                f"--tokenizer tokenizer.model --precision {self.precision} "
+                f"--variant {self.name}{chat} --publish --remote {remote}")
+
+
+SLOTS = tuple(
+    Slot(f"{size}{'_FT' if chat else ''}_{precision}", size, chat, precision)
+    for precision in ("float16", "float32")
+    for size in ("7B", "13B")
+    for chat in (False, True)
+)
+SLOT_NAMES = tuple(s.name for s in SLOTS)

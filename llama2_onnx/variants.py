@@ -1,0 +1,111 @@
+"""Find variant folders in the distribution and tell which are ready, not pulled or not initialised."""
+
+from __future__ import annotations
+
+import configparser
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VariantError
+from .files import check_files, is_lfs_pointer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_VARIANT = "demo"
+
+READY, NOT_PULLED, NOT_INITIALISED, INCOMPLETE, ABSENT = (
+    "ready", "not pulled (Git LFS pointers)", "submodule not initialised", "incomplete", "absent")
+
+
+@dataclass(frozen=True)
+class VariantState:
+    name: str
+    path: Path
+    state: str
+    hint: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+
+def pull_command(name: str) -> str:
+    return f"git submodule init {name} && git submodule update && (cd {name} && git lfs pull)"
+
+
+def variant_state(path: Path) -> VariantState:
+    """Classify one variant folder."""
+    name = path.name
+    if not path.exists():
+        return VariantState(name, path, ABSENT, f"run `{pull_command(name)}` or export it")
+    if path.is_dir() and not any(p.name != ".git" for p in path.iterdir()):
+        return VariantState(name, path, NOT_INITIALISED, f"run `{pull_command(name)}`")
+    if not (path / "config.json").exists():
+        from .legacy import find_legacy_files
+
+        files = find_legacy_files(path)
+        if files and not any(is_lfs_pointer(p) for p in files):
+            return VariantState(name, path, READY, "original Llama-2-Onnx format")
+        if files:
+            return VariantState(name, path, NOT_PULLED, f"run `git lfs pull` in {name}")
+        return VariantState(name, path, INCOMPLETE, "no config.json: re-export or fetch it")
+    problems = check_files(path)
+    if any("Git LFS pointer" in p for p in problems) or is_lfs_pointer(path / "config.json"):
+        return VariantState(name, path, NOT_PULLED, f"run `git lfs pull` in {name}")
+    if problems:
+        return VariantState(name, path, INCOMPLETE, problems[0])
+    return VariantState(name, path, READY)
+
+
+def submodule_paths(root: Path) -> list[str]:
+    """Paths of the submodules declared in `root/.gitmodules`."""
+    parser = configparser.ConfigParser()
+    if not (root / ".gitmodules").is_file():
+        return []
+    parser.read(root / ".gitmodules", encoding="utf-8")
+    return [parser[s]["path"] for s in parser.sections() if "path" in parser[s]]
+
+
+def slot_names(root: Path) -> list[str]:
+    """Every variant slot: the distribution's list, declared submodules and folders that look
+    like variants, with the demo variant last."""
+    from .slots import SLOT_NAMES
+
+    names = list(SLOT_NAMES)
+    for name in submodule_paths(root) + sorted(p.name for p in root.iterdir() if p.is_dir()):
+        looks_like = (root / name / "config.json").exists() or (root / name / "ONNX").is_dir()
+        if name not in names and name != DEMO_VARIANT and (
+                name in submodule_paths(root) or looks_like):
+            names.append(name)
+    return names + [DEMO_VARIANT]
+
+
+def list_variants(root: Path = REPO_ROOT) -> list[VariantState]:
+    return [variant_state(root / name) for name in slot_names(root)]
+
+
+def default_variant(root: Path = REPO_ROOT) -> Path:
+    """The first ready variant that is not the demo, else the demo variant.
+
+    Raises:
+        VariantError when nothing is ready, naming what to run.
+    """
+    states = list_variants(root)
+    for state in states:
+        if state.ready:
+            return state.path
+    first = states[0].name if states else "7B_FT_float16"
+    raise VariantError(f"no variant is ready and the demo variant is missing; run "
+                       f"`{pull_command(first)}` in {root}, or export one with "
+                       "tools/export_and_publish.py.")
+
+
+def resolve_variant(arg: str | None, root: Path = REPO_ROOT) -> Path:
+    """A variant folder from a name (a slot in `root`) or a path; None picks the default."""
+    if arg is None:
+        return default_variant(root)
+    for candidate in (Path(arg), root / arg):
+        if candidate.exists():
+            return candidate
+    names = ", ".join(slot_names(root))
+    raise VariantError(f"variant {arg!r} is neither a folder nor a slot of {root}; choose one "
+                       f"of {names} (see --list).")
