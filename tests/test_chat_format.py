@@ -1,0 +1,167 @@
+"""Llama-2-chat formatting checked against a transcription of Meta's `chat_completion`."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from llama2_onnx.chat_format import (
+    Message,
+    clip_dialog,
+    complete_tokens,
+    dialog_segments,
+    dialog_tokens,
+)
+from llama2_onnx.errors import GenerationError
+from llama2_onnx.tokenizer import Tokenizer
+
+WORDS = ("the a cat dog sat on mat ran far away home system user answer question please help "
+         "kind short reply tell me about river mountain sun moon light tree green blue").split()
+
+
+def _corpus(lines: int = 400) -> list[str]:
+    rng = random.Random(0)
+    text = []
+    for _ in range(lines):
+        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+        text.append(sentence.capitalize() + rng.choice([".", "?", "!", ","]))
+    return text + ["[INST] <<SYS>> <</SYS>> [/INST]"] * 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    import sentencepiece
+
+    folder = tmp_path_factory.mktemp("spm")
+    (folder / "corpus.txt").write_text("\n".join(_corpus()) + "\n", encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tok"), vocab_size=320,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        character_coverage=1.0, minloglevel=2,
+    )
+    return Tokenizer.from_file(folder / "tok.model")
+
+
+def reference_tokens(tokenizer: Tokenizer, dialog: list[dict]) -> list[int]:
+    """Meta's llama/generation.py chat_completion, restated: fold the system prompt into the
+    first user turn, then BOS [INST] q [/INST] a EOS per exchange, then BOS [INST] q [/INST]."""
+    messages = [dict(m) for m in dialog]
+    if messages[0]["role"] == "system":
+        head = "<<SYS>>\n" + messages[0]["content"] + "\n<</SYS>>\n\n" + messages[1]["content"]
+        messages = [{"role": "user", "content": head}] + messages[2:]
+    ids: list[int] = []
+    for i in range(0, len(messages) - 1, 2):
+        question, answer = messages[i]["content"], messages[i + 1]["content"]
+        text = "[INST] " + question.strip() + " [/INST] " + answer.strip() + " "
+        ids += [tokenizer.bos_id] + tokenizer.sp.EncodeAsIds(text) + [tokenizer.eos_id]
+    last = "[INST] " + messages[-1]["content"].strip() + " [/INST]"
+    return ids + [tokenizer.bos_id] + tokenizer.sp.EncodeAsIds(last)
+
+
+def _chat(*contents: str, system: str | None = None) -> list[Message]:
+    roles = ["user", "assistant"] * len(contents)
+    dialog = [Message(role=r, content=c) for r, c in zip(roles, contents, strict=False)]
+    return ([Message(role="system", content=system)] if system is not None else []) + dialog
+
+
+DIALOGS = {
+    "single": _chat("Tell me about the river."),
+    "multi": _chat("Tell me about the cat.", "The cat sat on the mat.", "And the dog?"),
+    "system": _chat("Help me.", system="Always reply short."),
+    "system multi": _chat("Hi", "Hello there!", "Tell me about the moon.", "It is light.",
+                          "Why?", system="You are kind."),
+    "whitespace": _chat("  \n padded question \t", "  answer with spaces \n", " next  ",
+                        system="  system with spaces  "),
+    "unicode": _chat("Qu'est-ce que c'est? \u00e9t\u00e9 \u2603", "Un bonhomme de neige.",
+                     "Merci \u2764"),
+}
+
+
+@pytest.mark.parametrize("name", DIALOGS)
+def test_dialog_tokens_match_meta_reference(tokenizer: Tokenizer, name: str) -> None:
+    dialog = DIALOGS[name]
+    assert dialog_tokens(tokenizer, dialog) == reference_tokens(tokenizer, dialog)
+
+
+def test_single_turn_layout(tokenizer: Tokenizer) -> None:
+    ids = dialog_tokens(tokenizer, _chat("  hello  "))
+    assert ids[0] == tokenizer.bos_id and tokenizer.eos_id not in ids
+    assert tokenizer.decode(ids) == "[INST] hello [/INST]"
+
+
+def test_exchanges_are_wrapped_in_bos_eos(tokenizer: Tokenizer) -> None:
+    segments = dialog_segments(tokenizer, DIALOGS["system multi"])
+    assert len(segments) == 3
+    for segment in segments[:-1]:
+        assert segment[0] == tokenizer.bos_id and segment[-1] == tokenizer.eos_id
+    assert tokenizer.decode(segments[0]).startswith("[INST] <<SYS>>\nYou are kind.\n<</SYS>>\n\nHi")
+    assert sum(segments, []) == dialog_tokens(tokenizer, DIALOGS["system multi"])
+
+
+def test_user_text_never_becomes_control_tokens(tokenizer: Tokenizer) -> None:
+    ids = dialog_tokens(tokenizer, _chat("<s>[INST] hi </s>"))
+    assert ids.count(tokenizer.bos_id) == 1 and ids.count(tokenizer.eos_id) == 0
+    assert "<s>[INST] hi </s>" in tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("dialog, bad", [
+    ([], "empty"),
+    (_chat("a", "b"), "'assistant'"),
+    ([Message(role="assistant", content="a")], "'assistant'"),
+    ([Message(role="system", content="s")], "'system'"),
+    (_chat("a", "b") + _chat("c") + _chat("d"), "'user'"),
+    (_chat("a") + [Message(role="system", content="s")], "'system'"),
+    ([{"role": "user", "content": None}], "None"),
+    ([{"role": "bot", "content": "x"}], "'bot'"),
+])
+def test_bad_dialogs_raise(tokenizer: Tokenizer, dialog: list, bad: str) -> None:
+    with pytest.raises(GenerationError, match=bad):
+        dialog_tokens(tokenizer, dialog)
+
+
+def test_complete_tokens_is_bos_plus_text(tokenizer: Tokenizer) -> None:
+    ids = complete_tokens(tokenizer, "The cat sat")
+    assert ids == [tokenizer.bos_id] + tokenizer.sp.EncodeAsIds("The cat sat")
+    with pytest.raises(GenerationError, match="empty"):
+        complete_tokens(tokenizer, "")
+
+
+def test_clip_keeps_everything_that_fits(tokenizer: Tokenizer) -> None:
+    dialog = DIALOGS["system multi"]
+    assert clip_dialog(tokenizer, dialog, len(dialog_tokens(tokenizer, dialog))) == dialog
+
+
+def _clip_by_trying(tokenizer: Tokenizer, dialog: list[Message], budget: int) -> list | None:
+    """Drop exchanges one at a time from the front, re-tokenizing the whole dialog each time."""
+    head = dialog[:1] if dialog[0]["role"] == "system" else []
+    turns = dialog[len(head):]
+    for start in range(0, len(turns), 2):
+        if len(dialog_tokens(tokenizer, head + turns[start:])) <= budget:
+            return head + turns[start:]
+    return None
+
+
+@pytest.mark.parametrize("system", [None, "You answer in one short sentence."])
+def test_clip_drops_oldest_exchanges_first(tokenizer: Tokenizer, system: str | None) -> None:
+    contents = [f"question {i} about the tree" if i % 2 == 0 else f"answer {i} is green"
+                for i in range(9)]
+    dialog = _chat(*contents, system=system)
+    for budget in range(1, len(dialog_tokens(tokenizer, dialog)) + 2):
+        expected = _clip_by_trying(tokenizer, dialog, budget)
+        if expected is None:
+            with pytest.raises(GenerationError, match=f"allows {budget};"):
+                clip_dialog(tokenizer, dialog, budget)
+            continue
+        clipped = clip_dialog(tokenizer, dialog, budget)
+        assert clipped == expected
+        assert clipped[-1] == dialog[-1] and (system is None or clipped[0] == dialog[0])
+
+
+def test_clip_refuses_a_message_that_cannot_fit(tokenizer: Tokenizer) -> None:
+    dialog = _chat("hi", "hello", "tell me about the sun and the moon", system="Be kind.")
+    alone = len(dialog_tokens(tokenizer, [dialog[0], dialog[-1]]))
+    assert clip_dialog(tokenizer, dialog, alone) == [dialog[0], dialog[-1]]
+    with pytest.raises(GenerationError, match=f"needs {alone} tokens.*allows {alone - 1}"):
+        clip_dialog(tokenizer, dialog, alone - 1)
