@@ -1,0 +1,513 @@
+"""Publish a variant folder: its own git + LFS repository, pushed, pinned as a submodule.
+
+The flow (DESIGN.md, "Publish"):
+
+    variant folder --verify--> git init + LFS --commit--> push to remote (git) ┐
+                   \\--verify--> huggingface_hub upload_folder (hub.py) -------┤
+                                                                              v
+    distribution repo: gitlink pinned at the published commit + .gitmodules + README table,
+    committed in one `update-ref`, so a failed push or upload leaves it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import write_text_atomic
+from .errors import VariantError
+from .files import MANIFEST, check_files, read_manifest, sha256_file
+from .hub import PublishError, check_url, remote_urls, upload_to_hub
+
+BRANCH = "main"
+GITMODULES = ".gitmodules"
+README = "README.md"
+TABLE_START = "<!-- variants:start -->"
+TABLE_END = "<!-- variants:end -->"
+LFS_PATTERNS = ("*.onnx", "*.onnx.data", "*.safetensors", "*.model")
+LFS_ATTRS = "filter=lfs diff=lfs merge=lfs -text"
+# Files in a variant folder that are never published (runtime caches, interrupted writes).
+EXCLUDED = (".cache/", "*.tmp", "*.partial-*")
+FALLBACK_IDENTITY = {"user.name": "llama2-onnx publisher",
+                     "user.email": "publisher@llama2-onnx.invalid"}
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A variant the distribution lists, and the command that produces it from Meta's weights."""
+
+    name: str
+    description: str
+    command: str
+
+
+_CMD = "python tools/export_and_publish.py export"
+SLOTS: tuple[Slot, ...] = (
+    Slot("7B_float16", "Llama 2 7B pretrained (text completion), float16",
+         f"{_CMD} --meta llama-2-7b --tokenizer tokenizer.model --precision float16 "
+         "--variant 7B_float16 --publish --remote <URL>"),
+    Slot("7B_FT_float16", "Llama 2 7B chat (fine-tuned for dialogue), float16",
+         f"{_CMD} --meta llama-2-7b-chat --tokenizer tokenizer.model --precision float16 "
+         "--variant 7B_FT_float16 --chat --publish --remote <URL>"),
+    Slot("13B_float16", "Llama 2 13B pretrained (text completion), float16",
+         f"{_CMD} --meta llama-2-13b --tokenizer tokenizer.model --precision float16 "
+         "--variant 13B_float16 --publish --remote <URL>"),
+    Slot("13B_FT_float16", "Llama 2 13B chat (fine-tuned for dialogue), float16",
+         f"{_CMD} --meta llama-2-13b-chat --tokenizer tokenizer.model --precision float16 "
+         "--variant 13B_FT_float16 --chat --publish --remote <URL>"),
+    Slot("7B_float32", "Llama 2 7B pretrained (text completion), float32",
+         f"{_CMD} --meta llama-2-7b --tokenizer tokenizer.model --precision float32 "
+         "--variant 7B_float32 --publish --remote <URL>"),
+    Slot("7B_FT_float32", "Llama 2 7B chat (fine-tuned for dialogue), float32",
+         f"{_CMD} --meta llama-2-7b-chat --tokenizer tokenizer.model --precision float32 "
+         "--variant 7B_FT_float32 --chat --publish --remote <URL>"),
+    Slot("13B_float32", "Llama 2 13B pretrained (text completion), float32",
+         f"{_CMD} --meta llama-2-13b --tokenizer tokenizer.model --precision float32 "
+         "--variant 13B_float32 --publish --remote <URL>"),
+    Slot("13B_FT_float32", "Llama 2 13B chat (fine-tuned for dialogue), float32",
+         f"{_CMD} --meta llama-2-13b-chat --tokenizer tokenizer.model --precision float32 "
+         "--variant 13B_FT_float32 --chat --publish --remote <URL>"),
+)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What a publish did: where the variant went and which commits pin it."""
+
+    variant: str       # folder name, e.g. "7B_FT_float16"
+    path: str          # submodule path inside the distribution (posix)
+    url: str           # URL written to .gitmodules (relative URLs kept relative)
+    commit: str        # the variant commit the submodule is pinned at
+    dist_commit: str   # the distribution commit that records the pin
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def verify_variant(variant_dir: Path) -> list[str]:
+    """Check every file of a variant against its manifest, sha256 included.
+
+    Args:
+        variant_dir: the variant folder (holds manifest.json).
+    Returns:
+        One sentence per problem; empty when every file matches.
+    """
+    return check_files(Path(variant_dir), sha256=True)
+
+
+def publish_variant(variant_dir: Path, remote: str, dist: Path | None = None,
+                    message: str | None = None, *, hub: bool = False,
+                    api: object | None = None) -> PublishResult:
+    """Push a variant to its own repository and pin it as a submodule of the distribution.
+
+    Args:
+        variant_dir: the variant folder, inside the distribution's work tree.
+        remote: a git URL (file://, path, SSH, HTTPS, or `../name.git` relative to the
+            distribution's remote); with `hub=True`, a Hugging Face repo id `owner/name`.
+        dist: the distribution repository; default: the one containing `variant_dir`.
+        message: commit message for the variant commit (default "Publish <name>").
+        hub: upload with huggingface_hub instead of `git push` (token from `hf auth login`
+            or HF_TOKEN, never from arguments that end up in files).
+        api: an `HfApi`-like object for hub mode (tests inject a fake).
+    Returns:
+        The PublishResult; the distribution commit is made but not pushed.
+    Raises:
+        VariantError: the folder does not match its manifest.
+        PublishError: bad URL, git or Git LFS missing, push/upload failed, or the
+            distribution's .gitmodules/README.md have uncommitted changes.
+    """
+    variant_dir = Path(variant_dir).resolve()
+    require_verified(variant_dir)
+    dist = _find_dist(variant_dir, dist)
+    _require_clean(dist)  # fail before pushing, not after
+    path = variant_dir.relative_to(dist).as_posix()
+    message = message or f"Publish {variant_dir.name}"
+    if hub:
+        ensure_gitattributes(variant_dir)
+        url, sha = upload_to_hub(variant_dir, remote, message=message, api=api)
+        local_url = None
+    else:
+        url, local_url = remote_urls(remote, dist)
+        sha = push_variant(variant_dir, local_url, message)
+    dist_commit = register_submodule(dist, path, url, sha, local_url=local_url)
+    return PublishResult(variant_dir.name, path, url, sha, dist_commit)
+
+
+def require_verified(variant_dir: Path) -> None:
+    """Refuse to publish a folder that is missing or does not match its manifest.
+
+    Args:
+        variant_dir: the variant folder.
+    Raises:
+        VariantError: the folder is missing, or lists the problems `verify_variant` found.
+    """
+    if not variant_dir.is_dir():
+        raise VariantError(f"{variant_dir} is not a folder; export the variant first.")
+    problems = verify_variant(variant_dir)
+    if problems:
+        raise VariantError(f"{variant_dir} was not published because it does not match its "
+                           f"manifest: {' '.join(problems)}")
+
+
+# ---------------------------------------------------------------------------- git helpers
+
+
+def _git(*args: str, cwd: Path, env: dict[str, str] | None = None,
+         stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, env=env, input=stdin,
+                              capture_output=True, check=False)
+    except FileNotFoundError:
+        raise PublishError("git is not installed; install git and publish again.") from None
+
+
+def _git_out(*args: str, cwd: Path, env: dict[str, str] | None = None,
+             stdin: bytes | None = None, check: bool = True) -> str:
+    """Run git and return its stripped stdout; on failure raise (check) or return ''."""
+    proc = _git(*args, cwd=cwd, env=env, stdin=stdin)
+    if proc.returncode == 0:
+        return proc.stdout.decode("utf-8", "replace").strip()
+    if not check:
+        return ""
+    err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    raise PublishError(f"`git {' '.join(args[:3])}` failed in {cwd} ({' '.join(err[-3:])}); "
+                       "fix what git reports and publish again.")
+
+
+def _identity_args(repo: Path) -> list[str]:
+    """`-c user.*=` options for keys the user's git config lacks (the commit only)."""
+    args = []
+    for key, fallback in FALLBACK_IDENTITY.items():
+        if not _git_out("config", key, cwd=repo, check=False):
+            args += ["-c", f"{key}={fallback}"]
+    return args
+
+
+def _find_dist(variant_dir: Path, dist: Path | None) -> Path:
+    """The distribution repository's top folder; it must contain `variant_dir`."""
+    start = Path(dist) if dist is not None else variant_dir.parent
+    if not start.is_dir():
+        raise PublishError(f"{start} is not a folder; pass the distribution repository.")
+    top = _git_out("rev-parse", "--show-toplevel", cwd=start, check=False)
+    if not top:
+        raise PublishError(f"{start} is not inside a git repository; export the variant into "
+                           "a clone of the distribution or pass dist=<its folder>.")
+    top_path = Path(top).resolve()
+    if top_path == variant_dir or top_path not in variant_dir.parents:
+        raise PublishError(f"{variant_dir} is not a folder inside the distribution {top_path}; "
+                           "export the variant into the distribution's work tree.")
+    return top_path
+
+
+# ---------------------------------------------------------------------------- variant repo
+
+
+def push_variant(variant_dir: Path, url: str, message: str) -> str:
+    """Make the folder a git + LFS repository, commit everything, push to `url`.
+
+    LFS objects are pushed with `git lfs push` before `git push` (whose pre-push hook,
+    installed by `git lfs install --local`, would push them too), so a missing hook cannot
+    leave the remote with pointers only.
+
+    Args:
+        variant_dir: the variant folder (made its own repository if it is not one).
+        url: where to push (any git URL; `main` is created or fast-forwarded, never forced).
+        message: commit message, used only if the folder changed since the last commit.
+    Returns:
+        The pushed commit (the remote's `main` points at it).
+    Raises:
+        PublishError: Git LFS is missing or the push was refused.
+    """
+    check_url(url)
+    _init_variant_repo(variant_dir)
+    ensure_gitattributes(variant_dir)
+    sha = _commit_all(variant_dir, message)
+    _set_origin(variant_dir, url)
+    pushes = (("lfs", "push", "origin", "HEAD"), ("push", "origin", f"HEAD:refs/heads/{BRANCH}"))
+    for args in pushes:
+        proc = _git(*args, cwd=variant_dir)
+        if proc.returncode:
+            _push_failed(variant_dir, url, proc)
+    if _git_out("ls-remote", "origin", f"refs/heads/{BRANCH}", cwd=variant_dir)[:40] != sha:
+        raise PublishError(f"{url} does not show {sha} on {BRANCH} after the push; check that "
+                           "nothing else pushes there and publish again.")
+    return sha
+
+
+def _push_failed(variant_dir: Path, url: str, proc: subprocess.CompletedProcess) -> None:
+    err = " ".join(proc.stderr.decode("utf-8", "replace").strip().splitlines()[-4:])
+    hint = ""
+    if "non-fast-forward" in err or "fetch first" in err:
+        hint = " The remote has commits this folder lacks: push to a new remote, or run " \
+               f"`git -C {variant_dir} pull origin {BRANCH}` first."
+    raise PublishError(f"pushing {variant_dir.name} to {url} failed ({err}); check the URL and "
+                       f"that you may push there (credentials come from git, never the URL).{hint}")
+
+
+def _init_variant_repo(variant_dir: Path) -> None:
+    """`git init` (if needed), `git lfs install --local`, and exclude runtime caches."""
+    if _git_out("lfs", "version", cwd=variant_dir, check=False) == "":
+        raise PublishError("Git LFS is not installed; install it (https://git-lfs.com, or "
+                           "`apt install git-lfs`) and publish again.")
+    if not (variant_dir / ".git").exists():
+        _git_out("init", "-q", f"--initial-branch={BRANCH}", cwd=variant_dir)
+    _git_out("lfs", "install", "--local", cwd=variant_dir)
+    exclude = Path(_git_out("rev-parse", "--git-path", "info/exclude", cwd=variant_dir))
+    exclude = exclude if exclude.is_absolute() else variant_dir / exclude
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    text = exclude.read_text(encoding="utf-8") if exclude.is_file() else ""
+    missing = [p for p in EXCLUDED if p not in text.splitlines()]
+    if missing:
+        sep = "" if not text or text.endswith("\n") else "\n"
+        exclude.write_text(text + sep + "\n".join(missing) + "\n", encoding="utf-8")
+
+
+def ensure_gitattributes(variant_dir: Path) -> bool:
+    """Make `.gitattributes` track the large files with LFS; keep the manifest in step.
+
+    Args:
+        variant_dir: a verified variant folder.
+    Returns:
+        True when the file had to be changed.
+    """
+    path = variant_dir / ".gitattributes"
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    tracked = {line.split()[0] for line in text.splitlines()
+               if line.strip() and "filter=lfs" in line.split()[1:]}
+    missing = [p for p in LFS_PATTERNS if p not in tracked]
+    if not missing:
+        return False
+    sep = "" if not text or text.endswith("\n") else "\n"
+    write_text_atomic(path, text + sep + "".join(f"{p} {LFS_ATTRS}\n" for p in missing))
+    _refresh_manifest_entry(variant_dir, ".gitattributes")
+    return True
+
+
+def _refresh_manifest_entry(variant_dir: Path, rel: str) -> None:
+    manifest = read_manifest(variant_dir)
+    assert manifest is not None, "verified variants have a manifest"
+    path = variant_dir / rel
+    manifest["files"][rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    write_text_atomic(variant_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def _commit_all(variant_dir: Path, message: str) -> str:
+    """Stage every file (large ones through LFS) and commit if anything changed; return HEAD."""
+    _git_out("add", "-A", ".", cwd=variant_dir)
+    head = _git_out("rev-parse", "-q", "--verify", "HEAD", cwd=variant_dir, check=False)
+    if head and _git(*("diff", "--cached", "--quiet"), cwd=variant_dir).returncode == 0:
+        return head
+    _git_out(*_identity_args(variant_dir), "commit", "-q", "-m", message, cwd=variant_dir)
+    return _git_out("rev-parse", "HEAD", cwd=variant_dir)
+
+
+def _set_origin(variant_dir: Path, url: str) -> None:
+    if _git_out("remote", "get-url", "origin", cwd=variant_dir, check=False):
+        _git_out("remote", "set-url", "origin", url, cwd=variant_dir)
+    else:
+        _git_out("remote", "add", "origin", url, cwd=variant_dir)
+
+
+# ---------------------------------------------------------------------------- distribution
+
+
+def register_submodule(dist: Path, path: str, url: str, sha: str,
+                       local_url: str | None = None) -> str:
+    """Pin `path` in the distribution at `sha` with `url` in .gitmodules, in one commit.
+
+    The new tree is built in a temporary index from HEAD (so other staged work is not swept
+    in) and committed with a compare-and-swap `update-ref`; only then are the work tree and
+    the real index brought in step.
+
+    Args:
+        dist: the distribution repository's top folder.
+        path: the submodule path, relative to `dist`, posix.
+        url: the URL for .gitmodules (may be relative, `../name.git`).
+        sha: the variant commit to pin.
+        local_url: the resolved URL for `.git/config` when `path` is a checked-out repository.
+    Returns:
+        The distribution commit recording the pin (HEAD unchanged if it already did).
+    Raises:
+        PublishError: bad URL or sha, or uncommitted changes to .gitmodules / README.md.
+    """
+    check_url(url)
+    if not _SHA.match(sha):
+        raise PublishError(f"{sha!r} is not a full commit id; publish again.")
+    _require_clean(dist)
+    head = _git_out("rev-parse", "-q", "--verify", "HEAD", cwd=dist, check=False) or None
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        _git_out("read-tree", *([head] if head else ["--empty"]), cwd=dist, env=env)
+        name, gitmodules = _stage_pin(dist, env, head, path, url, sha)
+        readme = _stage_readme(dist, env, head, path)
+        commit = _commit_index(dist, env, head, f"Publish {Path(path).name} at {sha}")
+    _sync_worktree(dist, path, gitmodules, readme)
+    if local_url and (dist / path / ".git").exists():
+        _git_out("config", f"submodule.{name}.url", local_url, cwd=dist)
+    return commit
+
+
+def _require_clean(dist: Path) -> None:
+    for rel in (GITMODULES, README):
+        if _git_out("status", "--porcelain", "--", rel, cwd=dist):
+            raise PublishError(f"{dist / rel} has uncommitted changes; commit or discard them, "
+                               "then publish again.")
+
+
+def _stage_pin(dist: Path, env: dict[str, str], head: str | None, path: str, url: str,
+               sha: str) -> tuple[str, str]:
+    """Replace whatever is at `path` by a gitlink; update .gitmodules. Returns (name, text)."""
+    old = _git_out("ls-files", "-z", "--", f":(literal){path}", cwd=dist, env=env)
+    if old:
+        _git_out("update-index", "--force-remove", "-z", "--stdin", cwd=dist, env=env,
+                 stdin=old.encode())
+    _git_out("update-index", "--add", "--cacheinfo", f"160000,{sha},{path}", cwd=dist, env=env)
+    name, text = _gitmodules_with(dist, _blob_text(dist, head, GITMODULES) or "", path, url)
+    _stage_text(dist, env, GITMODULES, text)
+    return name, text
+
+
+def _gitmodules_with(dist: Path, text: str, path: str, url: str) -> tuple[str, str]:
+    """.gitmodules text with submodule `path` set to `url` (existing section name kept)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "gitmodules"
+        file.write_text(text, encoding="utf-8")
+        found = _git_out("config", "-f", str(file), "--get-regexp", r"^submodule\..*\.path$",
+                         cwd=dist, check=False)
+        names = [key[len("submodule."):-len(".path")]
+                 for key, _, value in (line.partition(" ") for line in found.splitlines())
+                 if value == path]
+        name = names[0] if names else path
+        _git_out("config", "-f", str(file), f"submodule.{name}.path", path, cwd=dist)
+        _git_out("config", "-f", str(file), f"submodule.{name}.url", url, cwd=dist)
+        return name, file.read_text(encoding="utf-8")
+
+
+def _blob_text(dist: Path, head: str | None, rel: str) -> str | None:
+    if head is None:
+        return None
+    proc = _git("cat-file", "blob", f"{head}:{rel}", cwd=dist)
+    return proc.stdout.decode("utf-8") if proc.returncode == 0 else None
+
+
+def _stage_text(dist: Path, env: dict[str, str], rel: str, text: str) -> None:
+    blob = _git_out("hash-object", "-w", "--stdin", f"--path={rel}", cwd=dist, env=env,
+                    stdin=text.encode("utf-8"))
+    entry = _git_out("ls-files", "-s", "--", f":(literal){rel}", cwd=dist, env=env)
+    mode = entry.split()[0] if entry else "100644"
+    _git_out("update-index", "--add", "--cacheinfo", f"{mode},{blob},{rel}", cwd=dist, env=env)
+
+
+def _commit_index(dist: Path, env: dict[str, str], head: str | None, message: str) -> str:
+    tree = _git_out("write-tree", cwd=dist, env=env)
+    if head and tree == _git_out("rev-parse", f"{head}^{{tree}}", cwd=dist):
+        return head
+    parents = ["-p", head] if head else []
+    commit = _git_out(*_identity_args(dist), "commit-tree", tree, *parents, "-m", message,
+                      cwd=dist)
+    # Compare-and-swap: fails (and changes nothing) if HEAD moved while we worked.
+    _git_out("update-ref", "-m", message, "HEAD", commit, head or "0" * 40, cwd=dist)
+    return commit
+
+
+def _sync_worktree(dist: Path, path: str, gitmodules: str, readme: str | None) -> None:
+    """Bring the work tree and the real index in step with the new HEAD for our paths."""
+    write_text_atomic(dist / GITMODULES, gitmodules)
+    paths = [GITMODULES, f":(literal){path}"]
+    if readme is not None:
+        write_text_atomic(dist / README, readme)
+        paths.append(README)
+    _git_out("reset", "-q", "HEAD", "--", *paths, cwd=dist)
+
+
+# ---------------------------------------------------------------------------- README table
+
+
+def _stage_readme(dist: Path, env: dict[str, str], head: str | None, path: str) -> str | None:
+    """Regenerate the variant table in README.md; None when there is none to regenerate."""
+    text = _blob_text(dist, head, README)
+    block = _table_block(text) if text else None
+    if text is None or block is None:
+        return None
+    pins = _gitlinks(dist, env)
+    previous = _previous_sizes(block)
+    table = variant_table(pins, _sizes(dist, pins, previous), extra=[*previous, path])
+    new = text.replace(block, f"\n{table}\n", 1)
+    _stage_text(dist, env, README, new)
+    return new
+
+
+def _table_block(text: str) -> str | None:
+    """The text between the markers, or None when they are missing."""
+    start = text.find(TABLE_START)
+    end = text.find(TABLE_END, start + len(TABLE_START)) if start >= 0 else -1
+    return None if end < 0 else text[start + len(TABLE_START):end]
+
+
+def _gitlinks(dist: Path, env: dict[str, str]) -> dict[str, str]:
+    staged = _git_out("ls-files", "-s", cwd=dist, env=env)
+    links = [line.split("\t", 1) for line in staged.splitlines() if line.startswith("160000 ")]
+    return {rel: meta.split()[1] for meta, rel in links}
+
+
+def _previous_sizes(block: str) -> dict[str, str]:
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in block.splitlines() if line.strip().startswith("|")]
+    return {row[0].strip("`"): row[3] for row in rows[2:] if len(row) >= 4}
+
+
+def _sizes(dist: Path, pins: dict[str, str], previous: dict[str, str]) -> dict[str, str]:
+    """Size per variant from its manifest when checked out, else the table's last value."""
+    sizes = dict(previous)
+    for rel in {*pins, *(s.name for s in SLOTS)}:
+        try:
+            manifest = read_manifest(dist / rel) if (dist / rel).is_dir() else None
+        except VariantError:
+            manifest = None
+        if manifest is not None:
+            sizes[rel] = human_size(sum(e["size"] for e in manifest["files"].values()))
+    return sizes
+
+
+def variant_table(pins: dict[str, str], sizes: dict[str, str], extra: list[str]) -> str:
+    """Markdown table of the slots (plus `extra` published paths) with state and size.
+
+    Args:
+        pins: submodule path -> pinned commit, for every published variant.
+        sizes: variant name -> human-readable size ("—" when unknown).
+        extra: paths to list even though they are not in SLOTS.
+    Returns:
+        The table, without the markers.
+    """
+    rows = [(s.name, s.description) for s in SLOTS]
+    names = {s.name for s in SLOTS}
+    rows += [(p, "custom variant") for p in dict.fromkeys(extra) if p not in names]
+    lines = ["| Variant | Model | State | Size |", "|---|---|---|---|"]
+    for name, description in rows:
+        state = f"published at `{pins[name][:12]}`" if name in pins else "not published yet"
+        lines.append(f"| `{name}` | {description} | {state} | {sizes.get(name, '—')} |")
+    return "\n".join(lines)
+
+
+def human_size(n_bytes: int) -> str:
+    """Bytes in decimal units for the README table.
+
+    Args:
+        n_bytes: a size in bytes.
+    Returns:
+        e.g. "512 B", "20.5 KB", "13.5 GB".
+    """
+    if n_bytes < 1000:
+        return f"{n_bytes} B"
+    size, unit = n_bytes / 1000, "KB"
+    for bigger in ("MB", "GB"):
+        if size < 1000:
+            break
+        size, unit = size / 1000, bigger
+    return f"{size:.1f} {unit}"
