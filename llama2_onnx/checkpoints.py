@@ -85,7 +85,8 @@ def meta_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Permute wq/wk rows from Meta's interleaved rotary pairs to the half-split layout."""
     rows, cols = w.shape
     # (heads, head_dim/2, 2, cols) -> (heads, 2, head_dim/2, cols)
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+    split = w.reshape(n_heads, rows // n_heads // 2, 2, cols)
+    return split.transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
 class Source(Protocol):
@@ -131,7 +132,8 @@ class _Checked:
 def _require_dir(path: Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{what} folder {path} does not exist; pass the folder that holds it.")
+        raise CheckpointError(f"{what} folder {path} does not exist; pass the folder that "
+                              "holds it.")
     return path
 
 
@@ -189,7 +191,8 @@ class HFSource(_Checked):
 def hf_config(path: Path) -> Config:
     """Translate a Hugging Face Llama config.json into a Config, refusing other architectures."""
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing; a Hugging Face checkpoint folder needs config.json.")
+        raise CheckpointError(f"{path} is missing; a Hugging Face checkpoint folder needs "
+                              "config.json.")
     raw = json.loads(path.read_text())
     arch = raw.get("architectures") or []
     if raw.get("model_type") != "llama" or (arch and arch[0] != "LlamaForCausalLM"):
@@ -198,7 +201,8 @@ def hf_config(path: Path) -> Config:
             "(model_type 'llama', LlamaForCausalLM) can be exported."
         )
     if raw.get("rope_scaling"):
-        raise ConfigError(f"{path} uses rope_scaling {raw['rope_scaling']}, which is not supported.")
+        raise ConfigError(f"{path} uses rope_scaling {raw['rope_scaling']}, which Llama 2 "
+                          "does not use and this exporter does not support.")
     if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("mlp_bias"):
         raise ConfigError(f"{path} uses an activation or biases that Llama 2 does not have.")
     heads = raw["num_attention_heads"]

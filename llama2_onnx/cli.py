@@ -87,7 +87,8 @@ def _open_explicit_files(args: argparse.Namespace):
     tokenizer = Path(args.tokenizer_path or folder / "tokenizer.model")
     if (folder / "config.json").exists():
         embeddings = Path(args.embedding_file or folder / "embeddings.safetensors")
-        return open_engine(Engine, graph, embeddings, tokenizer, Config.load(folder / "config.json"),
+        config = Config.load(folder / "config.json")
+        return open_engine(Engine, graph, embeddings, tokenizer, config,
                            provider=args.provider, max_seq_len=args.max_seq_len,
                            graph_capture=args.graph_capture)
     if not args.embedding_file:

@@ -37,11 +37,10 @@ def publish_command(args: argparse.Namespace, root: Path) -> int:
 
 
 def _publish(folder: Path, args: argparse.Namespace) -> None:
-    from .publish import hub_upload, publish_variant
+    from .publish import publish_variant
 
     if args.hub:
-        url = hub_upload(folder, args.hub)
-        result = publish_variant(folder, url, dist=args.dist, hub=True)
+        result = publish_variant(folder, args.hub, dist=args.dist, hub=True)
     else:
         result = publish_variant(folder, args.remote, dist=args.dist)
     print(result)

@@ -1,4 +1,4 @@
-"""Checks on a variant's files before loading: Git LFS pointers, sizes and sha256 from manifest.json."""
+"""Checks on a variant's files before loading: Git LFS pointers, sizes and sha256 (manifest)."""
 
 from __future__ import annotations
 

@@ -140,7 +140,8 @@ class Engine:
         rng, decoder = make_rng(settings.seed), StreamDecoder(self.tokenizer, prompt)
         start = time.perf_counter()
         logits = self.prefill(prompt)
-        stats.prefilled_tokens, stats.prefill_s = self.last_prefill_count, time.perf_counter() - start
+        stats.prefilled_tokens = self.last_prefill_count
+        stats.prefill_s = time.perf_counter() - start
         history = prompt if settings.repetition_penalty != 1.0 else ()
         try:
             while True:
@@ -164,7 +165,8 @@ class Engine:
                     stats.stop_reason = "context full"
                     break
                 logits = self.decode_step(token)
-            if tail := stop.flush():
+            tail = "" if stats.stop_reason == "stop string" else stop.push(decoder.flush())[0]
+            if tail := tail + stop.flush():
                 yield tail
         finally:
             stats.decode_s = time.perf_counter() - start - stats.ttft_s

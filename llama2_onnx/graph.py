@@ -195,10 +195,11 @@ class _GraphBuilder:
     def _model(self) -> onnx.ModelProto:
         c, t = self.config, ONNX_DTYPES[self.config.dtype]
         cache = ["batch", c.n_kv_heads, "cache_len", c.head_dim]
-        inputs = [helper.make_tensor_value_info("inputs_embeds", t, ["batch", "seq", c.dim]),
-                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
-                  helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-                  helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+        info = helper.make_tensor_value_info
+        inputs = [info("inputs_embeds", t, ["batch", "seq", c.dim]),
+                  info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+                  info("seqlens_k", TensorProto.INT32, ["batch"]),
+                  info("total_sequence_length", TensorProto.INT32, [])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                                  ["batch", 1, c.vocab_size])]
         for i in range(c.n_layers):

@@ -23,57 +23,20 @@ from .config import write_text_atomic
 from .errors import VariantError
 from .files import MANIFEST, check_files, read_manifest, sha256_file
 from .hub import PublishError, check_url, remote_urls, upload_to_hub
+from .slots import SLOTS
+from .variant_card import LFS_PATTERNS
 
 BRANCH = "main"
 GITMODULES = ".gitmodules"
 README = "README.md"
 TABLE_START = "<!-- variants:start -->"
 TABLE_END = "<!-- variants:end -->"
-LFS_PATTERNS = ("*.onnx", "*.onnx.data", "*.safetensors", "*.model")
 LFS_ATTRS = "filter=lfs diff=lfs merge=lfs -text"
 # Files in a variant folder that are never published (runtime caches, interrupted writes).
 EXCLUDED = (".cache/", "*.tmp", "*.partial-*")
 FALLBACK_IDENTITY = {"user.name": "llama2-onnx publisher",
                      "user.email": "publisher@llama2-onnx.invalid"}
 _SHA = re.compile(r"^[0-9a-f]{40}$")
-
-
-@dataclass(frozen=True)
-class Slot:
-    """A variant the distribution lists, and the command that produces it from Meta's weights."""
-
-    name: str
-    description: str
-    command: str
-
-
-_CMD = "python tools/export_and_publish.py export"
-SLOTS: tuple[Slot, ...] = (
-    Slot("7B_float16", "Llama 2 7B pretrained (text completion), float16",
-         f"{_CMD} --meta llama-2-7b --tokenizer tokenizer.model --precision float16 "
-         "--variant 7B_float16 --publish --remote <URL>"),
-    Slot("7B_FT_float16", "Llama 2 7B chat (fine-tuned for dialogue), float16",
-         f"{_CMD} --meta llama-2-7b-chat --tokenizer tokenizer.model --precision float16 "
-         "--variant 7B_FT_float16 --chat --publish --remote <URL>"),
-    Slot("13B_float16", "Llama 2 13B pretrained (text completion), float16",
-         f"{_CMD} --meta llama-2-13b --tokenizer tokenizer.model --precision float16 "
-         "--variant 13B_float16 --publish --remote <URL>"),
-    Slot("13B_FT_float16", "Llama 2 13B chat (fine-tuned for dialogue), float16",
-         f"{_CMD} --meta llama-2-13b-chat --tokenizer tokenizer.model --precision float16 "
-         "--variant 13B_FT_float16 --chat --publish --remote <URL>"),
-    Slot("7B_float32", "Llama 2 7B pretrained (text completion), float32",
-         f"{_CMD} --meta llama-2-7b --tokenizer tokenizer.model --precision float32 "
-         "--variant 7B_float32 --publish --remote <URL>"),
-    Slot("7B_FT_float32", "Llama 2 7B chat (fine-tuned for dialogue), float32",
-         f"{_CMD} --meta llama-2-7b-chat --tokenizer tokenizer.model --precision float32 "
-         "--variant 7B_FT_float32 --chat --publish --remote <URL>"),
-    Slot("13B_float32", "Llama 2 13B pretrained (text completion), float32",
-         f"{_CMD} --meta llama-2-13b --tokenizer tokenizer.model --precision float32 "
-         "--variant 13B_float32 --publish --remote <URL>"),
-    Slot("13B_FT_float32", "Llama 2 13B chat (fine-tuned for dialogue), float32",
-         f"{_CMD} --meta llama-2-13b-chat --tokenizer tokenizer.model --precision float32 "
-         "--variant 13B_FT_float32 --chat --publish --remote <URL>"),
-)
 
 
 @dataclass(frozen=True)

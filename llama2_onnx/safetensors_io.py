@@ -35,7 +35,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise CheckpointError(f"{path} is too short to be a safetensors file; download it again.")
+            raise CheckpointError(f"{path} is too short to be a safetensors file; download it "
+                                  "again.")
         (length,) = struct.unpack("<Q", raw)
         if length > 100_000_000:
             raise CheckpointError(
@@ -45,14 +46,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         try:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} has a corrupt safetensors header; download it again.") from None
+            raise CheckpointError(f"{path} has a corrupt safetensors header; download it "
+                                  "again.") from None
     base = 8 + length
     infos = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         start, end = meta["data_offsets"]
-        infos[name] = TensorInfo(Path(path), meta["dtype"], tuple(meta["shape"]), base + start, base + end)
+        infos[name] = TensorInfo(Path(path), meta["dtype"], tuple(meta["shape"]),
+                                 base + start, base + end)
     return infos
 
 

@@ -78,9 +78,11 @@ def session_options(provider: str, cache_len: int, graph_capture: bool = False
     return so
 
 
-def optimized_cache_path(graph: Path, provider: str) -> Path:
-    """Where the optimized graph for `provider` is kept, keyed by ONNX Runtime's version."""
-    return graph.parent / ".cache" / f"{graph.stem}.{provider}.ort-{ort.__version__}.onnx"
+def optimized_cache_path(graph: Path, provider: str, cache_len: int) -> Path:
+    """Where the optimized graph is kept: per provider, context length (the free-dimension
+    overrides are baked in) and ONNX Runtime version."""
+    name = f"{graph.stem}.{provider}.ctx{cache_len}.ort-{ort.__version__}.onnx"
+    return graph.parent / ".cache" / name
 
 
 def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bool = False,
@@ -91,7 +93,7 @@ def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bo
         VariantError when ONNX Runtime cannot load the files.
     """
     so = session_options(provider, cache_len, graph_capture)
-    cached = optimized_cache_path(graph, provider)
+    cached = optimized_cache_path(graph, provider, cache_len)
     load_from, writing = graph, None
     if use_cache and _is_fresh(cached, graph):
         load_from = cached

@@ -1,4 +1,4 @@
-"""The variant slots the distribution lists, and the one command that fills each from Meta's weights."""
+"""The variant slots the distribution lists, and the command that fills each from Meta's weights."""
 
 from __future__ import annotations
 
@@ -18,14 +18,16 @@ class Slot:
 
     @property
     def description(self) -> str:
-        kind = "chat fine-tuned" if self.chat else "base"
+        kind = "chat (fine-tuned for dialogue)" if self.chat else "pretrained (text completion)"
         return f"Llama 2 {self.size} {kind}, {self.precision}"
 
-    def command(self, remote: str = "<GIT-URL>") -> str:
+    @property
+    def command(self) -> str:
+        """The one command that fills this slot from Meta's weights (<URL>: where to push)."""
         chat = " --chat" if self.chat else ""
         return (f"python tools/export_and_publish.py export --meta {self.meta_folder} "
                 f"--tokenizer tokenizer.model --precision {self.precision} "
-                f"--variant {self.name}{chat} --publish --remote {remote}")
+                f"--variant {self.name}{chat} --publish --remote <URL>")
 
 
 SLOTS = tuple(

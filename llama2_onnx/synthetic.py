@@ -62,7 +62,7 @@ def write_hf(folder: Path, config: Config, seed: int = 0, dtype=np.float32,
         lookup = {hf_name(n): (n, shape) for n, shape in part}
         safetensors_io.write_streaming(
             folder / f"model-{s + 1:05d}-of-{shards:05d}.safetensors", specs,
-            lambda key: random_tensor(*lookup[key], seed=seed, dtype=dtype))
+            lambda key, lookup=lookup: random_tensor(*lookup[key], seed=seed, dtype=dtype))
     return folder
 
 
@@ -70,7 +70,8 @@ def half_split_to_meta(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Inverse of checkpoints.meta_to_half_split."""
     rows, cols = w.shape
     # (heads, 2, head_dim/2, cols) -> (heads, head_dim/2, 2, cols)
-    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+    split = w.reshape(n_heads, 2, rows // n_heads // 2, cols)
+    return split.transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
 def write_meta(folder: Path, config: Config, seed: int = 0, shards: int = 1,

@@ -66,3 +66,11 @@ class StreamDecoder:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return text[len(prefix):]
         return ""
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character at the end), as decoded now."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset])
+        text = decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):]

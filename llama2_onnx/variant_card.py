@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import Config
 
-LFS_PATTERNS = ("*.onnx", "*.onnx.data", "*.safetensors", "*.model", "*.pth")
+LFS_PATTERNS = ("*.onnx", "*.onnx.data", "*.safetensors", "*.model")
 
 
 def gitattributes() -> str:
@@ -15,6 +15,7 @@ def gitattributes() -> str:
 def variant_readme(name: str, config: Config) -> str:
     kind = "chat (Llama-2-chat prompt format)" if config.chat else "base (plain text completion)"
     gib = config.n_params() * (2 if config.dtype == "float16" else 4) / 2**30
+    shape = f"{config.n_layers} / {config.dim} / {config.n_heads} / {config.n_kv_heads}"
     prov = ", ".join(f"{k}: {v}" for k, v in sorted(config.provenance.items()))
     return f"""# {name}
 
@@ -26,7 +27,7 @@ table, tokenizer and config, produced by `tools/export_and_publish.py`.
 | kind | {kind} |
 | precision | {config.dtype} |
 | parameters | {config.n_params() / 1e6:.1f} M ({gib:.2f} GiB of weights) |
-| layers / dim / heads / kv heads | {config.n_layers} / {config.dim} / {config.n_heads} / {config.n_kv_heads} |
+| layers / dim / heads / kv heads | {shape} |
 | vocabulary | {config.vocab_size} |
 | context | {config.max_seq_len} tokens |
 | graph contract | {config.contract_version} |

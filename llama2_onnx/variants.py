@@ -1,4 +1,4 @@
-"""Find variant folders in the distribution and tell which are ready, not pulled or not initialised."""
+"""Find the distribution's variant folders and tell which are ready, not pulled or not set up."""
 
 from __future__ import annotations
 

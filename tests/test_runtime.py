@@ -1,0 +1,212 @@
+"""Runtime and CLI: in-place KV cache, prefix reuse, streaming, and every bad input's message."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from llama2_onnx.errors import GenerationError, UserError, VariantError
+from llama2_onnx.generation import Engine
+from llama2_onnx.sampling import SamplingSettings
+from llama2_onnx.session import resolve_provider
+
+CLI = [sys.executable, str(ROOT / "MinimumExample" / "Example_ONNX_LlamaV2.py")]
+GREEDY = SamplingSettings(temperature=0)
+POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+           "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+           "size 12345\n")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture()
+def variant_copy(make_variant, tmp_path) -> Path:
+    folder = tmp_path / "copy"
+    shutil.copytree(make_variant("hf", "float32", True), folder)
+    return folder
+
+
+def test_cache_is_bound_in_place_and_never_reallocated(make_variant):
+    engine = Engine.from_variant(make_variant("hf", "float32", True), provider="cpu")
+    runtime = engine.runner
+    before = [v.data_ptr() for v in runtime.caches]
+    list(engine.generate(engine.tokenizer.encode("the dog"), GREEDY, max_new_tokens=10))
+    # Outputs come back in binding order: every present_* (cache) first, then logits.
+    present = [o.data_ptr() for o in runtime.binding.get_outputs()[:-1]]
+    assert present == before == [v.data_ptr() for v in runtime.caches]
+    assert len(before) == 2 * engine.config.n_layers
+
+
+def test_new_turn_prefills_only_new_tokens(make_variant):
+    engine = Engine.from_variant(make_variant("hf", "float32", True), provider="cpu")
+    first = engine.tokenizer.encode("the cat sat on the mat")
+    list(engine.generate(first, GREEDY, max_new_tokens=5))
+    follow = first + engine.last_stats.tokens + engine.tokenizer.encode("and ran", bos=False)
+    logits = engine.prefill(follow)
+    cached = len(first) + len(engine.last_stats.tokens) - 1
+    assert engine.last_prefill_count == len(follow) - cached
+    fresh = Engine.from_variant(make_variant("hf", "float32", True), provider="cpu")
+    np.testing.assert_allclose(logits, fresh.prefill(follow), atol=1e-5)
+
+
+def test_streamed_text_equals_decoded_text(make_variant, tokenizer):
+    engine = Engine.from_variant(make_variant("hf", "float32", False), provider="cpu")
+    prompt = tokenizer.encode("she was home")
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, seed=3)
+    pieces = list(engine.generate(prompt, settings, max_new_tokens=30))
+    full = tokenizer.decode(prompt[1:] + engine.last_stats.tokens)
+    assert "".join(pieces) == full[len(tokenizer.decode(prompt[1:])):]
+    assert len(pieces) > 1
+
+
+def test_generation_stops_at_context_and_refuses_long_prompts(make_variant):
+    engine = Engine.from_variant(make_variant("hf", "float32", True), provider="cpu",
+                                 max_seq_len=16)
+    prompt = engine.tokenizer.encode("the cat sat")
+    list(engine.generate(prompt, GREEDY, max_new_tokens=100))
+    assert engine.last_stats.stop_reason == "context full"
+    assert len(engine.tokens) == 16
+    with pytest.raises(GenerationError, match="context holds 16"):
+        list(engine.generate(list(range(3, 20)), GREEDY))
+
+
+def test_stop_strings_end_generation(make_variant):
+    engine = Engine.from_variant(make_variant("hf", "float32", True), provider="cpu")
+    prompt = engine.tokenizer.encode("the")
+    text = "".join(engine.generate(prompt, GREEDY, max_new_tokens=30))
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip()
+    engine.reset()
+    clipped = "".join(engine.generate(prompt, GREEDY, max_new_tokens=30, stop=[stop]))
+    assert clipped == text[:text.index(stop)]
+    assert engine.last_stats.stop_reason == "stop string"
+
+
+def test_providers_that_are_not_installed_name_their_package():
+    with pytest.raises(UserError, match="onnxruntime-gpu"):
+        resolve_provider("cuda")
+    with pytest.raises(UserError, match="onnxruntime-directml"):
+        resolve_provider("dml")
+    assert resolve_provider("auto") == "cpu"
+
+
+def test_session_options_follow_directml_rules():
+    from llama2_onnx.session import provider_list, session_options
+
+    so = session_options("dml", cache_len=256, graph_capture=True)
+    assert so.enable_mem_pattern is False
+    assert so.execution_mode.name == "ORT_SEQUENTIAL"
+    assert so.get_session_config_entry("ep.dml.enable_graph_capture") == "1"
+    assert provider_list("cuda", 1, graph_capture=True)[0] == (
+        "CUDAExecutionProvider", {"device_id": "1", "enable_cuda_graph": "1"})
+    assert provider_list("cpu") == ["CPUExecutionProvider"]
+
+
+def test_optimized_graph_is_cached_and_reused(variant_copy):
+    from llama2_onnx.session import optimized_cache_path
+
+    graph = next((variant_copy / "ONNX").glob("*.onnx"))
+    cached = optimized_cache_path(graph, "cpu", 128)
+    first = Engine.from_variant(variant_copy, provider="cpu")
+    assert cached.exists()
+    stamp = cached.stat().st_mtime_ns
+    second = Engine.from_variant(variant_copy, provider="cpu")
+    assert cached.stat().st_mtime_ns == stamp
+    prompt = first.tokenizer.encode("the moon")
+    np.testing.assert_allclose(first.prefill(prompt), second.prefill(prompt), atol=1e-6)
+
+
+def test_cli_greedy_matches_engine_and_reports_stats(make_variant):
+    folder = make_variant("hf", "float32", True)
+    engine = Engine.from_variant(folder, provider="cpu")
+    expected = "".join(engine.generate(engine.tokenizer.encode("the cat"), GREEDY,
+                                       max_new_tokens=12))
+    run = cli("--variant", str(folder), "--prompt", "the cat", "--temperature", "0",
+              "--max_gen_len", "12", "--stats", "--provider", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "the cat" + expected + "\n"
+    assert "time to first token" in run.stderr and "decode" in run.stderr
+
+
+def expect_error(run: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, run.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_lfs_pointer_files_say_git_lfs_pull(variant_copy):
+    data = next((variant_copy / "ONNX").glob("*.onnx.data"))
+    data.write_text(POINTER)
+    expect_error(cli("--variant", str(variant_copy), "--prompt", "hi"), "git lfs pull")
+    with pytest.raises(VariantError, match="git lfs pull"):
+        Engine.from_variant(variant_copy, provider="cpu")
+
+
+def test_uninitialised_submodule_says_what_to_run(tmp_path):
+    empty = tmp_path / "7B_FT_float16"
+    empty.mkdir()
+    expect_error(cli("--variant", str(empty), "--prompt", "hi"),
+                 "git submodule init 7B_FT_float16")
+
+
+def test_truncated_and_corrupted_weights(variant_copy):
+    data = next((variant_copy / "ONNX").glob("*.onnx.data"))
+    blob = data.read_bytes()
+    data.write_bytes(blob[:-100])
+    expect_error(cli("--variant", str(variant_copy), "--prompt", "hi"), "truncated")
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0xFF
+    data.write_bytes(bytes(flipped))
+    expect_error(cli("--variant", str(variant_copy), "--prompt", "hi", "--verify"), "sha256")
+
+
+def test_tokenizer_that_does_not_match_the_model(variant_copy, tmp_path):
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a small tokenizer for a test"] * 40),
+        model_prefix=str(tmp_path / "other"), vocab_size=290, model_type="bpe",
+        byte_fallback=True, minloglevel=2)
+    graph = next((variant_copy / "ONNX").glob("*.onnx"))
+    expect_error(cli("--onnx_file", str(graph), "--tokenizer_path", str(tmp_path / "other.model"),
+                     "--prompt", "hi"), "290 tokens", "expects 320")
+
+
+def test_prompt_too_long_empty_prompt_and_bad_sampling(make_variant):
+    folder = str(make_variant("hf", "float32", True))
+    expect_error(cli("--variant", folder, "--prompt", "the cat sat " * 20, "--max_seq_len", "16"),
+                 "context holds 16")
+    expect_error(cli("--variant", folder, "--prompt", "   "), "prompt is empty")
+    expect_error(cli("--variant", folder, "--prompt", "hi", "--temperature", "-1"), "temperature")
+    expect_error(cli("--variant", folder, "--prompt", "hi", "--top_p", "1.5"), "top_p")
+    expect_error(cli("--variant", folder, "--prompt", "hi", "--provider", "cuda"),
+                 "onnxruntime-gpu")
+    expect_error(cli("--variant", folder, "--prompt", "hi", "--max_seq_len", "100000"),
+                 "--max_seq_len")
+    expect_error(cli("--variant", "no_such_variant", "--prompt", "hi"), "no_such_variant")
+
+
+def test_list_shows_every_slot_state(tmp_path, make_variant, monkeypatch):
+    from llama2_onnx import variants
+
+    shutil.copytree(make_variant("hf", "float32", True), tmp_path / "7B_float16")
+    (tmp_path / "7B_FT_float16").mkdir()
+    pulled = tmp_path / "13B_float16"
+    shutil.copytree(make_variant("hf", "float32", True), pulled)
+    next((pulled / "ONNX").glob("*.onnx.data")).write_text(POINTER)
+    states = {v.name: v.state for v in variants.list_variants(tmp_path)}
+    assert states["7B_float16"] == variants.READY
+    assert states["7B_FT_float16"] == variants.NOT_INITIALISED
+    assert states["13B_float16"] == variants.NOT_PULLED
+    assert variants.default_variant(tmp_path) == tmp_path / "7B_float16"
