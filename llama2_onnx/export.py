@@ -138,7 +138,8 @@ def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: C
             writer.close()
         onnx.save_model(model, str(graph_path))
         _write_embeddings(folder / "embeddings.safetensors", source, config)
-        progress.update("tok_embeddings.weight", config.vocab_size * config.dim)
+        itemsize = np.dtype(NP_DTYPES[config.dtype]).itemsize
+        progress.update("tok_embeddings.weight", config.vocab_size * config.dim * itemsize)
     shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
     config.save(folder / "config.json")
     (folder / "README.md").write_text(variant_readme(req.variant, config), encoding="utf-8")

@@ -118,11 +118,13 @@ class Engine:
                 f"it or raise --max_seq_len (this variant allows up to {self.config.max_seq_len}).")
 
     def generate(self, prompt: Sequence[int], settings: SamplingSettings | None = None,
-                 max_new_tokens: int = 256, stop: Sequence[str] = ()) -> Iterator[str]:
+                 max_new_tokens: int = 256, stop: Sequence[str] = (),
+                 ignore_eos: bool = False) -> Iterator[str]:
         """Stream the continuation of `prompt` as text pieces.
 
-        Stops on EOS, a stop string (not included in the output), `max_new_tokens`, or a full
-        context. Statistics of the run land in `last_stats`, also when the caller stops early.
+        Stops on EOS (unless `ignore_eos`, for benchmarks), a stop string (not included in the
+        output), `max_new_tokens`, or a full context. Statistics of the run land in
+        `last_stats`, also when the caller stops early.
 
         Raises:
             GenerationError for an empty prompt, one that does not fit, or bad settings.
@@ -133,10 +135,12 @@ class Engine:
         if len(prompt) >= self.context_len:
             raise GenerationError(self._too_long(len(prompt)))
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
-        return self._generate(list(prompt), settings, max_new_tokens, _StopFilter(stop), stats)
+        eos = -1 if ignore_eos else self.tokenizer.eos_id
+        return self._generate(list(prompt), settings, max_new_tokens, _StopFilter(stop), stats,
+                              eos)
 
     def _generate(self, prompt: list[int], settings: SamplingSettings, max_new_tokens: int,
-                  stop: _StopFilter, stats: GenerationStats) -> Iterator[str]:
+                  stop: _StopFilter, stats: GenerationStats, eos: int) -> Iterator[str]:
         rng, decoder = make_rng(settings.seed), StreamDecoder(self.tokenizer, prompt)
         start = time.perf_counter()
         logits = self.prefill(prompt)
@@ -148,7 +152,7 @@ class Engine:
                 token = sample_token(logits, settings, rng, history)
                 if not stats.new_tokens:
                     stats.ttft_s = time.perf_counter() - start
-                if token == self.tokenizer.eos_id:
+                if token == eos:
                     stats.stop_reason = "eos"
                     break
                 stats.new_tokens += 1

@@ -100,3 +100,38 @@ def write_meta(folder: Path, config: Config, seed: int = 0, shards: int = 1,
     for s in range(shards):
         torch.save(state[s], folder / f"consolidated.{s:02d}.pth")
     return folder
+
+
+def write_tokenizer(path: Path, vocab_size: int = 32000) -> Path:
+    """A SentencePiece unigram model of exactly `vocab_size` pieces (Llama 2's special ids and
+    byte fallback, then letter strings), for random checkpoints that need a matching vocabulary.
+    It tokenizes any text; the words it makes are not meant to be meaningful."""
+    from itertools import product
+    from string import ascii_lowercase
+
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    piece_type = pb.ModelProto.SentencePiece
+    model = pb.ModelProto()
+    spec = model.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = pb.TrainerSpec.UNIGRAM, vocab_size, True
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
+    model.normalizer_spec.name = "identity"
+    model.normalizer_spec.add_dummy_prefix = True
+    pieces = [("<unk>", piece_type.UNKNOWN), ("<s>", piece_type.CONTROL),
+              ("</s>", piece_type.CONTROL)]
+    pieces += [(f"<0x{b:02X}>", piece_type.BYTE) for b in range(256)]
+    for length in range(1, 5):
+        for letters in product(ascii_lowercase, repeat=length):
+            word = "".join(letters)
+            pieces += [("\u2581" + word, piece_type.NORMAL), (word, piece_type.NORMAL)]
+            if len(pieces) >= vocab_size:
+                break
+        if len(pieces) >= vocab_size:
+            break
+    for text, kind in pieces[:vocab_size]:
+        piece = model.pieces.add()
+        piece.piece, piece.type = text, kind
+        piece.score = -float(len(text)) if kind == piece_type.NORMAL else 0.0
+    path.write_bytes(model.SerializeToString())
+    return path

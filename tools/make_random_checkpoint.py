@@ -1,0 +1,51 @@
+"""Write a seeded random Llama 2 checkpoint (Hugging Face or Meta format) with real model shapes.
+
+    python tools/make_random_checkpoint.py --shape 7b --format hf --dtype float16 --out /data/rand7b
+
+For export and runtime benchmarks without downloading weights: a Llama-2-7B-shaped float16
+checkpoint is about 13.5 GB. A matching 32000-token tokenizer.model is written beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama2_onnx.config import Config  # noqa: E402
+from llama2_onnx.synthetic import write_hf, write_meta, write_tokenizer  # noqa: E402
+
+SHAPES = {
+    "7b": Config(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+    "13b": Config(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
+    "70b-2layers": Config(dim=8192, n_layers=2, n_heads=64, n_kv_heads=8, vocab_size=32000,
+                          ffn_dim_multiplier=1.3, multiple_of=4096),
+    "small": Config(dim=512, n_layers=4, n_heads=8, vocab_size=32000),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--format", choices=("hf", "meta"), default="hf")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                        help="stored dtype (Hugging Face format only; Meta is bfloat16)")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    config = SHAPES[args.shape]
+    if args.format == "hf":
+        write_hf(args.out, config, seed=args.seed, dtype=np.dtype(args.dtype), shards=args.shards)
+    else:
+        write_meta(args.out, config, seed=args.seed, shards=args.shards, bfloat16=True)
+    write_tokenizer(args.out / "tokenizer.model", config.vocab_size)
+    print(f"wrote {args.out}: {config.n_params() / 1e9:.2f} B parameters")
+
+
+if __name__ == "__main__":
+    main()
