@@ -223,15 +223,16 @@ def verify_variant_against(folder: Path, source: Source) -> VerifyReport:
     return report
 
 
-def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STEPS
-                           ) -> VerifyReport:
+def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STEPS,
+                           provider: str = "cpu") -> VerifyReport:
     """Teacher-forced comparison: at each step both models see the reference's greedy tokens."""
     import torch
 
     from .generation import Engine
     from .reference import Transformer
 
-    engine = Engine.from_variant(folder, provider="cpu", check_files=False, graph_cache=False)
+    engine = Engine.from_variant(folder, provider=provider, check_files=False,
+                                 graph_cache=False)
     reference = load_reference(source, Transformer)
     prompt = engine.tokenizer.encode(VERIFY_PROMPT)
     with torch.no_grad():

@@ -68,6 +68,21 @@ def load_embeddings(path: Path, config: Config) -> np.ndarray:
     return table.astype(NP_DTYPES[config.dtype], copy=False)
 
 
+def provider_for(config: Config, requested: str) -> str:
+    """The provider to run `config` on. ONNX Runtime's CUDA GroupQueryAttention exists for
+    float16 only (OperatorKernels.md); a float32 graph would run attention on the CPU and copy
+    the cache through the host every step, and gave wrong tokens in our GPU test, so float32
+    variants use the CPU unless CUDA is asked for by name, which is refused."""
+    provider = resolve_provider(requested)
+    if provider == "cuda" and config.dtype == "float32":
+        if requested == "cuda":
+            raise UserError("float32 variants cannot run on --provider cuda (ONNX Runtime's CUDA "
+                            "attention kernel is float16-only); use a float16 variant or "
+                            "--provider cpu.")
+        return "cpu"
+    return provider
+
+
 def context_length(config: Config, max_seq_len: int | None) -> int:
     if max_seq_len is None:
         return config.max_seq_len
@@ -89,8 +104,8 @@ def open_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path: Path,
     tokenizer = Tokenizer.from_file(tokenizer_path)
     check_vocab(tokenizer, config, tokenizer_path)
     table = load_embeddings(embeddings, config)
-    provider = resolve_provider(provider)
+    provider = provider_for(config, provider)
     cache_len = context_length(config, max_seq_len)
     session = create_session(graph, provider, cache_len, graph_capture, use_cache=graph_cache)
-    runtime = Runtime(session, config, provider, cache_len)
+    runtime = Runtime(session, config, provider, cache_len, graph_capture)
     return engine_cls(runtime, tokenizer, table, config, name=name or graph.stem)

@@ -141,7 +141,7 @@ class Runtime:
     supports_continued_prefill = True
 
     def __init__(self, session: ort.InferenceSession, config: Config, provider: str,
-                 cache_len: int) -> None:
+                 cache_len: int, graph_capture: bool = False) -> None:
         self.session, self.config, self.provider = session, config, provider
         self.cache_len = cache_len
         self.device = {"cuda": "cuda", "dml": "dml"}.get(provider, "cpu")
@@ -160,7 +160,13 @@ class Runtime:
         self.step_values = {k: self._value(v, self.device) for k, v in self.step.items()}
         self.total = np.zeros((), np.int32)
         self.total_value = self._value(self.total, "cpu")
-        self.run_options = ort.RunOptions()
+        # With graph capture on, decode steps (fixed shapes and addresses) replay graph 1;
+        # prefill runs, whose shapes vary, opt out with id -1.
+        self.decode_options, self.prefill_options = ort.RunOptions(), ort.RunOptions()
+        if graph_capture:
+            self.decode_options.add_run_config_entry("gpu_graph_id", "1")
+            self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")
+        self.run_options = self.decode_options
         self._run = self._fast_run()
 
     def _fast_run(self):
@@ -171,6 +177,7 @@ class Runtime:
         if native is None or binding is None:
             return lambda: self.session.run_with_iobinding(self.binding, self.run_options)
         return lambda: native.run_with_iobinding(binding, self.run_options)
+
 
     def _value(self, array: np.ndarray, device: str) -> ort.OrtValue:
         if device == "cpu":
@@ -200,6 +207,7 @@ class Runtime:
         seq = embeds.shape[0]
         assert 0 < seq and start + seq <= self.cache_len, (start, seq, self.cache_len)
         self.total[...] = start + seq
+        self.run_options = self.decode_options if seq == 1 else self.prefill_options
         if seq == 1:
             self._bind_step(embeds, start)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,13 +24,15 @@ from llama2_onnx.sampling import SamplingSettings
 CASES = [(fmt, precision, gqa) for fmt in ("hf", "meta") for precision in ("float32", "float16")
          for gqa in (False, True)]
 BOUND = {"float32": 1e-4, "float16": 5e-2}
+# The parity tests run on CPU in CI; on a GPU machine set LLAMA2_ONNX_TEST_PROVIDER=cuda.
+PROVIDER = os.environ.get("LLAMA2_ONNX_TEST_PROVIDER", "cpu")
 
 
 @pytest.mark.parametrize("fmt,precision,gqa", CASES)
 def test_export_matches_reference(make_variant, make_checkpoint, fmt, precision, gqa):
     folder = make_variant(fmt, precision, gqa)
     source = open_source(**{fmt: make_checkpoint(fmt, gqa)})
-    report = compare_with_reference(folder, source, steps=20)
+    report = compare_with_reference(folder, source, steps=20, provider=PROVIDER)
     assert report.max_abs_diff <= BOUND[precision]
     assert report.tokens_agree
 
@@ -37,7 +40,7 @@ def test_export_matches_reference(make_variant, make_checkpoint, fmt, precision,
 @pytest.mark.parametrize("fmt,precision,gqa", CASES[:2] + CASES[-2:])
 def test_free_running_greedy_equals_reference(make_variant, make_checkpoint, fmt, precision, gqa):
     folder = make_variant(fmt, precision, gqa)
-    engine = Engine.from_variant(folder, provider="cpu")
+    engine = Engine.from_variant(folder, provider=PROVIDER)
     reference = load_reference(open_source(**{fmt: make_checkpoint(fmt, gqa)}), Transformer)
     prompt = engine.tokenizer.encode("the cat sat on the mat")
     expected = greedy_tokens(reference, prompt, 20)
@@ -49,8 +52,8 @@ def test_free_running_greedy_equals_reference(make_variant, make_checkpoint, fmt
 
 
 def test_hf_and_meta_give_the_same_logits(make_variant):
-    hf = Engine.from_variant(make_variant("hf", "float32", True), provider="cpu")
-    meta = Engine.from_variant(make_variant("meta", "float32", True), provider="cpu")
+    hf = Engine.from_variant(make_variant("hf", "float32", True), provider=PROVIDER)
+    meta = Engine.from_variant(make_variant("meta", "float32", True), provider=PROVIDER)
     prompt = hf.tokenizer.encode("he ran far away home")
     np.testing.assert_allclose(hf.prefill(prompt), meta.prefill(prompt), atol=1e-5)
 

@@ -13,6 +13,7 @@ outside ONNX Runtime's Run (sampling, embedding lookup, binding, streaming text)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import subprocess
@@ -107,6 +108,7 @@ def _run_report(engine, args, load_s, stats, run_time, pieces) -> dict:
         "weight_gb_per_s": round(weight_bytes * stats.decode_tok_s / 1e9, 1),
         "host_overhead_us_per_token": round(overhead_us, 1), "text_pieces": pieces,
         "graph_capture": args.graph_capture,
+        "tokens_sha1": hashlib.sha1(str(stats.tokens).encode()).hexdigest()[:16],
     }
 
 

@@ -1,0 +1,370 @@
+"""Chat conversations: history kept as the token ids the model saw, engines behind locks, and the
+streaming step that answers one message. No UI code: the Gradio app and the tests drive it."""
+
+# How a conversation becomes prompt tokens, and why its KV cache survives between turns.
+#
+# The prompt of a turn is `head + exchange_1 + ... + exchange_n + new user segment`, and every
+# exchange is `user segment + answer ids`. The answer ids are stored when the answer is made,
+# from the ids the model generated, so the next prompt starts with exactly the tokens already
+# in the engine's cache and the engine pre-fills only what follows (Engine.prefill keeps the
+# common prefix).
+#
+# Chat variants (Llama-2-chat): Meta's `chat_completion` format, built by chat_format: no
+# head, the system prompt merged into the first kept user message inside <<SYS>>, each
+# exchange `<s>[INST] user [/INST] answer </s>`. The answer ids are Meta's tokens for the
+# stripped answer text whenever those start with the generated ids (the usual case), else
+# the generated ids + EOS: what the model actually produced, so the cache stays valid.
+#
+# Base variants: the conversation is one plain-text document that the model continues. Head
+# is BOS and the system prompt as plain text (if any); each message is appended as plain
+# text and the model's continuation follows it. No tags, no role names, no stop strings.
+#
+# Either way user text is encoded as text, never as control tokens (see chat_format).
+#
+# When the prompt exceeds the budget (max history tokens, and the context minus the room
+# kept for the answer), the oldest exchanges leave the model's view for good (`start`
+# moves forward): the cache is rebuilt once and later turns reuse it again.
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from .chat_format import Message, dialog_segments
+from .errors import GenerationError, UserError
+from .sampling import SamplingSettings
+
+if TYPE_CHECKING:
+    from .generation import Engine, GenerationStats
+    from .tokenizer import Tokenizer
+
+
+@dataclass
+class Exchange:
+    """One user message and its answer; `answer_ids` are the answer's tokens in the prompt."""
+
+    user: str
+    answer: str = ""
+    answer_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ChatSettings:
+    """What a turn is generated with; checked when constructed."""
+
+    system: str = ""
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    max_new_tokens: int = 256
+    max_history_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "max_history_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GenerationError(f"{name.replace('_', ' ')}={value!r} is invalid; use a "
+                                      "whole number of at least 1.")
+
+
+@dataclass
+class Conversation:
+    """One browser tab's chat. `start` is the first exchange the model still sees."""
+
+    variant: str = ""
+    exchanges: list[Exchange] = field(default_factory=list)
+    pending: Exchange | None = None
+    start: int = 0
+    status: str = ""
+    stop_requested: bool = False
+    busy: bool = False
+    ids_for: str = ""  # the variant whose tokenizer made the stored answer ids
+
+    def messages(self) -> list[Message]:
+        """The chat as shown: every exchange, dropped ones included, then the one in progress."""
+        shown = self.exchanges + ([self.pending] if self.pending else [])
+        out: list[Message] = []
+        for exchange in shown:
+            out.append(Message(role="user", content=exchange.user))
+            if exchange.answer.strip() or exchange is not self.pending:
+                out.append(Message(role="assistant", content=exchange.answer.strip()))
+        return out
+
+
+class PromptFormat(Protocol):
+    """How a variant turns a conversation into tokens (see the comment at the top)."""
+
+    stop: tuple[str, ...]
+
+    def head(self, system: str) -> list[int]: ...
+
+    def user_ids(self, user: str, system: str, first: bool) -> list[int]: ...
+
+    def answer_ids(self, user: str, answer: str, generated: Sequence[int] | None = None
+                   ) -> list[int]: ...
+
+
+class LlamaChatFormat:
+    """Llama-2-chat exactly as Meta's reference formats dialogs."""
+
+    stop: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def head(self, system: str) -> list[int]:
+        return []
+
+    def user_ids(self, user: str, system: str, first: bool) -> list[int]:
+        """`<s>[INST] user [/INST]`, with the system prompt merged in when `first`."""
+        before = [Message(role="system", content=system)] if system and first else []
+        return dialog_segments(self.tokenizer, before + [Message(role="user", content=user)])[0]
+
+    def answer_ids(self, user: str, answer: str, generated: Sequence[int] | None = None
+                   ) -> list[int]:
+        """Meta's tokens after the user segment (`answer </s>`) if they start with `generated`
+        (default: the answer re-encoded), else `generated` + EOS."""
+        if generated is None:
+            generated = self.tokenizer.encode(answer.strip(), bos=False)
+        generated = list(generated)
+        prompt = self.user_ids(user, "", first=False)
+        exchange = dialog_segments(self.tokenizer, [
+            Message(role="user", content=user), Message(role="assistant", content=answer),
+            Message(role="user", content="")])[0]
+        tail = exchange[len(prompt):]
+        if exchange[:len(prompt)] == prompt and tail[:len(generated)] == generated:
+            return tail
+        return generated + [self.tokenizer.eos_id]
+
+
+class PlainTextFormat:
+    """Base variants: the conversation is one document the model continues."""
+
+    stop: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def head(self, system: str) -> list[int]:
+        text = self.tokenizer.encode(system, bos=False) if system.strip() else []
+        return [self.tokenizer.bos_id] + text
+
+    def user_ids(self, user: str, system: str, first: bool) -> list[int]:
+        return self.tokenizer.encode(user, bos=False)
+
+    def answer_ids(self, user: str, answer: str, generated: Sequence[int] | None = None
+                   ) -> list[int]:
+        if generated is None:
+            return self.tokenizer.encode(answer, bos=False)
+        return list(generated)
+
+
+def prompt_format(engine: Engine) -> PromptFormat:
+    """The format for this engine's variant: Llama-2-chat or plain text."""
+    if engine.config.chat:
+        return LlamaChatFormat(engine.tokenizer)
+    return PlainTextFormat(engine.tokenizer)
+
+
+def prompt_ids(fmt: PromptFormat, system: str, exchanges: Sequence[Exchange], user: str
+               ) -> list[int]:
+    """The prompt for `user` after `exchanges` (see the comment at the top of this file)."""
+    ids = fmt.head(system)
+    for index, exchange in enumerate(exchanges):
+        ids += fmt.user_ids(exchange.user, system, first=index == 0) + exchange.answer_ids
+    return ids + fmt.user_ids(user, system, first=not exchanges)
+
+
+def history_budget(settings: ChatSettings, context_len: int) -> int:
+    """Most prompt tokens a turn may use: max history tokens, and the context minus the room
+    kept for the answer (max new tokens, but at most half the context)."""
+    room = min(settings.max_new_tokens, context_len // 2)
+    return min(settings.max_history_tokens, context_len - room)
+
+
+def fit_history(fmt: PromptFormat, conv: Conversation, user: str, settings: ChatSettings,
+                context_len: int) -> list[int]:
+    """Drop the oldest exchanges (move `conv.start`) until the prompt for `user` fits.
+
+    Returns:
+        The prompt tokens.
+
+    Raises:
+        GenerationError: if the message (with the system prompt) does not fit alone.
+    """
+    budget = history_budget(settings, context_len)
+    while True:
+        prompt = prompt_ids(fmt, settings.system, conv.exchanges[conv.start:], user)
+        if len(prompt) <= budget:
+            return prompt
+        if conv.start >= len(conv.exchanges):
+            raise GenerationError(
+                f"the message needs {len(prompt)} tokens but the history allows {budget} "
+                f"(context {context_len}); shorten it or the system prompt, or lower max "
+                "new tokens / raise max history tokens.")
+        conv.start += 1
+
+
+@dataclass
+class LoadedEngine:
+    """An engine, its prompt format and the lock that serialises its use."""
+
+    engine: Engine
+    fmt: PromptFormat
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class EnginePool:
+    """One engine per variant, loaded on first use and kept, each behind its own lock."""
+
+    def __init__(self, load: Callable[[str], Engine]) -> None:
+        self._load = load
+        self._loaded: dict[str, LoadedEngine] = {}
+        self._lock = threading.Lock()
+
+    def is_loaded(self, variant: str) -> bool:
+        return variant in self._loaded
+
+    def get(self, variant: str) -> LoadedEngine:
+        """The loaded engine for `variant`, loading it now if needed (UserError if it cannot)."""
+        with self._lock:  # held while loading, so two tabs never load the same variant twice
+            if variant not in self._loaded:
+                engine = self._load(variant)
+                self._loaded[variant] = LoadedEngine(engine, prompt_format(engine))
+            return self._loaded[variant]
+
+
+def respond(pool: EnginePool, conv: Conversation, user: str, settings: ChatSettings
+            ) -> Iterator[str]:
+    """Answer `user` in `conv`, yielding the answer text each time it grows.
+
+    `conv.pending` shows the exchange while it runs; at the end it joins `conv.exchanges` (also
+    when stopped) and `conv.status` tells time to first token, tokens/s and why it stopped.
+    `request_stop(conv)` ends generation before the next token.
+
+    Raises:
+        GenerationError: an empty message, a conversation already answering, or a message
+            that does not fit even alone; UserError if the variant cannot be loaded.
+    """
+    if not user.strip():
+        raise GenerationError("the message is empty; type something first.")
+    if conv.busy:
+        raise GenerationError("still answering the previous message; press Stop first.")
+    conv.busy, conv.stop_requested = True, False
+    conv.pending = Exchange(user)
+    try:
+        if not pool.is_loaded(conv.variant):
+            conv.status = f"loading {conv.variant} ..."
+            yield ""
+        yield from _answer_locked(pool.get(conv.variant), conv, settings)
+    finally:
+        conv.pending, conv.busy = None, False
+
+
+def _answer_locked(slot: LoadedEngine, conv: Conversation, settings: ChatSettings
+                   ) -> Iterator[str]:
+    if not slot.lock.acquire(blocking=False):
+        conv.status = "waiting for another conversation to finish ..."
+        yield ""
+        slot.lock.acquire()
+    try:
+        _retokenize(conv, slot.fmt)
+        yield from _answer(slot, conv, settings)
+    finally:
+        slot.lock.release()
+
+
+def _retokenize(conv: Conversation, fmt: PromptFormat) -> None:
+    """After a variant switch, rebuild the stored answer ids with the new tokenizer."""
+    if conv.ids_for != conv.variant:
+        for exchange in conv.exchanges:
+            exchange.answer_ids = fmt.answer_ids(exchange.user, exchange.answer)
+        conv.ids_for = conv.variant
+
+
+def _answer(slot: LoadedEngine, conv: Conversation, settings: ChatSettings) -> Iterator[str]:
+    engine, fmt, exchange = slot.engine, slot.fmt, conv.pending
+    assert exchange is not None
+    start = conv.start
+    prompt = fit_history(fmt, conv, exchange.user, settings, engine.context_len)
+    conv.status = "generating ..."
+    pieces = engine.generate(prompt, settings.sampling, settings.max_new_tokens, fmt.stop)
+    try:
+        for piece in pieces:
+            exchange.answer += piece
+            yield exchange.answer
+            if conv.stop_requested:
+                break
+    except GeneratorExit:  # the consumer went away: keep what was answered so far
+        _finish(slot, conv, pieces, conv.start - start)
+        raise
+    _finish(slot, conv, pieces, conv.start - start)
+
+
+def _finish(slot: LoadedEngine, conv: Conversation, pieces: Iterator[str], dropped: int) -> None:
+    """Store the answer (also a stopped one) with the ids the model generated."""
+    pieces.close()  # type: ignore[attr-defined]  # ends the engine's generator: stats are final
+    exchange, stats = conv.pending, slot.engine.last_stats
+    assert exchange is not None
+    exchange.answer_ids = slot.fmt.answer_ids(exchange.user, exchange.answer, stats.tokens)
+    conv.exchanges.append(exchange)
+    conv.status = describe(stats, dropped)
+
+
+_REASONS = {"eos": "end of answer", "stopped": "stopped", "max tokens": "max new tokens reached",
+            "context full": "context full", "stop string": "stop string"}
+
+
+def describe(stats: GenerationStats, dropped: int = 0) -> str:
+    """The status line after an answer: time to first token, tokens/s and why it ended."""
+    parts = [_REASONS.get(stats.stop_reason, stats.stop_reason),
+             f"time to first token {stats.ttft_s * 1000:.0f} ms",
+             f"{stats.decode_tok_s:.1f} tokens/s",
+             f"{stats.new_tokens} new tokens",
+             f"prefilled {stats.prefilled_tokens} of {stats.prompt_tokens} prompt tokens"]
+    if dropped:
+        parts.append(f"dropped the {dropped} oldest exchange(s) to fit the history")
+    return " · ".join(parts)
+
+
+def request_stop(conv: Conversation) -> None:
+    """Ask the running answer of `conv` to stop before its next token."""
+    conv.stop_requested = True
+
+
+def regenerate(pool: EnginePool, conv: Conversation, settings: ChatSettings) -> Iterator[str]:
+    """Answer the last user message again, replacing its answer (see `respond`)."""
+    if conv.busy:
+        raise GenerationError("still answering; press Stop first.")
+    if not conv.exchanges:
+        raise GenerationError("there is no answer to regenerate yet; send a message first.")
+    last = remove_last(conv)
+    kept = len(conv.exchanges)
+    try:
+        yield from respond(pool, conv, last.user, settings)
+    except UserError:
+        if len(conv.exchanges) == kept:  # nothing replaced it: put the old answer back
+            conv.exchanges.append(last)
+        raise
+
+
+def remove_last(conv: Conversation) -> Exchange:
+    """Remove the last exchange and return it.
+
+    Raises:
+        GenerationError: if the conversation is answering or empty.
+    """
+    if conv.busy:
+        raise GenerationError("still answering; press Stop first.")
+    if not conv.exchanges:
+        raise GenerationError("the conversation is empty; there is no turn to remove.")
+    last = conv.exchanges.pop()
+    conv.start = min(conv.start, len(conv.exchanges))
+    return last
+
+
+def new_conversation(conv: Conversation) -> None:
+    """Forget every exchange (the engine's cache is simply overwritten by the next prompt)."""
+    if conv.busy:
+        raise GenerationError("still answering; press Stop first.")
+    conv.exchanges, conv.start, conv.status = [], 0, ""

@@ -1,0 +1,282 @@
+"""The Gradio chat page: variant choice, settings, streaming answers, Stop, and a status line.
+
+The conversation logic lives in chat_session; this file only wires it to Gradio components.
+Each browser tab gets its own `Conversation` (a `gr.State`), and all tabs share one
+`EnginePool`, so a variant is loaded once and its engine is used by one answer at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .chat_session import (
+    ChatSettings,
+    Conversation,
+    EnginePool,
+    new_conversation,
+    regenerate,
+    remove_last,
+    request_stop,
+    respond,
+)
+from .errors import UserError
+from .sampling import SamplingSettings
+from .variants import VariantState, list_variants, pull_command, resolve_variant
+
+INSTALL_HINT = "the chat app needs Gradio; install it with `pip install -e .[chat]`."
+UPDATE_EVERY_S = 0.05  # the page is refreshed at most this often while an answer streams
+CSS = "#status { min-height: 1.5em; }"
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """What the app serves: variants of `root`, `variant` first, on `provider`."""
+
+    root: Path
+    variant: str | None = None
+    provider: str = "auto"
+    max_seq_len: int | None = None
+    token_delay: float = 0.0  # seconds to wait per token; only for tests and demos
+
+
+def import_gradio():
+    """Import gradio with its analytics off, or raise a UserError naming the install command."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    return gradio
+
+
+def variant_choices(root: Path, explicit: str | None
+                    ) -> tuple[list[tuple[str, str]], list[VariantState]]:
+    """(label, value) of each ready variant, `explicit` first; and the slots that are not ready.
+
+    Raises:
+        VariantError: if `explicit` is neither a folder nor a slot of `root`.
+    """
+    states = list_variants(root)
+    ready = [(s.name, s.name) for s in states if s.ready]
+    if explicit and explicit not in {value for _, value in ready}:
+        path = resolve_variant(explicit, root)
+        label = path.name if path.parent.resolve() == root.resolve() else str(path)
+        ready.insert(0, (label, explicit))
+    return ready, [s for s in states if not s.ready]
+
+
+def not_ready_help(states: list[VariantState]) -> str:
+    """Markdown listing the slots that are not ready and how to get each."""
+    lines = [f"- **{s.name}**: {s.state}" + (f" — {s.hint}" if s.hint else "") for s in states]
+    return "\n".join(lines) or "Every variant slot is ready."
+
+
+def no_variant_page(root: Path, states: list[VariantState]) -> str:
+    """Markdown shown instead of the chat when no variant can be used."""
+    first = states[0].name if states else "7B_FT_float16"
+    return (f"## No variant is ready\n\nThe chat needs a model variant in `{root}`, and none is "
+            "checked out (the small demo variant is missing too). Fetch one, for example:\n\n"
+            f"```\ncd {root}\n{pull_command(first)}\n```\n\nor export one with "
+            "`python tools/export_and_publish.py export ...`, then restart "
+            "`python ChatApp/app.py`.\n\n### Variant slots\n\n" + not_ready_help(states))
+
+
+def chat_settings(system: str, temperature: float, top_p: float, max_new_tokens: float,
+                  max_history_tokens: float) -> ChatSettings:
+    """ChatSettings from the page's controls (GenerationError for bad values)."""
+    sampling = SamplingSettings(temperature=float(temperature), top_p=float(top_p))
+    return ChatSettings(system=system or "", sampling=sampling,
+                        max_new_tokens=int(max_new_tokens),
+                        max_history_tokens=int(max_history_tokens))
+
+
+class ChatHandlers:
+    """The page's event handlers; each takes the tab's Conversation first."""
+
+    def __init__(self, pool: EnginePool, options: AppOptions) -> None:
+        self.pool, self.options = pool, options
+
+    def answer(self, conv: Conversation, message: str, variant: str, *controls
+               ) -> Iterator[tuple[list, str]]:
+        """Send: stream the answer to `message` into the chat."""
+        try:
+            self._use_variant(conv, variant)
+            steps = respond(self.pool, conv, message, chat_settings(*controls))
+        except UserError as exc:
+            steps = iter(())
+            conv.status = f"error: {exc}"
+        yield from self._stream(conv, steps)
+
+    def again(self, conv: Conversation, variant: str, *controls) -> Iterator[tuple[list, str]]:
+        """Regenerate: answer the last message again."""
+        try:
+            self._use_variant(conv, variant)
+            steps = regenerate(self.pool, conv, chat_settings(*controls))
+        except UserError as exc:
+            steps = iter(())
+            conv.status = f"error: {exc}"
+        yield from self._stream(conv, steps)
+
+    def _use_variant(self, conv: Conversation, variant: str) -> None:
+        if not variant:
+            raise UserError("choose a variant first.")
+        if not conv.busy:
+            conv.variant = str(resolve_variant(variant, self.options.root).resolve())
+
+    def _stream(self, conv: Conversation, steps: Iterator[str]) -> Iterator[tuple[list, str]]:
+        """Show the answer as it grows (at most every UPDATE_EVERY_S), then the final state."""
+        shown = 0.0
+        try:
+            for _ in steps:
+                if self.options.token_delay:
+                    time.sleep(self.options.token_delay)
+                if time.monotonic() - shown >= UPDATE_EVERY_S:
+                    shown = time.monotonic()
+                    yield conv.messages(), conv.status
+        except UserError as exc:
+            conv.status = f"error: {exc}"
+        yield conv.messages(), conv.status
+
+    def stop(self, conv: Conversation) -> None:
+        request_stop(conv)
+
+    def remove(self, conv: Conversation) -> tuple[list, str]:
+        return self._edit(conv, remove_last, "removed the last turn")
+
+    def clear(self, conv: Conversation) -> tuple[list, str]:
+        return self._edit(conv, new_conversation, "new conversation")
+
+    def _edit(self, conv: Conversation, change, done: str) -> tuple[list, str]:
+        try:
+            change(conv)
+            conv.status = done
+        except UserError as exc:
+            conv.status = f"error: {exc}"
+        return conv.messages(), conv.status
+
+
+def build_app(options: AppOptions):
+    """The Gradio Blocks of the chat page (the instructions page when no variant is ready).
+
+    Raises:
+        UserError: if Gradio is missing or `options.variant` names no variant.
+    """
+    gr = import_gradio()
+    choices, not_ready = variant_choices(options.root, options.variant)
+    with gr.Blocks(title="Llama 2 chat (ONNX Runtime)", **_blocks_style(gr)) as app:
+        gr.Markdown("# Llama 2 chat on ONNX Runtime")
+        if not choices:
+            gr.Markdown(no_variant_page(options.root, not_ready), elem_id="no-variant")
+            return app
+        pool = EnginePool(lambda path: _load(path, options))
+        _chat_page(gr, ChatHandlers(pool, options), choices, not_ready)
+    return app
+
+
+def _load(path: str, options: AppOptions):
+    from .generation import Engine
+
+    return Engine.from_variant(Path(path), provider=options.provider,
+                               max_seq_len=options.max_seq_len)
+
+
+def _chat_page(gr, handlers: ChatHandlers, choices: list[tuple[str, str]],
+               not_ready: list[VariantState]) -> None:
+    """Lay out the chat and wire its events."""
+    conv = gr.State(_fresh_conversation)  # called once per browser tab
+    variant = gr.Dropdown(choices, value=choices[0][1], label="Variant", elem_id="variant")
+    with gr.Accordion("Variants not ready yet", open=False):
+        gr.Markdown(not_ready_help(not_ready))
+    chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420, **_chatbot_kind(gr))
+    with gr.Row():
+        message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
+                             scale=5, elem_id="message")
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+    with gr.Row():
+        again = gr.Button("Regenerate", elem_id="regenerate")
+        remove = gr.Button("Remove last turn", elem_id="remove")
+        clear = gr.Button("New conversation", elem_id="new")
+    status = gr.Markdown("", elem_id="status")
+    controls = _settings_controls(gr)
+    _wire(gr, handlers, conv, variant, chatbot, message, status, controls,
+          dict(send=send, stop=stop, again=again, remove=remove, clear=clear))
+
+
+def _fresh_conversation() -> Conversation:
+    return Conversation()
+
+
+def _settings_controls(gr) -> list:
+    with gr.Accordion("Settings", open=True):
+        system = gr.Textbox(label="System prompt (chat variants; base variants continue it "
+                            "as plain text)", lines=2, elem_id="system")
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=0.6, step=0.05, label="Temperature (0: greedy)",
+                                    elem_id="temperature")
+            top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p", elem_id="top_p")
+        with gr.Row():
+            max_new = gr.Number(256, label="Max new tokens", precision=0, minimum=1,
+                                elem_id="max_new_tokens")
+            max_history = gr.Number(4096, label="Max history tokens (also limited by the "
+                                    "context minus max new tokens)", precision=0, minimum=1,
+                                    elem_id="max_history_tokens")
+    return [system, temperature, top_p, max_new, max_history]
+
+
+def _wire(gr, handlers: ChatHandlers, conv, variant, chatbot, message, status, controls,
+          buttons: dict) -> None:
+    """Connect the buttons: Send/Enter and Regenerate stream; Stop runs at once (no queue)."""
+    text = gr.State("")
+    streamed = dict(outputs=[chatbot, status], concurrency_limit=4, concurrency_id="answer",
+                    show_progress="hidden")
+    for trigger in (buttons["send"].click, message.submit):
+        trigger(_take_message, [message], [message, text, status], queue=False).then(
+            handlers.answer, [conv, text, variant, *controls], **streamed)
+    buttons["again"].click(handlers.again, [conv, variant, *controls], **streamed)
+    buttons["stop"].click(handlers.stop, [conv], None, queue=False)
+    buttons["remove"].click(handlers.remove, [conv], [chatbot, status], queue=False)
+    for trigger in (buttons["clear"].click, chatbot.clear):  # the chat's trash icon too
+        trigger(handlers.clear, [conv], [chatbot, status], queue=False)
+
+
+def _take_message(message: str) -> tuple[str, str, str]:
+    """Empty the box at once (the answer streams in a queued step) and say it is on its way."""
+    return "", message, "sending ..."
+
+
+def _blocks_style(gr) -> dict:
+    """Theme and CSS go to Blocks in Gradio 5 and to launch() in Gradio 6."""
+    return {} if _style_at_launch(gr) else {"theme": _theme(gr), "css": CSS}
+
+
+def _style_at_launch(gr) -> bool:
+    import inspect
+
+    return "theme" in inspect.signature(gr.Blocks.launch).parameters
+
+
+def _theme(gr):
+    """System fonts only: the page never fetches fonts from the internet."""
+    return gr.themes.Base(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "monospace"])
+
+
+def _chatbot_kind(gr) -> dict:
+    """Gradio 5 needs `type="messages"` for role/content dicts; Gradio 6 only has those."""
+    import inspect
+
+    return {"type": "messages"} if "type" in inspect.signature(gr.Chatbot).parameters else {}
+
+
+def launch(app, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
+    """Serve `app` until interrupted (local only unless `share`)."""
+    gr = import_gradio()
+    style = {"theme": _theme(gr), "css": CSS} if _style_at_launch(gr) else {}
+    app.queue(default_concurrency_limit=4)
+    app.launch(server_name=host, server_port=port, share=share, ssr_mode=False,
+               inbrowser=False, **style)
