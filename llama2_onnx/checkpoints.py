@@ -220,7 +220,14 @@ def hf_config(path: Path) -> Config:
 
 
 class MetaSource(_Checked):
-    """Meta's original format: params.json plus consolidated.NN.pth model-parallel shards."""
+    """Meta's original format: params.json plus consolidated.NN.pth model-parallel shards.
+
+    Shards are memory-mapped; every page read stays mapped (and counted as resident) until
+    the mapping is closed, so the shards are re-opened after each `REMAP_BYTES` read. That
+    keeps the exporter's resident memory near one tensor instead of the whole checkpoint.
+    """
+
+    REMAP_BYTES = 1 << 30
 
     def __init__(self, folder: Path, vocab_size: int | None = None) -> None:
         import torch  # only needed to unpickle .pth shards
@@ -232,7 +239,7 @@ class MetaSource(_Checked):
         self.paths = sorted(self.folder.glob("consolidated.*.pth"))
         if not self.paths:
             raise CheckpointError(f"{self.folder} has no consolidated.NN.pth files.")
-        self.shards = [_load_pth(torch, p) for p in self.paths]
+        self._torch, self._shards, self._read_since_map = torch, None, 0
         params = json.loads(params_path.read_text())
         embed_rows = self.shards[0]["tok_embeddings.weight"].shape[0]
         if params.get("vocab_size", -1) in (-1, None):
@@ -245,13 +252,21 @@ class MetaSource(_Checked):
         self.available = {k for k in self.shards[0] if not IGNORED.match(k)}
         self._check_complete()
 
-    def read(self, name: str) -> np.ndarray:
-        import torch
+    @property
+    def shards(self) -> list[dict]:
+        if self._shards is None:
+            self._shards = [_load_pth(self._torch, p) for p in self.paths]
+        return self._shards
 
+    def read(self, name: str) -> np.ndarray:
+        torch = self._torch
         axis = META_SHARD_AXIS[_LAYER.sub(r"\2", name)]
         parts = [shard[name] for shard in self.shards]
         tensor = parts[0] if axis is None or len(parts) == 1 else torch.cat(parts, dim=axis)
-        arr = tensor.float().numpy()
+        arr = tensor.to(torch.float32, copy=True).numpy()  # a copy: detached from the map
+        self._read_since_map += sum(p.nbytes for p in parts)
+        if self._read_since_map > self.REMAP_BYTES:
+            self._shards, self._read_since_map = None, 0
         if name.endswith("attention.wq.weight"):
             arr = meta_to_half_split(arr, self.config.n_heads)
         elif name.endswith("attention.wk.weight"):

@@ -194,3 +194,14 @@ def test_sampled_generation_from_export_is_reproducible(make_variant):
     engine.reset()
     assert "".join(engine.generate(prompt, settings, max_new_tokens=15)) == first
 
+
+
+def test_meta_shards_are_remapped_without_changing_values(make_checkpoint, monkeypatch):
+    reference = MetaSource(make_checkpoint("meta"))
+    names = list(reference.shards[0])
+    expected = {n: reference.read(n) for n in names if n in reference.available}
+    monkeypatch.setattr(MetaSource, "REMAP_BYTES", 1)
+    remapped = MetaSource(make_checkpoint("meta"))
+    for name, value in expected.items():
+        np.testing.assert_array_equal(remapped.read(name), value)
+        assert remapped._shards is None  # closed after every read at this threshold
