@@ -36,7 +36,10 @@ def variant_state(path: Path) -> VariantState:
     """Classify one variant folder."""
     name = path.name
     if not path.exists():
-        return VariantState(name, path, ABSENT, f"run `{pull_command(name)}` or export it")
+        declared = name in submodule_paths(path.parent)
+        hint = f"run `{pull_command(name)}`" if declared else (
+            "not published in this distribution yet; README 'Exporting your own variant'")
+        return VariantState(name, path, ABSENT, hint)
     if path.is_dir() and not any(p.name != ".git" for p in path.iterdir()):
         return VariantState(name, path, NOT_INITIALISED, f"run `{pull_command(name)}`")
     if not (path / "config.json").exists():
