@@ -30,6 +30,7 @@ from .variants import VariantState, list_variants, pull_command, resolve_variant
 INSTALL_HINT = "the chat app needs Gradio; install it with `pip install -e .[chat]`."
 UPDATE_EVERY_S = 0.05  # the page is refreshed at most this often while an answer streams
 CSS = "#status { min-height: 1.5em; }"
+BUSY = "still answering the previous message; press Stop first."
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class AppOptions:
     variant: str | None = None
     provider: str = "auto"
     max_seq_len: int | None = None
+    graph_capture: bool = False
     token_delay: float = 0.0  # seconds to wait per token; only for tests and demos
 
 
@@ -89,7 +91,8 @@ def chat_settings(system: str, temperature: float, top_p: float, max_new_tokens:
                   max_history_tokens: float) -> ChatSettings:
     """ChatSettings from the page's controls (GenerationError for bad values)."""
     sampling = SamplingSettings(temperature=float(temperature), top_p=float(top_p))
-    return ChatSettings(system=system or "", sampling=sampling,
+    system = system if system and system.strip() else ""
+    return ChatSettings(system=system, sampling=sampling,
                         max_new_tokens=int(max_new_tokens),
                         max_history_tokens=int(max_history_tokens))
 
@@ -100,9 +103,12 @@ class ChatHandlers:
     def __init__(self, pool: EnginePool, options: AppOptions) -> None:
         self.pool, self.options = pool, options
 
-    def answer(self, conv: Conversation, message: str, variant: str, *controls
+    def answer(self, conv: Conversation, message: str | None, variant: str, *controls
                ) -> Iterator[tuple[list, str]]:
-        """Send: stream the answer to `message` into the chat."""
+        """Send: stream the answer to `message` into the chat (None: nothing was sent)."""
+        if message is None:
+            yield conv.messages(), BUSY
+            return
         try:
             self._use_variant(conv, variant)
             steps = respond(self.pool, conv, message, chat_settings(*controls))
@@ -167,7 +173,7 @@ def build_app(options: AppOptions):
     """
     gr = import_gradio()
     choices, not_ready = variant_choices(options.root, options.variant)
-    with gr.Blocks(title="Llama 2 chat (ONNX Runtime)", **_blocks_style(gr)) as app:
+    with gr.Blocks(title="Llama 2 chat (ONNX Runtime)") as app:
         gr.Markdown("# Llama 2 chat on ONNX Runtime")
         if not choices:
             gr.Markdown(no_variant_page(options.root, not_ready), elem_id="no-variant")
@@ -181,7 +187,8 @@ def _load(path: str, options: AppOptions):
     from .generation import Engine
 
     return Engine.from_variant(Path(path), provider=options.provider,
-                               max_seq_len=options.max_seq_len)
+                               max_seq_len=options.max_seq_len,
+                               graph_capture=options.graph_capture)
 
 
 def _chat_page(gr, handlers: ChatHandlers, choices: list[tuple[str, str]],
@@ -191,7 +198,7 @@ def _chat_page(gr, handlers: ChatHandlers, choices: list[tuple[str, str]],
     variant = gr.Dropdown(choices, value=choices[0][1], label="Variant", elem_id="variant")
     with gr.Accordion("Variants not ready yet", open=False):
         gr.Markdown(not_ready_help(not_ready))
-    chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420, **_chatbot_kind(gr))
+    chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420)
     with gr.Row():
         message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                              scale=5, elem_id="message")
@@ -235,7 +242,7 @@ def _wire(gr, handlers: ChatHandlers, conv, variant, chatbot, message, status, c
     streamed = dict(outputs=[chatbot, status], concurrency_limit=4, concurrency_id="answer",
                     show_progress="hidden")
     for trigger in (buttons["send"].click, message.submit):
-        trigger(_take_message, [message], [message, text, status], queue=False).then(
+        trigger(_take_message, [conv, message], [message, text, status], queue=False).then(
             handlers.answer, [conv, text, variant, *controls], **streamed)
     buttons["again"].click(handlers.again, [conv, variant, *controls], **streamed)
     buttons["stop"].click(handlers.stop, [conv], None, queue=False)
@@ -244,20 +251,12 @@ def _wire(gr, handlers: ChatHandlers, conv, variant, chatbot, message, status, c
         trigger(handlers.clear, [conv], [chatbot, status], queue=False)
 
 
-def _take_message(message: str) -> tuple[str, str, str]:
-    """Empty the box at once (the answer streams in a queued step) and say it is on its way."""
+def _take_message(conv: Conversation, message: str) -> tuple[str, str | None, str]:
+    """Empty the box at once (the answer streams in a queued step) and say it is on its way;
+    while the tab is still answering, leave the text in the box and send nothing."""
+    if conv.busy:
+        return message, None, BUSY
     return "", message, "sending ..."
-
-
-def _blocks_style(gr) -> dict:
-    """Theme and CSS go to Blocks in Gradio 5 and to launch() in Gradio 6."""
-    return {} if _style_at_launch(gr) else {"theme": _theme(gr), "css": CSS}
-
-
-def _style_at_launch(gr) -> bool:
-    import inspect
-
-    return "theme" in inspect.signature(gr.Blocks.launch).parameters
 
 
 def _theme(gr):
@@ -266,17 +265,9 @@ def _theme(gr):
                           font_mono=["ui-monospace", "monospace"])
 
 
-def _chatbot_kind(gr) -> dict:
-    """Gradio 5 needs `type="messages"` for role/content dicts; Gradio 6 only has those."""
-    import inspect
-
-    return {"type": "messages"} if "type" in inspect.signature(gr.Chatbot).parameters else {}
-
-
 def launch(app, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
     """Serve `app` until interrupted (local only unless `share`)."""
     gr = import_gradio()
-    style = {"theme": _theme(gr), "css": CSS} if _style_at_launch(gr) else {}
     app.queue(default_concurrency_limit=4)
     app.launch(server_name=host, server_port=port, share=share, ssr_mode=False,
-               inbrowser=False, **style)
+               inbrowser=False, theme=_theme(gr), css=CSS)

@@ -1,0 +1,225 @@
+"""The chat app in a real headless browser (Playwright driving Debian's chromium): streaming,
+Stop, Regenerate, Remove, two tabs at once, and the page shown when no variant is ready."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("gradio")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+APP = ROOT / "ChatApp" / "app.py"
+SCREENSHOT = ROOT / "tests" / "artifacts" / "chat_app.png"
+TOKEN_DELAY = "0.02"  # seconds per token: slow enough to watch an answer grow and stop it
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(cwd: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """Start ChatApp/app.py from `cwd` on a free local port; return it once it serves."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1"}
+    log = open(cwd / "app.log", "w")  # noqa: SIM115  # closed with the process
+    proc = subprocess.Popen([sys.executable, str(APP), "--port", str(port), *args], cwd=cwd,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError((cwd / "app.log").read_text())
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.2)
+    stop_app(proc)
+    raise AssertionError("the app did not serve within 60 s:\n" + (cwd / "app.log").read_text())
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def app_url(make_variant, tmp_path_factory):
+    variant = make_variant("hf", "float32", True, chat=True)
+    proc, url = start_app(tmp_path_factory.mktemp("chat_app"), "--variant", str(variant),
+                          "--provider", "cpu", "--token_delay", TOKEN_DELAY)
+    yield url
+    stop_app(proc)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                              args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def open_tab(browser, url: str):
+    """A page in its own browser context (its own cookies: a separate Gradio session)."""
+    page = browser.new_context(viewport={"width": 1200, "height": 1300}).new_page()
+    outside: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:"))
+            else outside.append(r.url))
+    page.outside_requests = outside
+    page.goto(url)
+    page.wait_for_selector("#message textarea")
+    set_number(page, "temperature", 0)  # greedy: the same (long) answers every run
+    return page
+
+
+@pytest.fixture()
+def tab(browser, app_url):
+    page = open_tab(browser, app_url)
+    yield page
+    page.context.close()
+
+
+def send(page, text: str) -> None:
+    """Send `text` and wait until the page has taken it (the previous status is gone)."""
+    page.fill("#message textarea", text)
+    page.click("#send")
+    # Poll on a timer: requestAnimationFrame (the default) stalls in a tab in the background.
+    page.wait_for_function("() => !document.querySelector('#status').innerText"
+                           ".includes('tokens/s')", polling=50)
+
+
+def set_number(page, elem_id: str, value: float) -> None:
+    page.fill(f"#{elem_id} input", str(value))
+    page.press(f"#{elem_id} input", "Tab")
+
+
+def answers(page) -> list[str]:
+    return page.locator('#chat [data-testid="bot"]').all_inner_texts()
+
+
+def questions(page) -> list[str]:
+    return page.locator('#chat [data-testid="user"]').all_inner_texts()
+
+
+def status(page) -> str:
+    return page.inner_text("#status")
+
+
+def wait_for_status(page, fragment: str, timeout_s: float = 30) -> str:
+    deadline = time.monotonic() + timeout_s
+    while fragment not in (text := status(page)):
+        assert time.monotonic() < deadline, f"status {text!r} never showed {fragment!r}"
+        time.sleep(0.05)
+    return text
+
+
+def watch_answer(page) -> list[int]:
+    """Lengths of the last answer seen while it streams, until the final status appears."""
+    lengths, deadline = [], time.monotonic() + 30
+    while "tokens/s" not in status(page):
+        assert time.monotonic() < deadline, status(page)
+        shown = answers(page)
+        lengths.append(len(shown[-1]) if shown else 0)
+        time.sleep(0.03)
+    return lengths
+
+
+def test_answer_streams_and_status_reports_speed(tab):
+    send(tab, "the cat sat")
+    lengths = watch_answer(tab)
+    grown = sorted({n for n in lengths if n})
+    assert len(grown) >= 3, lengths  # the text appeared piece by piece
+    assert "time to first token" in status(tab) and questions(tab) == ["the cat sat"]
+    assert len(answers(tab)) == 1 and answers(tab)[0]
+    assert tab.outside_requests == []
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    tab.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_stop_ends_a_long_answer(tab):
+    set_number(tab, "max_new_tokens", 4000)
+    send(tab, "the dog ran far")
+    tab.wait_for_function(
+        "() => (document.querySelector('#chat [data-testid=bot]')?.innerText || '').length > 3",
+        polling=50)
+    tab.click("#stop")
+    final = wait_for_status(tab, "tokens/s", timeout_s=10)
+    assert final.startswith("stopped"), final
+    stopped = answers(tab)[-1]
+    time.sleep(0.5)
+    assert answers(tab)[-1] == stopped and status(tab) == final
+
+
+def test_regenerate_remove_and_new_conversation(tab):
+    set_number(tab, "max_new_tokens", 12)
+    send(tab, "the sun")
+    watch_answer(tab)
+    first = answers(tab)
+    tab.click("#regenerate")
+    final = wait_for_status(tab, "prefilled 1 of")  # the same prompt, straight from the cache
+    assert "tokens/s" in final and answers(tab) == first and questions(tab) == ["the sun"]
+    tab.click("#remove")
+    wait_for_status(tab, "removed the last turn")
+    assert questions(tab) == [] and answers(tab) == []
+    send(tab, "the moon")
+    watch_answer(tab)
+    tab.click("#new")
+    wait_for_status(tab, "new conversation")
+    assert questions(tab) == []
+
+
+def test_two_tabs_keep_separate_conversations(browser, app_url):
+    first, second = open_tab(browser, app_url), open_tab(browser, app_url)
+    try:
+        for page in (first, second):
+            set_number(page, "max_new_tokens", 10)
+        send(first, "the cat sat")
+        send(second, "the dog ran")
+        for page in (first, second):
+            watch_answer(page)
+        send(first, "she was home")
+        watch_answer(first)
+        assert questions(first) == ["the cat sat", "she was home"]
+        assert questions(second) == ["the dog ran"] and len(answers(second)) == 1
+    finally:
+        first.context.close()
+        second.context.close()
+
+
+def test_page_says_what_to_run_when_no_variant_is_ready(browser, tmp_path):
+    empty = tmp_path / "empty_root"
+    empty.mkdir()
+    proc, url = start_app(tmp_path, "--root", str(empty))
+    try:
+        page = browser.new_page()
+        page.goto(url)
+        text = page.locator("#no-variant").inner_text(timeout=20_000)
+        assert "No variant is ready" in text and "git submodule init" in text
+        assert "Traceback" not in page.content()
+        page.close()
+    finally:
+        stop_app(proc)
