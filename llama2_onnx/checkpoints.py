@@ -223,11 +223,11 @@ class MetaSource(_Checked):
     """Meta's original format: params.json plus consolidated.NN.pth model-parallel shards.
 
     Shards are memory-mapped; every page read stays mapped (and counted as resident) until
-    the mapping is closed, so the shards are re-opened after each `REMAP_BYTES` read. That
+    the mapping is closed, so the shards are re-opened after each `REMAP_BYTES` (256 MiB) read. That
     keeps the exporter's resident memory near one tensor instead of the whole checkpoint.
     """
 
-    REMAP_BYTES = 1 << 30
+    REMAP_BYTES = 1 << 28
 
     def __init__(self, folder: Path, vocab_size: int | None = None) -> None:
         import torch  # only needed to unpickle .pth shards
