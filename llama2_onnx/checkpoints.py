@@ -223,7 +223,7 @@ class MetaSource(_Checked):
     """Meta's original format: params.json plus consolidated.NN.pth model-parallel shards.
 
     Shards are memory-mapped; every page read stays mapped (and counted as resident) until
-    the mapping is closed, so the shards are re-opened after each `REMAP_BYTES` (256 MiB) read. That
+    the mapping is closed, so the shards are re-opened after every `REMAP_BYTES` read. That
     keeps the exporter's resident memory near one tensor instead of the whole checkpoint.
     """
 
