@@ -288,7 +288,8 @@ def _answer(slot: LoadedEngine, conv: Conversation, settings: ChatSettings) -> I
     start = conv.start
     prompt = fit_history(fmt, conv, exchange.user, settings, engine.context_len)
     conv.status = "generating ..."
-    pieces = engine.generate(prompt, settings.sampling, settings.max_new_tokens, fmt.stop)
+    pieces = engine.generate(prompt, settings.sampling, settings.max_new_tokens, fmt.stop,
+                             should_stop=lambda: conv.stop_requested)
     try:
         for piece in pieces:
             exchange.answer += piece

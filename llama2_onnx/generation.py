@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -119,12 +119,14 @@ class Engine:
 
     def generate(self, prompt: Sequence[int], settings: SamplingSettings | None = None,
                  max_new_tokens: int = 256, stop: Sequence[str] = (),
-                 ignore_eos: bool = False) -> Iterator[str]:
+                 ignore_eos: bool = False,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
         """Stream the continuation of `prompt` as text pieces.
 
         Stops on EOS (unless `ignore_eos`, for benchmarks), a stop string (not included in the
-        output), `max_new_tokens`, or a full context. Statistics of the run land in
-        `last_stats`, also when the caller stops early.
+        output), `max_new_tokens`, a full context, or when `should_stop()` turns true (checked
+        before every token, also those that complete no text yet). Statistics of the run land
+        in `last_stats`, also when the caller stops early.
 
         Raises:
             GenerationError for an empty prompt, one that does not fit, or bad settings.
@@ -137,10 +139,11 @@ class Engine:
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
         eos = -1 if ignore_eos else self.tokenizer.eos_id
         return self._generate(list(prompt), settings, max_new_tokens, _StopFilter(stop), stats,
-                              eos)
+                              eos, should_stop or (lambda: False))
 
     def _generate(self, prompt: list[int], settings: SamplingSettings, max_new_tokens: int,
-                  stop: _StopFilter, stats: GenerationStats, eos: int) -> Iterator[str]:
+                  stop: _StopFilter, stats: GenerationStats, eos: int,
+                  should_stop: Callable[[], bool]) -> Iterator[str]:
         rng, decoder = make_rng(settings.seed), StreamDecoder(self.tokenizer, prompt)
         start = time.perf_counter()
         logits = self.prefill(prompt)
@@ -167,6 +170,9 @@ class Engine:
                     break
                 if len(self.tokens) >= self.context_len:
                     stats.stop_reason = "context full"
+                    break
+                if should_stop():
+                    stats.stop_reason = "stopped"
                     break
                 logits = self.decode_step(token)
             tail = "" if stats.stop_reason == "stop string" else stop.push(decoder.flush())[0]

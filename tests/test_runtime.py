@@ -210,3 +210,12 @@ def test_list_shows_every_slot_state(tmp_path, make_variant, monkeypatch):
     assert states["7B_FT_float16"] == variants.NOT_INITIALISED
     assert states["13B_float16"] == variants.NOT_PULLED
     assert variants.default_variant(tmp_path) == tmp_path / "7B_float16"
+
+
+def test_should_stop_ends_generation_before_the_next_token(make_variant):
+    engine = Engine.from_variant(make_variant("hf", "float32", True), provider="cpu")
+    calls = []
+    list(engine.generate(engine.tokenizer.encode("the"), GREEDY, max_new_tokens=50,
+                         ignore_eos=True, should_stop=lambda: calls.append(1) or len(calls) >= 3))
+    assert engine.last_stats.stop_reason == "stopped"
+    assert engine.last_stats.new_tokens == 3
