@@ -48,9 +48,11 @@ corpus: King James Version of the Bible (1611), public domain (in the UK the Cro
   it pulls in the text package bible-kjv-text, 4.38 on Debian 12). The `bible` program is GPL-2+,
   the text is public domain. On a machine without the package, extract the text elsewhere with
   `bible -f {BIBLE_RANGE} </dev/null > kjv.txt` and pass --corpus kjv.txt.
-example: python tools/train_demo.py --out /tmp/demo_train
-GPU:     python tools/train_demo.py --out /tmp/demo_train --device cuda --steps 20000 \\
-           --batch-size 64 --seq-len 512
+CPU (defaults, about 15-20 minutes on 2 cores): python tools/train_demo.py --out /tmp/demo_train
+GPU (under a minute on one H100): python tools/train_demo.py --out /tmp/demo_train --device cuda \\
+      --steps 1200 --batch-size 16 --seq-len 512 --eval-every 50
+The corpus is about 1.1M tokens: past ~10 passes over it the model memorises (validation loss
+rises), so more steps do not help; the weights with the lowest validation loss are saved.
 """
 
 
@@ -83,7 +85,17 @@ def read_corpus(path: Path | None) -> Corpus:
                          "(King James Bible, public domain) or pass --corpus FILE.")
     result = subprocess.run([program, "-f", BIBLE_RANGE], stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, check=True)
-    return parse_bible_lines(result.stdout, "Debian package bible-kjv-text via `bible -f`")
+    version = package_version("bible-kjv-text")
+    return parse_bible_lines(result.stdout, f"Debian package bible-kjv-text {version} via `bible`")
+
+
+def package_version(package: str) -> str:
+    """The installed Debian package's version, for the record in training.json."""
+    if shutil.which("dpkg-query") is None:
+        return "(version unknown)"
+    result = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package],
+                            capture_output=True, text=True, check=False)
+    return result.stdout.strip() or "(version unknown)"
 
 
 def parse_bible_lines(text: str, source: str) -> Corpus:
@@ -210,33 +222,70 @@ def evaluate(model, data: torch.Tensor, args: argparse.Namespace) -> float:
     return float(np.mean(losses))
 
 
+class BestWeights:
+    """The weights with the lowest validation loss so far: a small corpus is soon memorised."""
+
+    def __init__(self) -> None:
+        self.loss, self.step, self.state = math.inf, -1, None
+
+    def offer(self, model: Transformer, loss: float, step: int) -> None:
+        if loss < self.loss:
+            self.loss, self.step = loss, step
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model: Transformer) -> None:
+        model.load_state_dict(self.state)
+
+
+def train_step(step_fn, model: Transformer, optimizer, batch, step: int,
+               args: argparse.Namespace) -> torch.Tensor:
+    """One AdamW update on one batch; returns the (un-synchronised) loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, args)
+    loss = loss_on(step_fn, *batch, args.device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+
+def validate(model: Transformer, data: torch.Tensor, args: argparse.Namespace,
+             best: BestWeights, step: int) -> float:
+    """Print the validation loss, remember the best weights; returns the seconds it took."""
+    start = time.perf_counter()
+    loss = evaluate(model, data, args)
+    print(f"step {step:6d}  val loss {loss:.4f}", flush=True)
+    best.offer(model, loss, step)
+    return time.perf_counter() - start
+
+
 def train(model: Transformer, train_data: torch.Tensor, val_data: torch.Tensor,
           args: argparse.Namespace) -> dict[str, float]:
-    """Run the optimisation loop, printing progress; returns the final losses and speed."""
+    """Optimise, printing progress; leaves the best-validation weights in `model`.
+
+    Returns:
+        Last training loss, best validation loss and its step, training steps/s and seconds
+        (validation time excluded).
+    """
     optimizer = make_optimizer(model, args)
     step_fn = torch.compile(model) if args.compile else model
-    gen = torch.Generator().manual_seed(args.seed)
-    start, loss = time.perf_counter(), torch.tensor(float("nan"))
+    gen, best, eval_seconds = torch.Generator().manual_seed(args.seed), BestWeights(), 0.0
+    start = time.perf_counter()
     for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
-        loss = loss_on(step_fn, *get_batch(train_data, args.batch_size, args.seq_len, gen),
-                       args.device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        batch = get_batch(train_data, args.batch_size, args.seq_len, gen)
+        loss = train_step(step_fn, model, optimizer, batch, step, args)
         if step % args.log_every == 0 or step == args.steps - 1:
-            report_progress(step, loss.item(), args, start)
-        if args.eval_every and step and step % args.eval_every == 0:
-            print(f"step {step:6d}  val loss {evaluate(model, val_data, args):.4f}", flush=True)
-    elapsed = time.perf_counter() - start
-    return {"train_loss": loss.item(), "val_loss": evaluate(model, val_data, args),
-            "steps_per_s": args.steps / elapsed, "seconds": elapsed}
+            report_progress(step, loss.item(), args, time.perf_counter() - start - eval_seconds)
+        if (args.eval_every and step and step % args.eval_every == 0) or step == args.steps - 1:
+            eval_seconds += validate(model, val_data, args, best, step)
+    seconds = time.perf_counter() - start - eval_seconds
+    best.restore(model)
+    return {"train_loss": loss.item(), "val_loss": best.loss, "best_step": best.step,
+            "steps_per_s": args.steps / seconds, "seconds": seconds}
 
 
-def report_progress(step: int, loss: float, args: argparse.Namespace, start: float) -> None:
-    elapsed = time.perf_counter() - start
+def report_progress(step: int, loss: float, args: argparse.Namespace, elapsed: float) -> None:
     rate = (step + 1) / elapsed
     print(f"step {step:6d}  loss {loss:.4f}  lr {learning_rate(step, args):.2e}  "
           f"{rate:.2f} steps/s  {rate * args.batch_size * args.seq_len:,.0f} tok/s  "
@@ -334,6 +383,9 @@ def prepare_data(args: argparse.Namespace):
     print(f"corpus: {corpus.source}: {len(corpus.chapters)} chapters, "
           f"{len(corpus.verses)} verses; tokens: {len(train_ids):,} train, "
           f"{len(val_ids):,} validation (vocab {sp.vocab_size()})", flush=True)
+    if len(val_ids) <= args.seq_len + 1:
+        raise SystemExit(f"--seq-len {args.seq_len} is longer than the validation text "
+                         f"({len(val_ids)} tokens); use a shorter window.")
     to_device = lambda ids: torch.from_numpy(ids).to(args.device)  # noqa: E731
     return corpus, tokenizer, sp, to_device(train_ids), to_device(val_ids)
 
@@ -351,8 +403,9 @@ def run_training(args: argparse.Namespace) -> Path:
     print(f"model: {config.n_params():,} parameters ({config.n_params() * 4 / 1e6:.1f} MB "
           f"float32), device {args.device}", flush=True)
     stats = train(model, train_data, val_data, args)
-    print(f"done: train loss {stats['train_loss']:.4f}, val loss {stats['val_loss']:.4f}, "
-          f"{stats['steps_per_s']:.2f} steps/s, {stats['seconds']:,.0f}s", flush=True)
+    print(f"done: last train loss {stats['train_loss']:.4f}; keeping step {stats['best_step']} "
+          f"(val loss {stats['val_loss']:.4f}); {stats['steps_per_s']:.2f} steps/s, "
+          f"{stats['seconds']:,.0f}s training", flush=True)
     model.float().cpu().eval()
     text = samples(model, sp, args.seed)
     print("\n".join(text), flush=True)
@@ -387,7 +440,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=250, help="0: only at the end")
     p.add_argument("--eval-batches", type=int, default=8)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "seq_len", "vocab_size", "log_every", "eval_batches"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive number.")
+    return args
 
 
 def main() -> None:
