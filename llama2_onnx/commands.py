@@ -18,7 +18,8 @@ def export_command(args: argparse.Namespace, root: Path) -> int:
     request = ExportRequest(variant=args.variant, precision=args.precision, hf=args.hf,
                             meta=args.meta, tokenizer=args.tokenizer, out=args.out,
                             max_seq_len=args.max_seq_len, chat=args.chat, force=args.force,
-                            skip_verify=args.skip_verify, progress=not args.no_progress)
+                            skip_verify=args.skip_verify, progress=not args.no_progress,
+                            lfs=not args.no_lfs)
     folder = export_variant(request)
     print(f"exported {folder}")
     if args.publish:

@@ -43,6 +43,7 @@ class ExportRequest:
     force: bool = False
     skip_verify: bool = False
     progress: bool = True
+    lfs: bool = True  # False: no .gitattributes (a variant committed to a plain repo: the demo)
 
 
 def onnx_name(variant: str) -> str:
@@ -143,7 +144,8 @@ def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: C
     shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
     config.save(folder / "config.json")
     (folder / "README.md").write_text(variant_readme(req.variant, config), encoding="utf-8")
-    (folder / ".gitattributes").write_text(gitattributes(), encoding="utf-8")
+    if req.lfs:
+        (folder / ".gitattributes").write_text(gitattributes(), encoding="utf-8")
     (folder / ".gitignore").write_text("ONNX/.cache/\n", encoding="utf-8")
     write_manifest(folder, req.variant)
 

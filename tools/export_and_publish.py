@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     export.add_argument("--skip-verify", action="store_true",
                         help="skip the ONNX Runtime vs PyTorch check (for models too big for RAM)")
     export.add_argument("--no-progress", action="store_true", help="no progress bar")
+    export.add_argument("--no-lfs", action="store_true", help="no .gitattributes: for a small "
+                        "variant committed to a plain git repository, like the demo")
     add_publish_args(export, required=False)
     publish = sub.add_parser("publish", help="variant folder -> git+LFS repo and submodule")
     publish.add_argument("--variant", type=Path, required=True, help="variant folder")
