@@ -166,7 +166,7 @@ class Runtime:
         if graph_capture:
             self.decode_options.add_run_config_entry("gpu_graph_id", "1")
             self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")
-        self.run_options = self.decode_options
+        self.run_options, self.graph_capture = self.decode_options, graph_capture
         self._run = self._fast_run()
 
     def _fast_run(self):
@@ -206,7 +206,11 @@ class Runtime:
         """
         seq = embeds.shape[0]
         assert 0 < seq and start + seq <= self.cache_len, (start, seq, self.cache_len)
-        self.total[...] = start + seq
+        # A captured decode graph replays host-side values as they were at capture, so with
+        # graph capture decode steps say "up to the whole cache" and seqlens_k (on the device)
+        # tells the real length; prefill always states its exact total.
+        decode_total = self.cache_len if self.graph_capture else start + 1
+        self.total[...] = decode_total if seq == 1 else start + seq
         self.run_options = self.decode_options if seq == 1 else self.prefill_options
         if seq == 1:
             self._bind_step(embeds, start)

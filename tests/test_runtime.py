@@ -219,3 +219,15 @@ def test_should_stop_ends_generation_before_the_next_token(make_variant):
                          ignore_eos=True, should_stop=lambda: calls.append(1) or len(calls) >= 3))
     assert engine.last_stats.stop_reason == "stopped"
     assert engine.last_stats.new_tokens == 3
+
+
+def test_graph_capture_mode_decodes_the_same_tokens(make_variant):
+    """With graph capture on, decode steps state the whole cache as total length (a captured
+    graph cannot see new host values) and rely on seqlens_k; on CPU that path must agree."""
+    folder = make_variant("hf", "float32", True)
+    plain = Engine.from_variant(folder, provider="cpu")
+    capture = Engine.from_variant(folder, provider="cpu", graph_capture=True)
+    prompt = plain.tokenizer.encode("the cat sat")
+    expected = "".join(plain.generate(prompt, GREEDY, max_new_tokens=30, ignore_eos=True))
+    assert "".join(capture.generate(prompt, GREEDY, max_new_tokens=30, ignore_eos=True)) == expected
+    assert capture.runner.total == capture.context_len
