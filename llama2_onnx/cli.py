@@ -34,7 +34,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_seq_len", type=int, default=None,
                         help="context length to allocate the KV cache for (default: the model's)")
     parser.add_argument("--graph_capture", action="store_true",
-                        help="experimental: capture the decode step as a CUDA/DirectML graph")
+                        help="capture the decode step as a CUDA/DirectML graph (opt-in; "
+                        "faster on CUDA, see README)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
