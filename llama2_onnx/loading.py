@@ -70,15 +70,11 @@ def load_embeddings(path: Path, config: Config) -> np.ndarray:
 
 def provider_for(config: Config, requested: str) -> str:
     """The provider to run `config` on. ONNX Runtime's CUDA GroupQueryAttention exists for
-    float16 only (OperatorKernels.md); a float32 graph would run attention on the CPU and copy
-    the cache through the host every step, and gave wrong tokens in our GPU test, so float32
-    variants use the CPU unless CUDA is asked for by name, which is refused."""
+    float16 only (OperatorKernels.md): on CUDA a float32 graph runs attention on the CPU and
+    copies the cache through the host every step. `auto` therefore keeps float32 variants on
+    the CPU; `--provider cuda` still runs them (correct, not device-resident)."""
     provider = resolve_provider(requested)
-    if provider == "cuda" and config.dtype == "float32":
-        if requested == "cuda":
-            raise UserError("float32 variants cannot run on --provider cuda (ONNX Runtime's CUDA "
-                            "attention kernel is float16-only); use a float16 variant or "
-                            "--provider cpu.")
+    if provider == "cuda" and config.dtype == "float32" and requested == "auto":
         return "cpu"
     return provider
 
@@ -106,6 +102,7 @@ def open_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path: Path,
     table = load_embeddings(embeddings, config)
     provider = provider_for(config, provider)
     cache_len = context_length(config, max_seq_len)
-    session = create_session(graph, provider, cache_len, graph_capture, use_cache=graph_cache)
+    session = create_session(graph, provider, cache_len, graph_capture, use_cache=graph_cache,
+                             dtype=config.dtype)
     runtime = Runtime(session, config, provider, cache_len, graph_capture)
     return engine_cls(runtime, tokenizer, table, config, name=name or graph.stem)

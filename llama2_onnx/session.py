@@ -45,12 +45,19 @@ def resolve_provider(name: str) -> str:
     return name
 
 
-def provider_list(provider: str, device_id: int = 0, graph_capture: bool = False) -> list:
-    """Execution providers in priority order, with their options; CPU is always the fallback."""
+def provider_list(provider: str, device_id: int = 0, graph_capture: bool = False,
+                  dtype: str = "float16") -> list:
+    """Execution providers in priority order, with their options; CPU is always the fallback.
+
+    CUDA computes float32 matrix products in TF32 (10-bit mantissa) by default; a float32
+    variant asks for full float32 so its tokens match the reference.
+    """
     if provider == "cuda":
         options = {"device_id": str(device_id)}
         if graph_capture:
             options["enable_cuda_graph"] = "1"
+        if dtype == "float32":
+            options["use_tf32"] = "0"
         return [(PROVIDERS["cuda"], options), PROVIDERS["cpu"]]
     if provider == "dml":
         return [(PROVIDERS["dml"], {"device_id": str(device_id)}), PROVIDERS["cpu"]]
@@ -86,7 +93,7 @@ def optimized_cache_path(graph: Path, provider: str, cache_len: int) -> Path:
 
 
 def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bool = False,
-                   use_cache: bool = True) -> ort.InferenceSession:
+                   use_cache: bool = True, dtype: str = "float16") -> ort.InferenceSession:
     """Open the graph, reusing (or writing) the optimized graph cached beside it.
 
     Raises:
@@ -105,7 +112,8 @@ def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bo
                                     cached.name + ".data")
         so.add_session_config_entry(
             "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    session = _open(load_from, so, provider_list(provider, graph_capture=graph_capture))
+    session = _open(load_from, so, provider_list(provider, graph_capture=graph_capture,
+                                                 dtype=dtype))
     if writing is not None and writing.exists():
         os.replace(writing, cached)
     return session

@@ -108,6 +108,7 @@ def test_session_options_follow_directml_rules():
     assert provider_list("cuda", 1, graph_capture=True)[0] == (
         "CUDAExecutionProvider", {"device_id": "1", "enable_cuda_graph": "1"})
     assert provider_list("cpu") == ["CPUExecutionProvider"]
+    assert provider_list("cuda", dtype="float32")[0][1]["use_tf32"] == "0"  # exact float32
 
 
 def test_optimized_graph_is_cached_and_reused(variant_copy):
