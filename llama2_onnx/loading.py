@@ -71,8 +71,8 @@ def load_embeddings(path: Path, config: Config) -> np.ndarray:
 def provider_for(config: Config, requested: str) -> str:
     """The provider to run `config` on. ONNX Runtime's CUDA GroupQueryAttention exists for
     float16 only (OperatorKernels.md): on CUDA a float32 graph runs attention on the CPU and
-    copies the cache through the host every step. `auto` therefore keeps float32 variants on
-    the CPU; `--provider cuda` still runs them (correct, not device-resident)."""
+    keeps the cache in host memory (see Runtime). `auto` therefore keeps float32 variants on
+    the CPU; `--provider cuda` still runs them, matrix products on the GPU."""
     provider = resolve_provider(requested)
     if provider == "cuda" and config.dtype == "float32" and requested == "auto":
         return "cpu"
