@@ -101,6 +101,9 @@ def open_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path: Path,
     check_vocab(tokenizer, config, tokenizer_path)
     table = load_embeddings(embeddings, config)
     provider = provider_for(config, provider)
+    if graph_capture and provider == "cuda" and config.dtype == "float32":
+        raise UserError("--graph_capture needs every node on the GPU, but float32 attention runs "
+                        "on the CPU under CUDA; use a float16 variant or drop --graph_capture.")
     cache_len = context_length(config, max_seq_len)
     session = create_session(graph, provider, cache_len, graph_capture, use_cache=graph_cache,
                              dtype=config.dtype)
