@@ -236,7 +236,8 @@ def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STE
     engine = Engine.from_variant(folder, provider=provider, check_files=False,
                                  graph_cache=False)
     reference = load_reference(source, Transformer)
-    prompt = engine.tokenizer.encode(VERIFY_PROMPT)
+    steps = min(steps, engine.context_len // 2)  # short contexts: fewer steps, shorter prompt
+    prompt = engine.tokenizer.encode(VERIFY_PROMPT)[:engine.context_len - steps]
     with torch.no_grad():
         ref_logits = reference(torch.tensor([prompt]))[0]
     tokens = list(prompt)

@@ -37,7 +37,8 @@ def hf_name(canonical: str) -> str:
     return f"model.layers.{i}.{HF_LAYER_FROM_CANONICAL[rest]}"
 
 
-def hf_config_dict(config: Config) -> dict:
+def hf_config_dict(config: Config, torch_dtype: str = "float16") -> dict:
+    """config.json of a Hugging Face LlamaForCausalLM with these shapes."""
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
@@ -45,7 +46,7 @@ def hf_config_dict(config: Config) -> dict:
         "num_key_value_heads": config.n_kv_heads, "vocab_size": config.vocab_size,
         "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
         "max_position_embeddings": config.max_seq_len, "hidden_act": "silu",
-        "tie_word_embeddings": False, "torch_dtype": "float16",
+        "tie_word_embeddings": False, "torch_dtype": torch_dtype,
     }
 
 

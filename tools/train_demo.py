@@ -31,10 +31,11 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama2_onnx import safetensors_io  # noqa: E402
-from llama2_onnx.checkpoints import HF_LAYER_NAMES, HF_NAMES, canonical_shapes  # noqa: E402
+from llama2_onnx.checkpoints import canonical_shapes  # noqa: E402
 from llama2_onnx.config import Config, write_text_atomic  # noqa: E402
 from llama2_onnx.reference import Transformer, greedy_tokens  # noqa: E402
 from llama2_onnx.sampling import SamplingSettings, make_rng, sample_token  # noqa: E402
+from llama2_onnx.synthetic import hf_config_dict, hf_name  # noqa: E402
 
 BIBLE_RANGE = "Gen1:1-Rev22:21"
 KJV_VERSES = 31102
@@ -315,32 +316,6 @@ def sample_tokens(model: Transformer, prompt: list[int], steps: int, seed: int) 
     return tokens[len(prompt):]
 
 
-def hf_name(name: str) -> str:
-    """Hugging Face name of a canonical (reference model) tensor name: the tables inverted."""
-    inverse = {canonical: hf for hf, canonical in HF_NAMES.items()}
-    if name in inverse:
-        return inverse[name]
-    layer_inverse = {canonical: hf for hf, canonical in HF_LAYER_NAMES.items()}
-    match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    assert match and match.group(2) in layer_inverse, f"no Hugging Face name for {name}"
-    return f"model.layers.{match.group(1)}.{layer_inverse[match.group(2)]}"
-
-
-def hf_config_dict(config: Config) -> dict:
-    """config.json of a Hugging Face LlamaForCausalLM with this model's shapes."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
-        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads, "vocab_size": config.vocab_size,
-        "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
-        "max_position_embeddings": config.max_seq_len, "hidden_act": "silu",
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
-        "initializer_range": 0.02, "rope_scaling": None, "use_cache": True,
-    }
-
-
 def save_checkpoint(out: Path, model: Transformer, tokenizer: bytes, info: dict) -> None:
     """Write config.json, model.safetensors (HF names, float32), tokenizer.model, training.json.
 
@@ -360,7 +335,8 @@ def save_checkpoint(out: Path, model: Transformer, tokenizer: bytes, info: dict)
     (out / "tokenizer.model.tmp").write_bytes(tokenizer)
     os.replace(out / "tokenizer.model.tmp", out / "tokenizer.model")
     write_text_atomic(out / "training.json", json.dumps(info, indent=2) + "\n")
-    write_text_atomic(out / "config.json", json.dumps(hf_config_dict(config), indent=2) + "\n")
+    hf_config = json.dumps(hf_config_dict(config, "float32"), indent=2)
+    write_text_atomic(out / "config.json", hf_config + "\n")
 
 
 def pick_device(requested: str) -> str:
@@ -434,7 +410,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337,
+                   help="seeds the data split, initialisation and batches (default %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--log-every", type=int, default=50)
