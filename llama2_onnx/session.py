@@ -146,8 +146,6 @@ class Runtime:
     """Runs our graph contract with IO binding; only embeddings and a few integers go in and
     last-position logits come out per call."""
 
-    supports_continued_prefill = True
-
     def __init__(self, session: ort.InferenceSession, config: Config, provider: str,
                  cache_len: int, graph_capture: bool = False) -> None:
         self.session, self.config, self.provider = session, config, provider
@@ -185,7 +183,6 @@ class Runtime:
         if native is None or binding is None:
             return lambda: self.session.run_with_iobinding(self.binding, self.run_options)
         return lambda: native.run_with_iobinding(binding, self.run_options)
-
 
     def _value(self, array: np.ndarray, device: str) -> ort.OrtValue:
         if device == "cpu":
