@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from .errors import ConfigError
 
 # Bumped whenever graph input/output names, shapes or meanings change (see DESIGN.md).
@@ -16,6 +18,7 @@ CONTRACT_VERSION = 1
 
 DType = Literal["float32", "float16"]
 DTYPES: tuple[str, ...] = ("float32", "float16")
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 @dataclass

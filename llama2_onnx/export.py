@@ -13,10 +13,10 @@ import onnx
 
 from . import __version__, safetensors_io
 from .checkpoints import Source, open_source
-from .config import Config
+from .config import NP_DTYPES, Config
 from .errors import UserError, VerificationError
 from .files import check_not_lfs_pointer, write_manifest
-from .graph import NP_DTYPES, ExternalDataWriter, build_model, n_graph_tensors
+from .graph import ExternalDataWriter, build_model, n_graph_tensors
 from .tokenizer import Tokenizer
 from .variant_card import gitattributes, variant_readme
 

@@ -43,11 +43,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .config import Config
+from .config import NP_DTYPES, Config
 from .rope import rotary_cos_sin
 
 OPSET = 17
-NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 LINEAR_SUFFIXES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from . import safetensors_io
-from .config import Config
+from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
 from .files import check_not_lfs_pointer, is_lfs_pointer
-from .graph import NP_DTYPES
 from .session import Runtime, create_session, resolve_provider
 from .tokenizer import Tokenizer
 

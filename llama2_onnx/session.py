@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .config import Config
+from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
-from .graph import NP_DTYPES
 
 PROVIDERS = {"dml": "DmlExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}

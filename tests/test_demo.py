@@ -48,3 +48,18 @@ def test_readme_first_command_uses_the_demo_and_prints_english():
     assert run.stdout.startswith("And God said") and len(words) > 15
     common = {"the", "and", "of", "unto", "he", "that", "to", "in", "him", "said", "LORD"}
     assert sum(w.strip(",.;:") in common for w in words) >= 5
+
+
+def test_running_needs_only_the_core_dependencies():
+    """`pip install -e .` brings numpy, sentencepiece and onnxruntime; export-only packages
+    (onnx, torch, tqdm) and the chat/publish extras must not be needed to run a variant."""
+    blocked = ["onnx", "torch", "tqdm", "gradio", "huggingface_hub", "safetensors"]
+    code = ("import sys, runpy\n"
+            f"for name in {blocked!r}: sys.modules[name] = None\n"
+            "sys.argv = ['x', '--prompt', 'And God said', '--max_gen_len', '5']\n"
+            f"runpy.run_path({str(ROOT / 'MinimumExample' / 'Example_ONNX_LlamaV2.py')!r},"
+            " run_name='__main__')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("And God said")
