@@ -44,8 +44,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                         help=f"0 for greedy decoding (default {d.temperature})")
     parser.add_argument("--top_p", type=float, default=d.top_p, help=f"default {d.top_p}")
     parser.add_argument("--top_k", type=int, default=d.top_k, help="0 disables (default)")
-    parser.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty,
-                        help="1.0 disables (default)")
+    parser.add_argument("--repetition_penalty", type=float, default=None,
+                        help="penalty on the last 64 tokens; 1.0 disables (default: 1.1 when "
+                        "sampling, 1.0 with --temperature 0)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 

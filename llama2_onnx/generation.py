@@ -12,7 +12,7 @@ import numpy as np
 
 from .config import Config
 from .errors import GenerationError, VariantError
-from .sampling import SamplingSettings, make_rng, sample_token
+from .sampling import REPETITION_WINDOW, SamplingSettings, make_rng, sample_token
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -152,7 +152,7 @@ class Engine:
         history = prompt if settings.repetition_penalty != 1.0 else ()
         try:
             while True:
-                token = sample_token(logits, settings, rng, history)
+                token = sample_token(logits, settings, rng, history[-REPETITION_WINDOW:])
                 if not stats.new_tokens:
                     stats.ttft_s = time.perf_counter() - start
                 if token == eos:

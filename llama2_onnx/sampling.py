@@ -14,22 +14,31 @@ from .errors import GenerationError
 _NUCLEUS_FIRST_LOOK = 64
 
 
+REPETITION_WINDOW = 64
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How the next token is chosen; checked when constructed.
 
     `temperature=0` is greedy decoding (argmax, no random draw). `top_k=0` and `top_p=1`
-    switch those filters off; `repetition_penalty=1` switches the penalty off. The
-    repetition penalty applies in every mode, greedy included.
+    switch those filters off; `repetition_penalty=1` switches the penalty off. The penalty
+    applies to the tokens of the last REPETITION_WINDOW positions, in every mode when given;
+    left unset it is 1.1 when sampling (llama.cpp's default, which keeps small models out of
+    loops) and 1.0 for greedy decoding, so plain greedy stays a pure argmax. Temperature and
+    top-p default to Meta's reference values.
     """
 
     temperature: float = 0.6
     top_p: float = 0.9
     top_k: int = 0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if self.repetition_penalty is None:
+            default = 1.1 if _is_real(self.temperature) and self.temperature > 0 else 1.0
+            object.__setattr__(self, "repetition_penalty", default)
         self.validate()
 
     def validate(self) -> None:

@@ -170,3 +170,9 @@ def test_make_rng_rejects_negative_seed() -> None:
     with pytest.raises(GenerationError, match="seed=-1"):
         make_rng(-1)
     assert make_rng(None).random() != make_rng(None).random()
+
+
+def test_default_repetition_penalty_is_for_sampling_only() -> None:
+    assert SamplingSettings().repetition_penalty == 1.1
+    assert SamplingSettings(temperature=0).repetition_penalty == 1.0
+    assert SamplingSettings(temperature=0, repetition_penalty=1.3).repetition_penalty == 1.3
