@@ -165,6 +165,8 @@ class Runtime:
         self.step_values = {k: self._value(v, self.device) for k, v in self.step.items()}
         self.total = np.zeros((), np.int32)
         self.total_value = self._value(self.total, "cpu")
+        self.binding.bind_ortvalue_input("total_sequence_length", self.total_value)
+        self.step_bound = False
         # With graph capture on, decode steps (fixed shapes and addresses) replay graph 1;
         # prefill runs, whose shapes vary, opt out with id -1.
         self.decode_options, self.prefill_options = ort.RunOptions(), ort.RunOptions()
@@ -224,11 +226,10 @@ class Runtime:
         if seq == 1:
             self._bind_step(embeds, start)
         else:
-            b = self.binding
+            b, self.step_bound = self.binding, False
             b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], self.dtype))
             b.bind_cpu_input("position_ids", np.arange(start, start + seq, dtype=np.int64)[None])
             b.bind_cpu_input("seqlens_k", np.array([start + seq - 1], np.int32))
-        self.binding.bind_ortvalue_input("total_sequence_length", self.total_value)
         self._run()
         return self.logits[0, 0]
 
@@ -236,7 +237,10 @@ class Runtime:
         self.step["inputs_embeds"][0, 0] = embeds[0]
         self.step["position_ids"][0, 0] = start
         self.step["seqlens_k"][0] = start
-        for name, value in self.step_values.items():
-            if self.device != "cpu":
+        if self.device != "cpu":  # on the CPU the OrtValues point into self.step already
+            for name, value in self.step_values.items():
                 value.update_inplace(self.step[name])
-            self.binding.bind_ortvalue_input(name, value)
+        if not self.step_bound:  # a prefill bound other inputs; decode steps reuse these
+            for name, value in self.step_values.items():
+                self.binding.bind_ortvalue_input(name, value)
+            self.step_bound = True
