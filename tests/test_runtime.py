@@ -232,3 +232,19 @@ def test_graph_capture_mode_decodes_the_same_tokens(make_variant):
     expected = "".join(plain.generate(prompt, GREEDY, max_new_tokens=30, ignore_eos=True))
     assert "".join(capture.generate(prompt, GREEDY, max_new_tokens=30, ignore_eos=True)) == expected
     assert capture.runner.total == capture.context_len
+
+
+def test_continued_prefill_token_by_token_matches(make_variant):
+    """DirectML's attention ignores the cache for multi-token inputs, so there a new turn is
+    pre-filled one token at a time; that path must give the same logits."""
+    folder = make_variant("hf", "float32", True)
+    chunked = Engine.from_variant(folder, provider="cpu")
+    stepwise = Engine.from_variant(folder, provider="cpu")
+    stepwise.runner.supports_continued_prefill = False
+    first = chunked.tokenizer.encode("the cat sat on the mat")
+    follow = first + chunked.tokenizer.encode("and the dog ran far away", bos=False)
+    for engine in (chunked, stepwise):
+        engine.prefill(first)
+    expected, got = chunked.prefill(follow).copy(), stepwise.prefill(follow)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert stepwise.last_prefill_count == chunked.last_prefill_count == len(follow) - len(first)
