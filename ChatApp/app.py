@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def serve(args: argparse.Namespace) -> None:
     options = AppOptions(root=args.root, variant=args.variant, provider=args.provider,
                          max_seq_len=args.max_seq_len, graph_capture=args.graph_capture,
-                         token_delay=args.token_delay)
+                         graph_cache=not args.no_graph_cache, token_delay=args.token_delay)
     launch(build_app(options), host=args.host, port=args.port, share=args.share)
 
 

@@ -42,6 +42,7 @@ class AppOptions:
     provider: str = "auto"
     max_seq_len: int | None = None
     graph_capture: bool = False
+    graph_cache: bool = True
     token_delay: float = 0.0  # seconds to wait per token; only for tests and demos
 
 
@@ -188,7 +189,8 @@ def _load(path: str, options: AppOptions):
 
     return Engine.from_variant(Path(path), provider=options.provider,
                                max_seq_len=options.max_seq_len,
-                               graph_capture=options.graph_capture)
+                               graph_capture=options.graph_capture,
+                               graph_cache=options.graph_cache)
 
 
 def _chat_page(gr, handlers: ChatHandlers, choices: list[tuple[str, str]],

@@ -33,6 +33,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="execution provider (auto: DirectML, then CUDA, then CPU)")
     parser.add_argument("--max_seq_len", type=int, default=None,
                         help="context length to allocate the KV cache for (default: the model's)")
+    parser.add_argument("--no_graph_cache", action="store_true",
+                        help="do not keep the optimized graph in the variant's ONNX/.cache "
+                        "(it saves the start-up optimization but holds a copy of the weights)")
     parser.add_argument("--graph_capture", action="store_true",
                         help="capture the decode step as a CUDA/DirectML graph (opt-in; "
                         "faster on CUDA, see README)")
@@ -72,7 +75,8 @@ def open_engine_from_args(args: argparse.Namespace, root: Path):
         path = resolve_variant(args.variant, root)
         engine = Engine.from_variant(path, provider=args.provider, max_seq_len=args.max_seq_len,
                                      verify=getattr(args, "verify", False),
-                                     graph_capture=args.graph_capture)
+                                     graph_capture=args.graph_capture,
+                                     graph_cache=not args.no_graph_cache)
     return engine, time.perf_counter() - start
 
 
@@ -92,7 +96,8 @@ def _open_explicit_files(args: argparse.Namespace):
         config = Config.load(folder / "config.json")
         return open_engine(Engine, graph, embeddings, tokenizer, config,
                            provider=args.provider, max_seq_len=args.max_seq_len,
-                           graph_capture=args.graph_capture)
+                           graph_capture=args.graph_capture,
+                           graph_cache=not args.no_graph_cache)
     if not args.embedding_file:
         raise UserError("--embedding_file is required with an original-format --onnx_file.")
     return load_legacy_engine(Engine, graph, Path(args.embedding_file), tokenizer,
