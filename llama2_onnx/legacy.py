@@ -101,8 +101,7 @@ def load_legacy_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path
                        provider: str = "auto", max_seq_len: int | None = None):
     """Open an original-format graph with its embeddings.pth and tokenizer.model."""
     for p in (graph, Path(str(graph) + ".data"), embeddings, tokenizer_path):
-        if p.exists():
-            check_not_lfs_pointer(p)
+        check_not_lfs_pointer(p)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     table = load_pth_embeddings(embeddings)
     provider = resolve_provider(provider)

@@ -10,7 +10,7 @@ from . import safetensors_io
 from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
-from .files import check_not_lfs_pointer, is_lfs_pointer
+from .files import check_not_lfs_pointer
 from .session import Runtime, create_session, resolve_provider
 from .tokenizer import Tokenizer
 
@@ -94,8 +94,7 @@ def open_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path: Path,
     from .generation import check_vocab
 
     for p in (graph, Path(str(graph) + ".data")):
-        if is_lfs_pointer(p):
-            check_not_lfs_pointer(p)
+        check_not_lfs_pointer(p)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     check_vocab(tokenizer, config, tokenizer_path)
     table = load_embeddings(embeddings, config)
