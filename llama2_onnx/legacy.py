@@ -44,6 +44,8 @@ def find_legacy_files(folder: Path) -> tuple[Path, Path, Path] | None:
 
 def load_pth_embeddings(path: Path) -> np.ndarray:
     """The `weight` of the torch.nn.Embedding state dict saved as embeddings.pth."""
+    if not path.is_file():
+        raise VariantError(f"embeddings file {path} does not exist; pass --embedding_file.")
     check_not_lfs_pointer(path)
     try:
         import torch

@@ -56,6 +56,9 @@ def load_engine(engine_cls, path: Path, provider: str = "auto", max_seq_len: int
 
 
 def load_embeddings(path: Path, config: Config) -> np.ndarray:
+    if not path.is_file():
+        raise VariantError(f"embeddings file {path} does not exist; pass --embedding_file or "
+                           "fetch the variant again.")
     check_not_lfs_pointer(path)
     infos = safetensors_io.read_header(path)
     if "weight" not in infos:

@@ -248,3 +248,11 @@ def test_continued_prefill_token_by_token_matches(make_variant):
     expected, got = chunked.prefill(follow).copy(), stepwise.prefill(follow)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert stepwise.last_prefill_count == chunked.last_prefill_count == len(follow) - len(first)
+
+
+def test_missing_files_named_on_the_command_line(make_variant, tmp_path):
+    graph = next((make_variant("hf", "float32", True) / "ONNX").glob("*.onnx"))
+    expect_error(cli("--onnx_file", str(graph), "--embedding_file", str(tmp_path / "none"),
+                     "--prompt", "hi"), "does not exist")
+    expect_error(cli("--onnx_file", str(tmp_path / "none.onnx"), "--prompt", "hi"),
+                 "does not exist")
