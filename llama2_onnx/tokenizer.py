@@ -57,11 +57,15 @@ class StreamDecoder:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
+    def _decoded(self) -> tuple[str, str]:
+        """Text of the tokens since prefix_offset: the part already returned, and all of it."""
+        decode = self.tokenizer.decode
+        return (decode(self.ids[self.prefix_offset:self.read_offset]),
+                decode(self.ids[self.prefix_offset:]))
+
     def push(self, token: int) -> str:
         self.ids.append(token)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset:self.read_offset])
-        text = decode(self.ids[self.prefix_offset:])
+        prefix, text = self._decoded()
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return text[len(prefix):]
@@ -69,8 +73,6 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Text still held back (an incomplete character at the end), as decoded now."""
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset:self.read_offset])
-        text = decode(self.ids[self.prefix_offset:])
+        prefix, text = self._decoded()
         self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix):]

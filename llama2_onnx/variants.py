@@ -74,10 +74,11 @@ def slot_names(root: Path) -> list[str]:
     from .slots import SLOT_NAMES
 
     names = list(SLOT_NAMES)
-    for name in submodule_paths(root) + sorted(p.name for p in root.iterdir() if p.is_dir()):
+    declared = submodule_paths(root)
+    for name in declared + sorted(p.name for p in root.iterdir() if p.is_dir()):
         looks_like = (root / name / "config.json").exists() or (root / name / "ONNX").is_dir()
         if name not in names and name != DEMO_VARIANT and (
-                name in submodule_paths(root) or looks_like):
+                name in declared or looks_like):
             names.append(name)
     return names + [DEMO_VARIANT]
 
