@@ -184,6 +184,7 @@ def test_regenerate_remove_and_new_conversation(tab):
     set_number(tab, "temperature", 0)  # greedy: regenerating the same prompt gives the same text
     send(tab, "the sun")
     watch_answer(tab)
+    settle(tab)
     first, before = answers(tab), status(tab)
     tab.click("#regenerate")
     # The engine is shared with other tabs, so the first answer may also have pre-filled 1
