@@ -190,8 +190,10 @@ def test_regenerate_remove_and_new_conversation(tab):
     # The engine is shared with other tabs, so the first answer may also have pre-filled 1
     # token; wait for the regenerated answer's own status line.
     tab.wait_for_function("(before) => { const s = document.querySelector('#status').innerText;"
-                          " return s !== before && s.includes('tokens/s'); }", arg=before,
+                          " return s !== before && s.includes('tokens/s')"
+                          " && !s.includes('queue'); }", arg=before,
                           polling=50, timeout=30000)
+    settle(tab)
     final = wait_for_status(tab, "prefilled 1 of")  # the same prompt, straight from the cache
     assert "tokens/s" in final and answers(tab) == first and questions(tab) == ["the sun"]
     settle(tab)
