@@ -21,8 +21,8 @@ def run_main(func: Callable[[], int | None]) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP turned into Interrupted
+        raise SystemExit(128 + getattr(exc, "signum", 2)) from None
     raise SystemExit(code or 0)
 
 

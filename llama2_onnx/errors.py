@@ -23,3 +23,11 @@ class VerificationError(UserError):
 
 class GenerationError(UserError):
     """Bad generation settings or a prompt that cannot be run."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived; raised like Ctrl-C so cleanup (finally blocks) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

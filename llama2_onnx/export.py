@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import os
+import errno
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +17,16 @@ from .config import NP_DTYPES, Config
 from .errors import UserError, VerificationError
 from .files import check_not_lfs_pointer, write_manifest
 from .graph import ExternalDataWriter, build_model, n_graph_tensors
+from .staging import (
+    check_replaceable,
+    move_into_place,
+    remove_stale_leftovers,
+    signals_as_interrupts,
+    staging_path,
+)
 from .tokenizer import Tokenizer
 from .variant_card import gitattributes, variant_readme
+from .variants import REPO_ROOT, check_variant_name
 
 # Verification bounds on max |logit difference| against the float32 PyTorch reference.
 # float16 rounds weights and activations to 11 significant bits; over a few layers and a vocab
@@ -59,24 +67,45 @@ def export_variant(req: ExportRequest) -> Path:
         UserError (or a subclass) for bad input; VerificationError when the graph disagrees
         with the reference, in which case nothing is left behind.
     """
-    final = Path(req.out) / req.variant
-    if final.exists() and not req.force:
-        raise UserError(f"{final} already exists; pass --force to replace it or choose "
-                        "another --variant/--out.")
+    final = _output_folder(req)
     if req.precision not in NP_DTYPES:
         raise UserError(f"--precision {req.precision!r} is not one of float32, float16.")
+    protected = [REPO_ROOT, *(p for p in (req.hf, req.meta, req.tokenizer) if p is not None)]
+    check_replaceable(final, req.force, protected)
     source, tokenizer_path, config = _open_inputs(req)
     _check_disk(final.parent, config)
-    staging = final.parent / f".{req.variant}.partial-{os.getpid()}"
+    remove_stale_leftovers(final.parent)
+    staging = staging_path(final)
     shutil.rmtree(staging, ignore_errors=True)
-    try:
-        _write_variant(staging, source, tokenizer_path, config, req)
-        if not req.skip_verify:
-            print(verify_variant_against(staging, source).summary())
-        _move_into_place(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with signals_as_interrupts():
+        try:
+            _write_variant(staging, source, tokenizer_path, config, req)
+            if not req.skip_verify:
+                print(verify_variant_against(staging, source).summary())
+            move_into_place(staging, final)
+        except OSError as exc:
+            raise _os_error(exc, final.parent) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _output_folder(req: ExportRequest) -> Path:
+    check_variant_name(req.variant)
+    out = Path(req.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass the folder that should hold the variant.")
+    return out / req.variant
+
+
+def _os_error(exc: OSError, out: Path) -> UserError:
+    """A failed write (full disk, no permission...) as one sentence; nothing was kept."""
+    where = exc.filename or out
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+        return UserError(f"the disk filled up while writing {where} ({exc.strerror}); nothing "
+                         "was written: free some space or pass another --out.")
+    return UserError(f"cannot write {where} ({exc.strerror}); nothing was written: check the "
+                     "folder's permissions or pass another --out.")
 
 
 def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
@@ -90,8 +119,9 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
             "weights (--tokenizer)."
         )
     max_len = req.max_seq_len or source.config.max_seq_len
-    if max_len <= 0:
-        raise UserError(f"--max-seq-len {max_len} must be a positive number of tokens.")
+    if max_len < 2:
+        raise UserError(f"--max-seq-len {max_len} is too short; a variant needs a context of at "
+                        "least 2 tokens (Llama 2's is 4096).")
     provenance = {**source.describe(), "exporter": f"llama2_onnx {__version__}",
                   "onnx_opset": "17 + com.microsoft 1",
                   "exported": datetime.date.today().isoformat()}
@@ -154,16 +184,6 @@ def _write_embeddings(path: Path, source: Source, config: Config) -> None:
     dtype = NP_DTYPES[config.dtype]
     spec = [("weight", np.dtype(dtype), (config.vocab_size, config.dim))]
     safetensors_io.write_streaming(path, spec, lambda _: source.read("tok_embeddings.weight"))
-
-
-def _move_into_place(staging: Path, final: Path) -> None:
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(staging, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, final)
 
 
 class _Progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from .files import check_files, is_lfs_pointer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_VARIANT = "demo"
+
+# A variant name is one safe path component: it names a folder, a submodule path and a file.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 
 READY, NOT_PULLED, NOT_INITIALISED, INCOMPLETE, ABSENT = (
     "ready", "not pulled (Git LFS pointers)", "submodule not initialised", "incomplete", "absent")
@@ -26,6 +30,21 @@ class VariantState:
     @property
     def ready(self) -> bool:
         return self.state == READY
+
+
+def check_variant_name(name: str) -> str:
+    """Return `name` when it is a valid variant name.
+
+    A variant name is a single path component of letters, digits, `_`, `-` and `.`, at most
+    100 characters, not starting with `.` or `-` (so never `.`, `..` or a flag).
+
+    Raises:
+        VariantError naming the rule.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise VariantError(f"variant name {name!r} is not allowed; use letters, digits, '_', "
+                           "'-' and '.' only, not starting with '.' or '-' (e.g. 7B_FT_float16).")
+    return name
 
 
 def pull_command(name: str) -> str:
@@ -107,9 +126,16 @@ def resolve_variant(arg: str | None, root: Path = REPO_ROOT) -> Path:
     """A variant folder from a name (a slot in `root`) or a path; None picks the default."""
     if arg is None:
         return default_variant(root)
-    for candidate in (Path(arg), root / arg):
-        if candidate.exists():
-            return candidate
-    names = ", ".join(slot_names(root))
+    path = Path(arg)
+    explicit = path.is_absolute() or len(path.parts) > 1
+    if arg.strip() and path.exists() and (explicit or not (root / arg).exists()):
+        return path  # a folder given as a path (absolute or relative to the current directory)
+    check_variant_name(arg)
+    if (root / arg).exists():
+        return root / arg
+    names = slot_names(root)
+    if arg in names:
+        state = variant_state(root / arg)
+        raise VariantError(f"variant {arg} is {state.state} in {root}: {state.hint}.")
     raise VariantError(f"variant {arg!r} is neither a folder nor a slot of {root}; choose one "
-                       f"of {names} (see --list).")
+                       f"of {', '.join(names)} (see --list).")
