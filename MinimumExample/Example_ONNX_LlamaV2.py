@@ -58,6 +58,8 @@ def complete(args: argparse.Namespace) -> None:
     settings = sampling_from_args(args)
     engine, load_s = open_engine_from_args(args, ROOT)
     print(f"[{engine.name} on {engine.runner.provider}]", file=sys.stderr)
+    for note in engine.notes:
+        print(f"note: {note}", file=sys.stderr)
     tok = engine.tokenizer
     if engine.config.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 
 from .config import write_text_atomic
 from .errors import VariantError
 
 MANIFEST = "manifest.json"
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+# Files every variant of our format has besides its graph (ONNX/<name>.onnx and .onnx.data).
+REQUIRED_FILES = ("config.json", "tokenizer.model", "embeddings.safetensors")
+CACHE_PART = ".cache"  # ONNX/.cache: the optimized-graph cache, never part of the variant
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def is_lfs_pointer(path: Path) -> bool:
@@ -55,7 +60,7 @@ def write_manifest(folder: Path, name: str) -> dict:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if rel == MANIFEST or rel.startswith(".git/") or "/.cache/" in f"/{rel}":
+        if rel == MANIFEST or rel.startswith(".git/") or f"/{CACHE_PART}/" in f"/{rel}":
             continue
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {"variant": name, "files": files}
@@ -64,14 +69,60 @@ def write_manifest(folder: Path, name: str) -> dict:
 
 
 def read_manifest(folder: Path) -> dict | None:
+    """The variant's manifest, checked for shape; None when the folder has none.
+
+    Raises:
+        VariantError when it is not valid JSON or not `{"files": {path: {size, sha256}}}`.
+    """
     path = folder / MANIFEST
     if not path.is_file():
         return None
     check_not_lfs_pointer(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise VariantError(f"{path} is not valid JSON; fetch the variant again.") from None
+    problem = _manifest_shape_problem(manifest)
+    if problem:
+        raise VariantError(f"{path} is malformed ({problem}); re-export or fetch the variant "
+                           "again.")
+    return manifest
+
+
+def _manifest_shape_problem(manifest: object) -> str:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return 'it needs an object with a "files" object'
+    for rel, entry in manifest["files"].items():
+        parts = PurePosixPath(rel).parts
+        if not rel or rel.startswith("/") or "\\" in rel or ".." in parts or ":" in rel:
+            return f"entry {rel!r} is not a path inside the variant"
+        if not isinstance(entry, dict):
+            return f"entry {rel!r} is not an object"
+        size, digest = entry.get("size"), entry.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return f"entry {rel!r} has no valid size"
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return f"entry {rel!r} has no valid sha256"
+    return ""
+
+
+def variant_file_problems(folder: Path, listed: dict) -> list[str]:
+    """What a complete manifest must list: every required file, the one graph and its data,
+    and every file in ONNX/ (the optimized-graph cache aside)."""
+    graphs = sorted((folder / "ONNX").glob("*.onnx")) if (folder / "ONNX").is_dir() else []
+    if len(graphs) > 1:
+        names = ", ".join(g.name for g in graphs)
+        return [f"{folder / 'ONNX'} holds {len(graphs)} graphs ({names}) but a variant has "
+                "exactly one; remove the extra one or fetch the variant again."]
+    graph = [f"ONNX/{graphs[0].name}", f"ONNX/{graphs[0].name}.data"] if graphs else []
+    present = [p.relative_to(folder).as_posix() for p in (folder / "ONNX").rglob("*")
+               if p.is_file() and CACHE_PART not in p.relative_to(folder).parts] if graphs else []
+    problems = [f"{folder / MANIFEST} does not list {rel}; the manifest is incomplete: "
+                "re-export or fetch the variant again." for rel in
+                dict.fromkeys([*REQUIRED_FILES, *graph, *present]) if rel not in listed]
+    if not graphs and not any(rel.endswith(".onnx") for rel in listed):
+        problems.append(f"{folder / 'ONNX'} has no .onnx graph; re-export or fetch the variant.")
+    return problems
 
 
 def check_files(folder: Path, sha256: bool = False) -> list[str]:
@@ -82,6 +133,8 @@ def check_files(folder: Path, sha256: bool = False) -> list[str]:
         sha256: also hash every file (slow for big variants); otherwise sizes only.
     Returns:
         One sentence per problem found; empty when everything matches.
+    Raises:
+        VariantError when the manifest itself is malformed.
     """
     manifest = read_manifest(folder)
     if manifest is None:
@@ -100,4 +153,4 @@ def check_files(folder: Path, sha256: bool = False) -> list[str]:
         elif sha256 and sha256_file(path) != entry["sha256"]:
             problems.append(f"{path} does not match its sha256 in the manifest; it is corrupted: "
                             f"delete it and run `git lfs pull` in {folder} (or re-export).")
-    return problems
+    return problems + variant_file_problems(folder, manifest["files"])

@@ -66,6 +66,7 @@ class Engine:
         self.tokens: list[int] = []
         self.last_prefill_count = 0
         self.last_stats = GenerationStats()
+        self.notes: list[str] = []  # things the user should know about how it was loaded
 
     @classmethod
     def from_variant(cls, path: Path, provider: str = "auto", max_seq_len: int | None = None,

@@ -107,7 +107,7 @@ def load_legacy_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path
     tokenizer = Tokenizer.from_file(tokenizer_path)
     table = load_pth_embeddings(embeddings)
     provider = resolve_provider(provider)
-    session = create_session(graph, provider, cache_len=max_seq_len or 2048, use_cache=False)
+    session, _ = create_session(graph, provider, cache_len=max_seq_len or 2048)
     if not is_legacy_session(session):
         raise VariantError(f"{graph} has neither our graph contract nor the original "
                            "Llama-2-Onnx inputs (x, attn_mask, k_cache, v_cache, pos).")

@@ -10,7 +10,8 @@ from . import safetensors_io
 from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
-from .files import check_not_lfs_pointer
+from .files import check_not_lfs_pointer, read_manifest
+from .resources import GiB, free_cuda_memory, free_host_memory, require
 from .session import Runtime, create_session, resolve_provider
 from .tokenizer import Tokenizer
 
@@ -46,13 +47,35 @@ def load_engine(engine_cls, path: Path, provider: str = "auto", max_seq_len: int
         if problems:
             raise VariantError(problems[0])
     config = Config.load(path / "config.json")
-    graph = next((path / "ONNX").glob("*.onnx"), None)
-    if graph is None:
-        raise VariantError(f"{path / 'ONNX'} has no .onnx graph; re-export or fetch the variant.")
-    return open_engine(engine_cls, graph, path / "embeddings.safetensors",
+    return open_engine(engine_cls, find_graph(path), path / "embeddings.safetensors",
                        path / "tokenizer.model", config, provider=provider,
                        max_seq_len=max_seq_len, graph_capture=graph_capture,
-                       graph_cache=graph_cache, name=path.name)
+                       graph_cache=graph_cache, name=path.name, verify=verify)
+
+
+def find_graph(path: Path) -> Path:
+    """The one ONNX/*.onnx graph of a variant folder."""
+    graphs = sorted((path / "ONNX").glob("*.onnx")) if (path / "ONNX").is_dir() else []
+    if len(graphs) != 1:
+        found = "no .onnx graph" if not graphs else f"{len(graphs)} graphs"
+        raise VariantError(f"{path / 'ONNX'} holds {found} but a variant has exactly one; "
+                           "re-export or fetch the variant again.")
+    return graphs[0]
+
+
+def cache_source(graph: Path) -> dict | None:
+    """The manifest's entries for `graph` and its data file (what the optimized-graph cache
+    is keyed on), or None when the variant's manifest does not list them."""
+    folder = graph.parent.parent
+    try:
+        manifest = read_manifest(folder)
+    except VariantError:
+        return None
+    files = (manifest or {}).get("files", {})
+    rels = [p.relative_to(folder).as_posix() for p in (graph, Path(f"{graph}.data"))]
+    if rels[0] not in files:
+        return None
+    return {rel: files[rel] for rel in rels if rel in files}
 
 
 def load_embeddings(path: Path, config: Config) -> np.ndarray:
@@ -92,7 +115,8 @@ def context_length(config: Config, max_seq_len: int | None) -> int:
 
 def open_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path: Path, config: Config,
                 provider: str = "auto", max_seq_len: int | None = None,
-                graph_capture: bool = False, graph_cache: bool = True, name: str = ""):
+                graph_capture: bool = False, graph_cache: bool = True, name: str = "",
+                verify: bool = False):
     """Open explicit files of our graph contract (the CLI's --onnx_file style)."""
     from .generation import check_vocab
 
@@ -106,7 +130,70 @@ def open_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path: Path,
         raise UserError("--graph_capture needs every node on the GPU, but float32 attention runs "
                         "on the CPU under CUDA; use a float16 variant or drop --graph_capture.")
     cache_len = context_length(config, max_seq_len)
-    session = create_session(graph, provider, cache_len, graph_capture, use_cache=graph_cache,
-                             dtype=config.dtype)
+    check_memory(graph, config, provider, cache_len)
+    session, notes = create_session(graph, provider, cache_len, graph_capture,
+                                    dtype=config.dtype, verify=verify,
+                                    source=cache_source(graph) if graph_cache else None)
+    check_graph_matches(session, config, graph)
     runtime = Runtime(session, config, provider, cache_len, graph_capture)
-    return engine_cls(runtime, tokenizer, table, config, name=name or graph.stem)
+    engine = engine_cls(runtime, tokenizer, table, config, name=name or graph.stem)
+    engine.notes = notes
+    return engine
+
+
+def kv_cache_bytes(config: Config, cache_len: int) -> int:
+    itemsize = np.dtype(NP_DTYPES[config.dtype]).itemsize
+    return 2 * config.n_layers * config.n_kv_heads * cache_len * config.head_dim * itemsize
+
+
+def check_memory(graph: Path, config: Config, provider: str, cache_len: int) -> None:
+    """Refuse, with the numbers, a run whose weights and KV cache cannot fit.
+
+    Raises:
+        UserError when host memory (or a CUDA device's, where it can be read) is too small.
+    """
+    data = Path(f"{graph}.data")
+    weights = data.stat().st_size if data.exists() else graph.stat().st_size
+    kv = kv_cache_bytes(config, cache_len)
+    fix = "pass a smaller --max_seq_len" if kv > weights else "use a smaller variant"
+    one_layer = kv // (2 * config.n_layers)  # the zeroed host buffer each cache starts from
+    kv_on_host = provider == "cpu" or (provider == "cuda" and config.dtype == "float32")
+    host = (weights if provider == "cpu" else 0) + (kv if kv_on_host else one_layer)
+    require(f"this variant with a {cache_len}-token context (weights "
+            f"{weights / GiB:.1f} GiB + KV cache {kv / GiB:.1f} GiB)", host, free_host_memory(),
+            "host memory", fix)
+    if provider == "cuda":
+        require(f"this variant with a {cache_len}-token context", weights + kv,
+                free_cuda_memory(), "GPU memory", fix)
+
+
+def check_graph_matches(session, config: Config, graph: Path) -> None:
+    """Refuse a config.json that does not describe `graph` (layers, heads, sizes, dtype).
+
+    Raises:
+        VariantError naming the first disagreement.
+    """
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    layers = sum(1 for name in inputs if name.startswith("past_key."))
+    dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}.get(
+        getattr(inputs.get("inputs_embeds"), "type", ""), "?")
+    activation = np.dtype(NP_DTYPES[config.dtype]).name
+    cache = getattr(inputs.get("past_key.0"), "shape", [None] * 4)
+    found = {"n_layers": layers, "activation dtype": dtype,
+             "dim": getattr(inputs.get("inputs_embeds"), "shape", [None])[-1],
+             "n_kv_heads": cache[1], "head_dim": cache[3],
+             "vocab_size": getattr(outputs.get("logits"), "shape", [None])[-1]}
+    expected = {"n_layers": config.n_layers, "activation dtype": activation, "dim": config.dim,
+                "n_kv_heads": config.n_kv_heads, "head_dim": config.head_dim,
+                "vocab_size": config.vocab_size}
+    for key, value in expected.items():
+        if found[key] != value:
+            raise VariantError(f"{graph.parent.parent / 'config.json'} says {key}={value} but "
+                               f"the graph {graph.name} has {found[key]}; the config does not "
+                               "belong to this graph: re-export or fetch the variant again.")
+    limit = session.get_modelmeta().custom_metadata_map.get("max_seq_len")
+    if limit is not None and int(limit) < config.max_seq_len:
+        raise VariantError(f"{graph.parent.parent / 'config.json'} says max_seq_len="
+                           f"{config.max_seq_len} but the graph was built for {limit} tokens; "
+                           "re-export the variant with --max-seq-len.")

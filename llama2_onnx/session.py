@@ -9,13 +9,12 @@ so rewinding the cache (a new chat turn that shares a prefix) costs nothing.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from . import graph_cache
 from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 
@@ -84,38 +83,43 @@ def session_options(provider: str, cache_len: int, graph_capture: bool = False
     return so
 
 
-def optimized_cache_path(graph: Path, provider: str, cache_len: int) -> Path:
-    """Where the optimized graph is kept: per provider, context length (the free-dimension
-    overrides are baked in) and ONNX Runtime version."""
-    name = f"{graph.stem}.{provider}.ctx{cache_len}.ort-{ort.__version__}.onnx"
-    return graph.parent / ".cache" / name
-
-
 def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bool = False,
-                   use_cache: bool = True, dtype: str = "float16") -> ort.InferenceSession:
+                   dtype: str = "float16", source: dict | None = None, verify: bool = False
+                   ) -> tuple[ort.InferenceSession, list[str]]:
     """Open the graph, reusing (or writing) the optimized graph cached beside it.
 
+    Args:
+        source: the manifest's entries (size, sha256) of the graph and its data file; the
+            cache is keyed on them (see graph_cache). None: no cache.
+        verify: check the cache's full sha256 before using it.
+    Returns:
+        The session and notes for the user (e.g. that a read-only folder is not cached).
     Raises:
         VariantError when ONNX Runtime cannot load the files.
     """
+    providers = provider_list(provider, graph_capture=graph_capture, dtype=dtype)
+    key = None if source is None else {
+        "version": graph_cache.KEY_VERSION, "source": source, "onnxruntime": ort.__version__,
+        "provider": provider, "cache_len": cache_len, "graph_capture": graph_capture,
+        "dtype": dtype}
+    plan = graph_cache.plan(graph, key, verify)
+    if plan.load_from != graph:
+        try:
+            return _open(plan.load_from, session_options(provider, cache_len, graph_capture),
+                         providers), plan.notes
+        except VariantError:  # a cache ONNX Runtime cannot read: rebuild it from the source
+            graph_cache.forget(graph, provider)
+            plan = graph_cache.plan(graph, key, verify)
     so = session_options(provider, cache_len, graph_capture)
-    cached = optimized_cache_path(graph, provider, cache_len)
-    load_from, writing = graph, None
-    if use_cache and _is_fresh(cached, graph):
-        load_from = cached
-    elif use_cache and _has_room_for_copy(graph):
-        writing = cached.with_name(cached.name + f".partial-{os.getpid()}")
-        writing.parent.mkdir(exist_ok=True)
-        so.optimized_model_filepath = str(writing)
+    if plan.write_to is not None:
+        so.optimized_model_filepath = str(plan.write_to)
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                    cached.name + ".data")
+                                    plan.write_to.name + ".data")
         so.add_session_config_entry(
             "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    session = _open(load_from, so, provider_list(provider, graph_capture=graph_capture,
-                                                 dtype=dtype))
-    if writing is not None and writing.exists():
-        os.replace(writing, cached)
-    return session
+    session = _open(graph, so, providers)
+    graph_cache.record(plan)
+    return session, plan.notes
 
 
 def _open(path: Path, so: ort.SessionOptions, providers: list) -> ort.InferenceSession:
@@ -125,20 +129,6 @@ def _open(path: Path, so: ort.SessionOptions, providers: list) -> ort.InferenceS
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise VariantError(f"ONNX Runtime cannot load {path} ({first}); check the files with "
                            "`python tools/export_and_publish.py verify <variant>`.") from None
-
-
-def _is_fresh(cached: Path, graph: Path) -> bool:
-    data = Path(str(cached) + ".data")
-    if not cached.is_file():
-        return False
-    newest_source = max(p.stat().st_mtime for p in graph.parent.glob(graph.name + "*"))
-    return cached.stat().st_mtime >= newest_source and (
-        not data.exists() or data.stat().st_mtime >= newest_source)
-
-
-def _has_room_for_copy(graph: Path) -> bool:
-    size = sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*"))
-    return shutil.disk_usage(graph.parent).free > 2 * size + (1 << 30)
 
 
 class Runtime:

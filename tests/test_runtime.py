@@ -112,10 +112,10 @@ def test_session_options_follow_directml_rules():
 
 
 def test_optimized_graph_is_cached_and_reused(variant_copy):
-    from llama2_onnx.session import optimized_cache_path
+    from llama2_onnx import graph_cache
 
     graph = next((variant_copy / "ONNX").glob("*.onnx"))
-    cached = optimized_cache_path(graph, "cpu", 128)
+    cached = graph_cache.paths(graph, "cpu")[0]
     first = Engine.from_variant(variant_copy, provider="cpu")
     assert cached.exists()
     stamp = cached.stat().st_mtime_ns
