@@ -19,11 +19,14 @@ from llama2_onnx.chat_format import complete_tokens, dialog_tokens  # noqa: E402
 from llama2_onnx.cli import (  # noqa: E402
     add_engine_args,
     add_sampling_args,
+    check_engine_flags,
+    check_text,
     open_engine_from_args,
     run_main,
     sampling_from_args,
 )
 from llama2_onnx.errors import UserError  # noqa: E402
+from llama2_onnx.generation import check_max_new_tokens  # noqa: E402
 from llama2_onnx.variants import list_variants  # noqa: E402
 
 
@@ -53,25 +56,45 @@ def print_variants() -> None:
 def complete(args: argparse.Namespace) -> None:
     if args.list:
         return print_variants()
-    if args.prompt is None or not args.prompt.strip():
-        raise UserError("the prompt is empty; pass some text with --prompt \"...\".")
+    check_flags(args)
     settings = sampling_from_args(args)
     engine, load_s = open_engine_from_args(args, ROOT)
+    prompt = prompt_tokens(engine, args)
+    engine.check_fits(prompt)  # before printing anything
     print(f"[{engine.name} on {engine.runner.provider}]", file=sys.stderr)
     for note in engine.notes:
         print(f"note: {note}", file=sys.stderr)
-    tok = engine.tokenizer
-    if engine.config.chat:
-        system = [{"role": "system", "content": args.system}] if args.system else []
-        prompt = dialog_tokens(tok, system + [{"role": "user", "content": args.prompt}])
-    else:
-        prompt = complete_tokens(tok, args.prompt)
+    if args.system and not engine.config.chat:
+        print("note: --system is ignored: this is a base variant, which continues the text.",
+              file=sys.stderr)
+    if not engine.config.chat:
         print(args.prompt, end="", flush=True)
     for piece in engine.generate(prompt, settings, max_new_tokens=args.max_gen_len):
         print(piece, end="", flush=True)
     print()
+    if engine.last_stats.stop_reason == "context full":
+        print(f"note: stopped because the context ({engine.context_len} tokens) is full; "
+              "raise --max_seq_len or shorten the prompt.", file=sys.stderr)
     if args.stats:
         print_stats(engine.last_stats, load_s)
+
+
+def prompt_tokens(engine, args: argparse.Namespace) -> list[int]:
+    """Chat variants get Llama-2-chat's format; base variants continue the text."""
+    if not engine.config.chat:
+        return complete_tokens(engine.tokenizer, args.prompt)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return dialog_tokens(engine.tokenizer, system + [{"role": "user", "content": args.prompt}])
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every flag that can be wrong is refused before the model is loaded."""
+    if args.prompt is None or not args.prompt.strip():
+        raise UserError("the prompt is empty; pass some text with --prompt \"...\".")
+    for flag in ("prompt", "system"):
+        check_text(getattr(args, flag), f"--{flag}")
+    check_max_new_tokens(args.max_gen_len, "--max_gen_len")
+    check_engine_flags(args)
 
 
 def print_stats(stats, load_s: float) -> None:

@@ -161,8 +161,9 @@ class HFSource(_Checked):
 
     @property
     def _tie_word_embeddings(self) -> bool:
-        raw = json.loads((self.folder / "config.json").read_text())
-        return bool(raw.get("tie_word_embeddings", False))
+        raw = read_json_object(self.folder / "config.json")
+        return bool(raw.get("tie_word_embeddings", False)) and (
+            "tok_embeddings.weight" in self.infos)
 
     def _add(self, key: str, info: safetensors_io.TensorInfo) -> None:
         if IGNORED.match(key):
@@ -193,7 +194,7 @@ def hf_config(path: Path) -> Config:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; a Hugging Face checkpoint folder needs "
                               "config.json.")
-    raw = json.loads(path.read_text())
+    raw = read_json_object(path)
     arch = raw.get("architectures") or []
     if raw.get("model_type") != "llama" or (arch and arch[0] != "LlamaForCausalLM"):
         raise ConfigError(
@@ -205,6 +206,11 @@ def hf_config(path: Path) -> Config:
                           "does not use and this exporter does not support.")
     if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("mlp_bias"):
         raise ConfigError(f"{path} uses an activation or biases that Llama 2 does not have.")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size", "intermediate_size") if k not in raw]
+    if missing:
+        raise ConfigError(f"{path} lacks {', '.join(missing)}; it is not a complete Llama "
+                          "config.json: download it again.")
     heads = raw["num_attention_heads"]
     return Config(
         dim=raw["hidden_size"],
@@ -213,10 +219,26 @@ def hf_config(path: Path) -> Config:
         n_kv_heads=raw.get("num_key_value_heads", heads),
         vocab_size=raw["vocab_size"],
         norm_eps=raw.get("rms_norm_eps", 1e-5),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rope_theta=raw.get("rope_theta", 10000.0),
         max_seq_len=raw.get("max_position_embeddings", 4096),
         intermediate_size=raw["intermediate_size"],
     )
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, params.json).
+
+    Raises:
+        ConfigError naming the file when it is not valid JSON or not an object.
+    """
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); download it again.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(raw).__name__}; download "
+                          "it again.")
+    return raw
 
 
 class MetaSource(_Checked):
@@ -240,7 +262,13 @@ class MetaSource(_Checked):
         if not self.paths:
             raise CheckpointError(f"{self.folder} has no consolidated.NN.pth files.")
         self._torch, self._shards, self._read_since_map = torch, None, 0
-        params = json.loads(params_path.read_text())
+        params = read_json_object(params_path)
+        if "tok_embeddings.weight" not in self.shards[0]:
+            raise CheckpointError(f"{self.paths[0]} has no tok_embeddings.weight; it is not a "
+                                  "complete Llama 2 shard: download it again.")
+        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+        if missing:
+            raise ConfigError(f"{params_path} lacks {', '.join(missing)}; download it again.")
         embed_rows = self.shards[0]["tok_embeddings.weight"].shape[0]
         if params.get("vocab_size", -1) in (-1, None):
             params["vocab_size"] = vocab_size or embed_rows

@@ -53,6 +53,22 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
+def check_text(value: str | None, flag: str) -> None:
+    """Refuse text that is not valid UTF-8 (undecodable bytes arrive as lone surrogates)."""
+    try:
+        (value or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{flag} is not valid UTF-8 text; pass it in UTF-8 (check the "
+                        "terminal's or file's encoding).") from None
+
+
+def check_engine_flags(args: argparse.Namespace) -> None:
+    """Flags of add_engine_args that can be refused without loading anything."""
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise UserError(f"--max_seq_len {args.max_seq_len} is too short; use at least 2 (or "
+                        "leave it out for the model's context).")
+
+
 def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
     return SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty, seed=args.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ CONTRACT_VERSION = 1
 DType = Literal["float32", "float16"]
 DTYPES: tuple[str, ...] = ("float32", "float16")
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+# What a variant's config.json must state (the rest have Llama 2's defaults).
+REQUIRED_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len",
+                 "dtype", "contract_version")
 
 
 @dataclass
@@ -49,10 +53,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config value {name}={value!r} must be a positive integer.")
+        self._check_types()
         if self.dim % self.n_heads:
             raise ConfigError(
                 f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
@@ -76,6 +77,30 @@ class Config:
                 f"this variant uses graph contract {self.contract_version} but this code reads "
                 f"contract {CONTRACT_VERSION}; re-export it with tools/export_and_publish.py."
             )
+
+    def _check_types(self) -> None:
+        def whole(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        def real(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+
+        rules = {name: (whole, "a positive integer") for name in (
+            "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len",
+            "multiple_of")}
+        rules.update({"norm_eps": (real, "a positive number"),
+                      "rope_theta": (real, "a positive number"),
+                      "ffn_dim_multiplier": (lambda v: v is None or real(v),
+                                             "a positive number or null"),
+                      "intermediate_size": (lambda v: v is None or whole(v),
+                                            "a positive integer or null"),
+                      "chat": (lambda v: isinstance(v, bool), "true or false"),
+                      "contract_version": (whole, "a positive integer"),
+                      "provenance": (lambda v: isinstance(v, dict), "an object")})
+        for name, (ok, what) in rules.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ConfigError(f"config value {name}={value!r} must be {what}.")
 
     @property
     def head_dim(self) -> int:
@@ -130,6 +155,9 @@ class Config:
             raise ConfigError(f"{path} is not valid JSON ({exc}); re-export the variant.") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object; re-export the variant.")
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if missing:
+            raise ConfigError(f"{path} lacks {', '.join(missing)}; re-export the variant.")
         return cls.from_dict(data, source=str(path))
 
     def save(self, path: Path) -> None:

@@ -17,6 +17,7 @@ from .config import NP_DTYPES, Config
 from .errors import UserError, VerificationError
 from .files import check_not_lfs_pointer, write_manifest
 from .graph import ExternalDataWriter, build_model, n_graph_tensors
+from .resources import GiB, free_host_memory, require
 from .staging import (
     check_replaceable,
     move_into_place,
@@ -122,12 +123,25 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
     if max_len < 2:
         raise UserError(f"--max-seq-len {max_len} is too short; a variant needs a context of at "
                         "least 2 tokens (Llama 2's is 4096).")
+    _check_export_memory(source.config, max_len, req.skip_verify)
     provenance = {**source.describe(), "exporter": f"llama2_onnx {__version__}",
                   "onnx_opset": "17 + com.microsoft 1",
                   "exported": datetime.date.today().isoformat()}
     config = source.config.replace(dtype=req.precision, chat=req.chat, max_seq_len=max_len,
                                    provenance=provenance)
     return source, tokenizer_path, config
+
+
+def _check_export_memory(config: Config, max_len: int, skip_verify: bool) -> None:
+    """Refuse a context whose rotary tables (computed in float64) or verification KV cache
+    cannot fit in host memory, before anything is allocated."""
+    from .loading import kv_cache_bytes
+
+    tables = 3 * max_len * (config.head_dim // 2) * 8
+    kv = 0 if skip_verify else kv_cache_bytes(config.replace(dtype="float32"), max_len)
+    require(f"--max-seq-len {max_len} (rotary tables {tables / GiB:.1f} GiB, verification KV "
+            f"cache {kv / GiB:.1f} GiB)", tables + kv, free_host_memory(), "host memory",
+            "pass a smaller --max-seq-len (Llama 2 was trained with 4096)")
 
 
 def _find_tokenizer(req: ExportRequest) -> Path:

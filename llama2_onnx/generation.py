@@ -114,6 +114,11 @@ class Engine:
         self.tokens.append(token)
         return logits
 
+    def check_fits(self, prompt: Sequence[int]) -> None:
+        """Raise GenerationError unless `prompt` leaves room for at least one new token."""
+        if len(prompt) >= self.context_len:
+            raise GenerationError(self._too_long(len(prompt)))
+
     def _too_long(self, n: int) -> str:
         return (f"the prompt has {n} tokens but the context holds {self.context_len}; shorten "
                 f"it or raise --max_seq_len (this variant allows up to {self.config.max_seq_len}).")
@@ -133,10 +138,8 @@ class Engine:
             GenerationError for an empty prompt, one that does not fit, or bad settings.
         """
         settings = settings or SamplingSettings()
-        if max_new_tokens < 1:
-            raise GenerationError(f"max new tokens must be at least 1, not {max_new_tokens}.")
-        if len(prompt) >= self.context_len:
-            raise GenerationError(self._too_long(len(prompt)))
+        check_max_new_tokens(max_new_tokens)
+        self.check_fits(prompt)
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
         eos = -1 if ignore_eos else self.tokenizer.eos_id
         return self._generate(list(prompt), settings, max_new_tokens, _StopFilter(stop), stats,
@@ -182,6 +185,11 @@ class Engine:
         finally:
             stats.decode_s = time.perf_counter() - start - stats.ttft_s
             stats.stop_reason = stats.stop_reason or "stopped"
+
+
+def check_max_new_tokens(n: object, name: str = "max new tokens") -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise GenerationError(f"{name} must be a whole number of at least 1, not {n!r}.")
 
 
 class _StopFilter:

@@ -211,6 +211,9 @@ class _GraphBuilder:
             graph, producer_name="llama2_onnx",
             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
         model.ir_version = 8
+        # Read back at load time to refuse a config.json that does not describe this graph.
+        helper.set_model_props(model, {"max_seq_len": str(c.max_seq_len),
+                                       "n_layers": str(c.n_layers)})
         return model
 
 

@@ -52,11 +52,16 @@ def load_pth_embeddings(path: Path) -> np.ndarray:
     except ImportError:
         raise UserError("reading embeddings.pth of the original format needs PyTorch: "
                         "pip install torch==2.13.0") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad archive
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise VariantError(f"{path} cannot be read as a PyTorch file ({first}); fetch the "
+                           "variant's embeddings.pth again.") from None
     weight = state.get("weight") if isinstance(state, dict) else None
-    if weight is None:
-        raise VariantError(f"{path} has no 'weight' entry; it is not an embeddings.pth of the "
-                           "original Llama-2-Onnx release.")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise VariantError(f"{path} has no 2-D float 'weight' tensor; it is not an "
+                           "embeddings.pth of the original Llama-2-Onnx release.")
     return weight.float().numpy()
 
 

@@ -48,15 +48,47 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path} has a corrupt safetensors header; download it "
                                   "again.") from None
-    base = 8 + length
-    infos = {}
+    return _tensor_infos(Path(path), header, 8 + length)
+
+
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
+
+
+def _tensor_infos(path: Path, header: object, base: int) -> dict[str, TensorInfo]:
+    """Check every entry of a parsed header (shape, dtype, byte span inside the file, no
+    overlaps) and return where each tensor's bytes are."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} has a corrupt safetensors header ({why}); download or "
+                               "export it again.")
+
+    if not isinstance(header, dict):
+        raise bad("not a JSON object")
+    size, infos, spans = path.stat().st_size, {}, []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        start, end = meta["data_offsets"]
-        infos[name] = TensorInfo(Path(path), meta["dtype"], tuple(meta["shape"]),
-                                 base + start, base + end)
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+            raise bad(f"tensor {name!r} lacks dtype, shape or data_offsets")
+        shape, offsets, dtype = meta["shape"], meta["data_offsets"], meta["dtype"]
+        if not (isinstance(shape, list) and all(_whole(d) for d in shape)) or not (
+                isinstance(offsets, list) and len(offsets) == 2 and all(map(_whole, offsets))):
+            raise bad(f"tensor {name!r} has an invalid shape or data_offsets")
+        start, end = offsets
+        if dtype not in _ITEMSIZE or end - start != _ITEMSIZE[dtype] * int(np.prod(shape)):
+            raise bad(f"tensor {name!r}: {dtype} {shape} does not fill bytes {start}..{end}")
+        if base + end > size:
+            raise bad(f"tensor {name!r} ends past the end of the file; it is truncated")
+        spans.append((start, end, name))
+        infos[name] = TensorInfo(path, dtype, tuple(shape), base + start, base + end)
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise bad(f"tensors {first!r} and {second!r} overlap")
     return infos
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:

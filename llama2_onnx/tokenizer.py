@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import VariantError
+from .errors import GenerationError, VariantError
 from .files import check_not_lfs_pointer
 
 
@@ -36,6 +36,16 @@ class Tokenizer:
         return cls(processor)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of `text`.
+
+        Raises:
+            GenerationError when `text` holds lone surrogates (bytes that were not UTF-8).
+        """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise GenerationError(f"the text is not valid UTF-8 (character {exc.start + 1} is "
+                                  f"{text[exc.start]!r}); pass it as UTF-8 text.") from None
         ids = self.sp.EncodeAsIds(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
