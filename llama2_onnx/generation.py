@@ -71,13 +71,18 @@ class Engine:
     @classmethod
     def from_variant(cls, path: Path, provider: str = "auto", max_seq_len: int | None = None,
                      check_files: bool = True, verify: bool = False, graph_capture: bool = False,
-                     graph_cache: bool = True) -> Engine:
-        """Open a variant folder (our format or the original Llama-2-Onnx one)."""
+                     graph_cache: bool = True, prefill_chunk: int | str | None = "auto"
+                     ) -> Engine:
+        """Open a variant folder (our format or the original Llama-2-Onnx one).
+
+        `prefill_chunk`: longest prefill run (a power of two; prompts run in chunks of fixed
+        lengths seen once at load); None: whole prompts at once; "auto": the provider's default.
+        """
         from .loading import load_engine
 
         return load_engine(cls, Path(path), provider=provider, max_seq_len=max_seq_len,
                            check_files=check_files, verify=verify, graph_capture=graph_capture,
-                           graph_cache=graph_cache)
+                           graph_cache=graph_cache, prefill_chunk=prefill_chunk)
 
     @property
     def context_len(self) -> int:

@@ -30,7 +30,7 @@ def check_folder(path: Path) -> None:
 
 def load_engine(engine_cls, path: Path, provider: str = "auto", max_seq_len: int | None = None,
                 check_files: bool = True, verify: bool = False, graph_capture: bool = False,
-                graph_cache: bool = True):
+                graph_cache: bool = True, prefill_chunk: int | str | None = "auto"):
     """Build an Engine from a variant folder; see Engine.from_variant."""
     check_folder(path)
     if not (path / "config.json").exists():
@@ -50,7 +50,8 @@ def load_engine(engine_cls, path: Path, provider: str = "auto", max_seq_len: int
     return open_engine(engine_cls, find_graph(path), path / "embeddings.safetensors",
                        path / "tokenizer.model", config, provider=provider,
                        max_seq_len=max_seq_len, graph_capture=graph_capture,
-                       graph_cache=graph_cache, name=path.name, verify=verify)
+                       graph_cache=graph_cache, name=path.name, verify=verify,
+                       prefill_chunk=prefill_chunk)
 
 
 def find_graph(path: Path) -> Path:
@@ -76,6 +77,13 @@ def cache_source(graph: Path) -> dict | None:
     if rels[0] not in files:
         return None
     return {rel: files[rel] for rel in rels if rel in files}
+
+
+# Longest prefill chunk per provider (see Runtime.run): on CUDA every new input length costs
+# 0.1-0.9 s the first time ONNX Runtime sees it, so prompts run in power-of-two chunks that
+# are all seen once at load. DirectML cannot continue a prefill (one token at a time after the
+# first run) and the CPU has no such first-time cost: both run the whole prompt at once.
+DEFAULT_PREFILL_CHUNK = {"cuda": 1024}
 
 
 def load_embeddings(path: Path, config: Config) -> np.ndarray:
@@ -116,7 +124,7 @@ def context_length(config: Config, max_seq_len: int | None) -> int:
 def open_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path: Path, config: Config,
                 provider: str = "auto", max_seq_len: int | None = None,
                 graph_capture: bool = False, graph_cache: bool = True, name: str = "",
-                verify: bool = False):
+                verify: bool = False, prefill_chunk: int | str | None = "auto"):
     """Open explicit files of our graph contract (the CLI's --onnx_file style)."""
     from .generation import check_vocab
 
@@ -135,7 +143,10 @@ def open_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path: Path,
                                     dtype=config.dtype, verify=verify,
                                     source=cache_source(graph) if graph_cache else None)
     check_graph_matches(session, config, graph)
-    runtime = Runtime(session, config, provider, cache_len, graph_capture)
+    chunk = DEFAULT_PREFILL_CHUNK.get(provider) if prefill_chunk == "auto" else prefill_chunk
+    runtime = Runtime(session, config, provider, cache_len, graph_capture, max_chunk=chunk or None)
+    if runtime.max_chunk is not None:
+        runtime.warm_up()
     engine = engine_cls(runtime, tokenizer, table, config, name=name or graph.stem)
     engine.notes = notes
     return engine

@@ -131,14 +131,29 @@ def _open(path: Path, so: ort.SessionOptions, providers: list) -> ort.InferenceS
                            "`python tools/export_and_publish.py verify <variant>`.") from None
 
 
+def chunk_lengths(n: int, max_chunk: int | None) -> list[int]:
+    """Split a prefill of `n` tokens into lengths from a fixed set: whole `max_chunk` (a power
+    of two) pieces, then the binary digits of the rest, largest first (100 -> 64, 32, 4).
+    No padding is needed, so the last chunk's last-position logits are the prompt's."""
+    if max_chunk is None:
+        return [n]
+    full, rest = divmod(n, max_chunk)
+    return [max_chunk] * full + [1 << b for b in reversed(range(rest.bit_length()))
+                                 if rest >> b & 1]
+
+
 class Runtime:
     """Runs our graph contract with IO binding; only embeddings and a few integers go in and
     last-position logits come out per call."""
 
     def __init__(self, session: ort.InferenceSession, config: Config, provider: str,
-                 cache_len: int, graph_capture: bool = False) -> None:
+                 cache_len: int, graph_capture: bool = False,
+                 max_chunk: int | None = None) -> None:
         self.session, self.config, self.provider = session, config, provider
         self.cache_len = cache_len
+        # Prefill runs in power-of-two chunks up to max_chunk (None: the whole input at once).
+        self.max_chunk = None if max_chunk is None else 1 << (
+            min(max_chunk, cache_len).bit_length() - 1)
         self.device = {"cuda": "cuda", "dml": "dml"}.get(provider, "cpu")
         # DirectML's GroupQueryAttention ignores the past when seq > 1 (ONNX Runtime's
         # DmlOperatorGroupQueryAttention), so continued prefill goes one token at a time there.
@@ -200,13 +215,36 @@ class Runtime:
         return caches
 
     def run(self, embeds: np.ndarray, start: int) -> np.ndarray:
-        """Process `embeds` (seq, dim) at positions start..start+seq-1.
+        """Process `embeds` (seq, dim) at positions start..start+seq-1, in chunks of the
+        lengths `chunk_lengths` allows (see `warm_up`).
 
         Returns:
             float32 logits (vocab,) for the last position (a view, valid until the next call).
         """
         seq = embeds.shape[0]
         assert 0 < seq and start + seq <= self.cache_len, (start, seq, self.cache_len)
+        offset = 0
+        for size in chunk_lengths(seq, self.max_chunk):
+            self._run_once(embeds[offset:offset + size], start + offset)
+            offset += size
+        return self.logits[0, 0]
+
+    def prefill_lengths(self) -> list[int]:
+        """Every input length a prefill can reach ONNX Runtime with (None: any length)."""
+        if self.max_chunk is None:
+            return []
+        return [1 << i for i in range(self.max_chunk.bit_length())]
+
+    def warm_up(self) -> None:
+        """Run every chunk length once, so no input shape is new to ONNX Runtime during a chat
+        (a new shape costs 0.1-0.9 s on CUDA the first time). The cache contents written here
+        are garbage that the next prefill overwrites: only positions below `seqlens_k` count."""
+        zeros = np.zeros((max(self.prefill_lengths(), default=1), self.config.dim), self.dtype)
+        for size in self.prefill_lengths():
+            self._run_once(zeros[:size], 0)
+
+    def _run_once(self, embeds: np.ndarray, start: int) -> None:
+        seq = embeds.shape[0]
         # A captured decode graph replays host-side values as they were at capture, so with
         # graph capture decode steps say "up to the whole cache" and seqlens_k (on the device)
         # tells the real length; prefill always states its exact total.
@@ -221,7 +259,6 @@ class Runtime:
             b.bind_cpu_input("position_ids", np.arange(start, start + seq, dtype=np.int64)[None])
             b.bind_cpu_input("seqlens_k", np.array([start + seq - 1], np.int32))
         self._run()
-        return self.logits[0, 0]
 
     def _bind_step(self, embeds: np.ndarray, start: int) -> None:
         self.step["inputs_embeds"][0, 0] = embeds[0]

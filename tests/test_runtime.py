@@ -256,3 +256,35 @@ def test_missing_files_named_on_the_command_line(make_variant, tmp_path):
                      "--prompt", "hi"), "does not exist")
     expect_error(cli("--onnx_file", str(tmp_path / "none.onnx"), "--prompt", "hi"),
                  "does not exist")
+
+
+def test_chunk_lengths_are_powers_of_two_without_padding():
+    from llama2_onnx.session import chunk_lengths
+
+    assert chunk_lengths(100, 64) == [64, 32, 4]
+    assert chunk_lengths(128, 64) == [64, 64]
+    assert chunk_lengths(1, 64) == [1]
+    assert chunk_lengths(77, None) == [77]
+    for n in range(1, 300):
+        sizes = chunk_lengths(n, 32)
+        assert sum(sizes) == n and all(s & (s - 1) == 0 and s <= 32 for s in sizes)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_chunked_prefill_equals_whole_prefill(make_variant, gqa):
+    folder = make_variant("hf", "float32", gqa)
+    whole = Engine.from_variant(folder, provider="cpu", prefill_chunk=None)
+    chunked = Engine.from_variant(folder, provider="cpu", prefill_chunk=16)
+    assert chunked.runner.prefill_lengths() == [1, 2, 4, 8, 16]
+    prompt = whole.tokenizer.encode("the cat sat on the mat and the dog ran far away home " * 3)
+    assert len(prompt) % 16 and len(prompt) > 40
+    np.testing.assert_allclose(chunked.prefill(prompt), whole.prefill(prompt), atol=1e-4)
+    greedy = SamplingSettings(temperature=0)
+    texts = []
+    for engine in (whole, chunked):
+        engine.reset()
+        texts.append("".join(engine.generate(prompt, greedy, max_new_tokens=20)))
+        texts.append(engine.last_stats.tokens)
+    assert texts[0] == texts[2] and texts[1] == texts[3]
+    follow = prompt + texts[1] + whole.tokenizer.encode("and the sun", bos=False)
+    np.testing.assert_allclose(chunked.prefill(follow), whole.prefill(follow), atol=1e-4)
