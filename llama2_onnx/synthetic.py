@@ -54,16 +54,27 @@ def write_hf(folder: Path, config: Config, seed: int = 0, dtype=np.float32,
              shards: int = 1) -> Path:
     """Write config.json and `shards` .safetensors files with random weights."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
+    torch_dtype = np.dtype(dtype).name
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(config, torch_dtype),
+                                                   indent=2))
     shapes = list(canonical_shapes(config).items())
     per_shard = -(-len(shapes) // shards)
+    weight_map, total = {}, 0
     for s in range(shards):
         part = shapes[s * per_shard:(s + 1) * per_shard]
         specs = [(hf_name(n), np.dtype(dtype), shape) for n, shape in part]
         lookup = {hf_name(n): (n, shape) for n, shape in part}
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else \
+            "model.safetensors"
         safetensors_io.write_streaming(
-            folder / f"model-{s + 1:05d}-of-{shards:05d}.safetensors", specs,
-            lambda key, lookup=lookup: random_tensor(*lookup[key], seed=seed, dtype=dtype))
+            folder / name, specs,
+            lambda key, lookup=lookup: random_tensor(*lookup[key], seed=seed, dtype=dtype),
+            metadata={"format": "pt"})
+        weight_map.update({key: name for key, _, _ in specs})
+        total += sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, _, shape in specs)
+    if shards > 1:  # what transformers (and tools built on it) use to find sharded tensors
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 

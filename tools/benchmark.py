@@ -49,29 +49,158 @@ def bench_export(args: argparse.Namespace) -> dict:
             "write_gb_per_s": round(written / wall / 1e9, 3)}
 
 
-def bench_run(args: argparse.Namespace) -> dict:
-    import numpy as np
-
+def open_engine(args: argparse.Namespace):
     from llama2_onnx.generation import Engine
-    from llama2_onnx.sampling import SamplingSettings
     from llama2_onnx.variants import resolve_variant
 
+    chunk = "auto" if args.prefill_chunk is None else (args.prefill_chunk or None)
+    return Engine.from_variant(resolve_variant(args.variant, ROOT), provider=args.provider,
+                               max_seq_len=args.max_seq_len, graph_capture=args.graph_capture,
+                               graph_cache=not args.no_graph_cache, prefill_chunk=chunk)
+
+
+def random_prompt(engine, length: int, seed: int = 0) -> list[int]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [engine.tokenizer.bos_id] + rng.integers(3, engine.config.vocab_size,
+                                                    length - 1).tolist()
+
+
+def bench_run(args: argparse.Namespace) -> dict:
+    """Median of --reps generations after one warm-up generation at the same lengths."""
+    import statistics
+
+    from llama2_onnx.sampling import SamplingSettings
+
     start = time.perf_counter()
-    engine = Engine.from_variant(resolve_variant(args.variant, ROOT), provider=args.provider,
-                                 max_seq_len=args.max_seq_len, graph_capture=args.graph_capture)
+    engine = open_engine(args)
     load_s = time.perf_counter() - start
     run_time = _time_session_runs(engine)
-    rng = np.random.default_rng(0)
-    prompt = [engine.tokenizer.bos_id] + rng.integers(
-        3, engine.config.vocab_size, args.prompt_tokens - 1).tolist()
+    prompt = random_prompt(engine, args.prompt_tokens)
     settings = SamplingSettings(temperature=0)
-    list(engine.generate(prompt[:8], settings, max_new_tokens=4))  # warm-up
-    engine.reset()
-    run_time["total"], run_time["calls"] = 0.0, 0
-    text = list(engine.generate(prompt, settings, max_new_tokens=args.new_tokens,
-                                ignore_eos=True))
-    stats = engine.last_stats
-    return _run_report(engine, args, load_s, stats, run_time, len(text))
+    reports = []
+    for rep in range(args.reps + 1):
+        engine.reset()
+        run_time["total"], run_time["calls"] = 0.0, 0
+        text = list(engine.generate(prompt, settings, max_new_tokens=args.new_tokens,
+                                    ignore_eos=True))
+        if rep:  # the first run warms up
+            reports.append(_run_report(engine, args, load_s, engine.last_stats, run_time,
+                                       len(text)))
+    median = dict(reports[len(reports) // 2])
+    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "weight_gb_per_s",
+                "host_overhead_us_per_token"):
+        median[key] = statistics.median(r[key] for r in reports)
+        median[key + "_all"] = [r[key] for r in reports]
+    median["reps"] = args.reps
+    median["gpu_memory_mib"] = gpu_memory_mib()
+    if args.compare_genai:
+        median["genai"] = bench_genai(args, prompt)
+        median["ratio_decode_vs_genai"] = round(
+            median["decode_tok_s"] / median["genai"]["decode_tok_s"], 3)
+    return median
+
+
+def gpu_memory_mib() -> int | None:
+    """GPU memory this process holds, from nvidia-smi (None without it)."""
+    import os
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        pid, used = (x.strip() for x in line.split(","))
+        if pid == str(os.getpid()):
+            return int(used)
+    return None
+
+
+def bench_genai(args: argparse.Namespace, prompt: list[int]) -> dict:
+    """onnxruntime-genai on its own model of the same weights: same prompt, greedy, median."""
+    import statistics
+
+    import onnxruntime_genai as og
+
+    model = og.Model(str(args.compare_genai))
+    runs = []
+    for rep in range(args.reps + 1):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + args.new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(prompt)
+        generator.generate_next_token()
+        first = time.perf_counter()
+        steps = 0
+        while not generator.is_done() and steps < args.new_tokens - 1:
+            generator.generate_next_token()
+            steps += 1
+        end = time.perf_counter()
+        if rep:
+            runs.append({"ttft_ms": (first - start) * 1e3, "decode_tok_s": steps / (end - first)})
+        del generator
+    return {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]} | {
+        "decode_tok_s_all": [round(r["decode_tok_s"], 1) for r in runs]}
+
+
+def bench_load(args: argparse.Namespace) -> dict:
+    """Load time (no graph cache) and decode speed at each ONNX Runtime optimization level:
+    what the first start costs, and what the optimizations buy once the model is loaded."""
+    import onnxruntime as ort
+
+    from llama2_onnx import session
+    from llama2_onnx.sampling import SamplingSettings
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    original, rows = session.session_options, []
+    for name in args.levels.split(","):
+        def options(*a, _level=levels[name], **k):
+            so = original(*a, **k)
+            so.graph_optimization_level = _level
+            return so
+
+        session.session_options = options
+        args.no_graph_cache = True
+        start = time.perf_counter()
+        engine = open_engine(args)
+        load_s = time.perf_counter() - start
+        prompt = random_prompt(engine, 128)
+        settings = SamplingSettings(temperature=0)
+        for _ in range(2):
+            engine.reset()
+            list(engine.generate(prompt, settings, max_new_tokens=128, ignore_eos=True))
+        rows.append({"level": name, "load_s": round(load_s, 2),
+                     "decode_tok_s": round(engine.last_stats.decode_tok_s, 1),
+                     "ttft_ms": round(engine.last_stats.ttft_s * 1e3, 2)})
+        del engine
+    session.session_options = original
+    return {"variant": args.variant, "provider": args.provider, "levels": rows}
+
+
+def bench_ttft(args: argparse.Namespace) -> dict:
+    """First-token time for each prompt length the first time it is seen, then again."""
+    start = time.perf_counter()
+    engine = open_engine(args)
+    load_s = time.perf_counter() - start
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        prompt, times = random_prompt(engine, length, seed=length), []
+        for _ in range(2):
+            engine.reset()
+            t = time.perf_counter()
+            logits = engine.prefill(prompt)
+            int(logits.argmax())
+            times.append(round((time.perf_counter() - t) * 1e3, 2))
+        rows.append({"length": length, "first_ms": times[0], "again_ms": times[1]})
+    return {"variant": engine.name, "provider": engine.runner.provider, "load_s": round(load_s, 2),
+            "prefill_lengths": engine.runner.prefill_lengths(), "ttft": rows}
 
 
 def _time_session_runs(engine) -> dict:
@@ -120,24 +249,52 @@ def parse_args() -> argparse.Namespace:
     src = export.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", type=Path)
     src.add_argument("--meta", type=Path)
-    export.add_argument("--tokenizer", type=Path)
-    export.add_argument("--precision", choices=("float32", "float16"), default="float16")
-    export.add_argument("--variant")
-    export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--skip-verify", action="store_true")
+    export.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: beside the "
+                        "checkpoint)")
+    export.add_argument("--precision", choices=("float32", "float16"), default="float16",
+                        help="variant precision (default float16)")
+    export.add_argument("--variant", help="variant name (default bench_<precision>)")
+    export.add_argument("--out", type=Path, required=True, help="folder to export into")
+    export.add_argument("--skip-verify", action="store_true", help="skip the reference check")
     run = sub.add_parser("run", help="load time, TTFT, prefill/decode tok/s of a variant")
-    run.add_argument("--variant", default=None)
-    run.add_argument("--provider", default="auto")
-    run.add_argument("--prompt-tokens", type=int, default=128)
-    run.add_argument("--new-tokens", type=int, default=256)
-    run.add_argument("--max_seq_len", type=int, default=None)
-    run.add_argument("--graph-capture", action="store_true")
+    add_engine_options(run)
+    run.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    run.add_argument("--new-tokens", type=int, default=256, help="greedy tokens (default 256)")
+    run.add_argument("--reps", type=int, default=3, help="measured runs after one warm-up; the "
+                     "median is reported (default 3)")
+    run.add_argument("--compare-genai", type=Path, metavar="DIR", help="also run "
+                     "onnxruntime-genai on its model in DIR (same weights) and report the ratio")
+    ttft = sub.add_parser("ttft", help="first-token time per prompt length, first seen and again")
+    add_engine_options(ttft)
+    ttft.add_argument("--lengths", default="128,100,200,300,400,512,1000,1500",
+                      help="comma-separated prompt lengths, in the order they are tried")
+    load = sub.add_parser("load", help="load time and decode speed per optimization level")
+    add_engine_options(load)
+    load.add_argument("--levels", default="disable,basic,extended,all",
+                      help="comma-separated ONNX Runtime optimization levels to try")
     return parser.parse_args()
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", default=None, help="variant name or folder (default: the "
+                        "first ready variant, else the demo)")
+    parser.add_argument("--provider", default="auto", help="auto, cpu, cuda or dml")
+    parser.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None,
+                        help="context to allocate (default: the model's)")
+    parser.add_argument("--graph-capture", "--graph_capture", action="store_true",
+                        help="capture the decode step as a CUDA/DirectML graph")
+    parser.add_argument("--no-graph-cache", "--no_graph_cache", action="store_true",
+                        help="do not read or write the optimized-graph cache")
+    parser.add_argument("--prefill-chunk", "--prefill_chunk", type=int, default=None,
+                        help="longest prefill chunk (power of two); 0: whole prompts; default: "
+                        "the provider's")
 
 
 def main() -> None:
     args = parse_args()
-    result = bench_export(args) if args.command == "export" else bench_run(args)
+    commands = {"export": bench_export, "run": bench_run, "ttft": bench_ttft,
+                "load": bench_load}
+    result = commands[args.command](args)
     print(json.dumps(result, indent=2))
 
 

@@ -55,11 +55,16 @@ def check(folder: Path, provider: str, steps: int) -> dict:
     providers = Counter(e["args"].get("provider", "?") for e in events)
     copies = [e for e in events if "Memcpy" in e["args"].get("op_name", "")]
     moved = sum(int(e["args"].get("output_size", 0)) for e in copies)
+    op_us = Counter()
+    for e in events:
+        op_us[e["args"].get("op_name", "?")] += e.get("dur", 0)
     return {
         "variant": folder.name, "provider": provider, "decode_steps": steps,
         "node_runs_by_provider": dict(providers),
         "memcpy_node_runs": Counter(e["args"]["op_name"] for e in copies),
         "memcpy_bytes_total": moved, "memcpy_bytes_per_step": moved / (steps + 1),
+        "kernel_us_per_step_by_op": {k: round(v / (steps + 1), 1)
+                                     for k, v in op_us.most_common()},
         "cache_devices": sorted({v.device_name() for v in engine.runner.caches}),
         "cache_addresses_unchanged": addresses == [v.data_ptr() for v in engine.runner.caches],
         "present_bound_to_past": [o.data_ptr() for o in engine.runner.binding.get_outputs()[:-1]]
