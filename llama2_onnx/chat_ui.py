@@ -41,7 +41,7 @@ class AppOptions:
     variant: str | None = None
     provider: str = "auto"
     max_seq_len: int | None = None
-    graph_capture: bool = False
+    graph_capture: bool | str = "auto"
     graph_cache: bool = True
     token_delay: float = 0.0  # seconds to wait per token; only for tests and demos
 

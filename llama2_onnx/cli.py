@@ -36,9 +36,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_graph_cache", action="store_true",
                         help="do not keep the optimized graph in the variant's ONNX/.cache "
                         "(it saves the start-up optimization but holds a copy of the weights)")
-    parser.add_argument("--graph_capture", action="store_true",
-                        help="capture the decode step as a CUDA/DirectML graph (opt-in; "
-                        "faster on CUDA, see README)")
+    capture = parser.add_mutually_exclusive_group()
+    capture.add_argument("--graph_capture", action="store_const", const=True, default="auto",
+                         help="capture the decode step as a GPU graph (default: on with CUDA "
+                         "for float16 variants; this turns it on for DirectML too)")
+    capture.add_argument("--no_graph_capture", action="store_const", const=False,
+                         dest="graph_capture", help="run decode steps without graph capture")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -52,6 +52,34 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
+def prefill_spans(start: int, end: int, max_chunk: int | None) -> list[tuple[int, int]]:
+    """Positions [a, b) to run so the cache holds positions start..end-1, each run a power of
+    two long (at most `max_chunk`), so every shape was seen at load (Runtime.warm_up).
+
+    A short rest does not become more runs: it is run as one power-of-two span that ends at
+    `end` and reaches back over positions already in the cache, which are computed again from
+    the same tokens at the same positions (1500 -> [0, 1024), [988, 1500)). None: one run.
+    """
+    if max_chunk is None:
+        return [(start, end)]
+    spans, pos = [], start
+    while pos < end:
+        rest = end - pos
+        if rest >= max_chunk:
+            spans.append((pos, pos + max_chunk))
+            pos += max_chunk
+            continue
+        size = 1 << (rest - 1).bit_length()  # the power of two at or above the rest
+        if end - size < 0:
+            size >>= 1  # cannot reach back before position 0: a smaller run first
+            spans.append((pos, pos + size))
+            pos += size
+        else:
+            spans.append((end - size, end))
+            pos = end
+    return spans
+
+
 class Engine:
     """A loaded variant: tokenizer, embedding table and a runner holding the KV cache.
 
@@ -70,11 +98,13 @@ class Engine:
 
     @classmethod
     def from_variant(cls, path: Path, provider: str = "auto", max_seq_len: int | None = None,
-                     check_files: bool = True, verify: bool = False, graph_capture: bool = False,
-                     graph_cache: bool = True, prefill_chunk: int | str | None = "auto"
-                     ) -> Engine:
+                     check_files: bool = True, verify: bool = False,
+                     graph_capture: bool | str = "auto", graph_cache: bool = True,
+                     prefill_chunk: int | str | None = "auto") -> Engine:
         """Open a variant folder (our format or the original Llama-2-Onnx one).
 
+        `graph_capture`: replay decode steps as a captured GPU graph; "auto": on CUDA for
+        float16/int4 variants (see loading.default_graph_capture).
         `prefill_chunk`: longest prefill run (a power of two; prompts run in chunks of fixed
         lengths seen once at load); None: whole prompts at once; "auto": the provider's default.
         """
@@ -105,7 +135,9 @@ class Engine:
         new = list(tokens[keep:])
         self.tokens = self.tokens[:keep]
         if keep == 0 or self.runner.supports_continued_prefill:
-            logits = self.runner.run(self.embeddings[new], keep)
+            tokens = list(tokens)
+            for a, b in prefill_spans(keep, len(tokens), getattr(self.runner, "max_chunk", None)):
+                logits = self.runner.run(self.embeddings[tokens[a:b]], a)
             self.tokens += new
         else:
             for token in new:

@@ -106,7 +106,8 @@ def test_session_options_follow_directml_rules():
     assert so.execution_mode.name == "ORT_SEQUENTIAL"
     assert so.get_session_config_entry("ep.dml.enable_graph_capture") == "1"
     assert provider_list("cuda", 1, graph_capture=True)[0] == (
-        "CUDAExecutionProvider", {"device_id": "1", "enable_cuda_graph": "1"})
+        "CUDAExecutionProvider", {"device_id": "1", "enable_cuda_graph": "1",
+                                  "arena_extend_strategy": "kSameAsRequested"})
     assert provider_list("cpu") == ["CPUExecutionProvider"]
     assert provider_list("cuda", dtype="float32")[0][1]["use_tf32"] == "0"  # exact float32
 
@@ -258,16 +259,24 @@ def test_missing_files_named_on_the_command_line(make_variant, tmp_path):
                  "does not exist")
 
 
-def test_chunk_lengths_are_powers_of_two_without_padding():
-    from llama2_onnx.session import chunk_lengths
+def test_prefill_spans_cover_the_prompt_in_power_of_two_runs():
+    from llama2_onnx.generation import prefill_spans
 
-    assert chunk_lengths(100, 64) == [64, 32, 4]
-    assert chunk_lengths(128, 64) == [64, 64]
-    assert chunk_lengths(1, 64) == [1]
-    assert chunk_lengths(77, None) == [77]
-    for n in range(1, 300):
-        sizes = chunk_lengths(n, 32)
-        assert sum(sizes) == n and all(s & (s - 1) == 0 and s <= 32 for s in sizes)
+    assert prefill_spans(0, 1500, 1024) == [(0, 1024), (988, 1500)]
+    assert prefill_spans(0, 100, 1024) == [(0, 64), (36, 100)]
+    assert prefill_spans(0, 128, 1024) == [(0, 128)]
+    assert prefill_spans(500, 530, 1024) == [(498, 530)]
+    assert prefill_spans(3, 80, None) == [(3, 80)]
+    for start in range(0, 40, 7):
+        for end in range(start + 1, 300, 3):
+            spans = prefill_spans(start, end, 32)
+            covered = set()
+            for a, b in spans:
+                assert 0 <= a < b <= end and (b - a) & (b - a - 1) == 0 and b - a <= 32
+                assert a <= max(covered, default=start - 1) + 1 or a == start  # no gaps
+                covered |= set(range(a, b))
+            assert set(range(start, end)) <= covered and spans[-1][1] == end
+            assert len(spans) <= (end - start) // 32 + 2
 
 
 @pytest.mark.parametrize("gqa", [False, True])

@@ -236,7 +236,7 @@ def _run_report(engine, args, load_s, stats, run_time, pieces) -> dict:
         "decode_tok_s": round(stats.decode_tok_s, 1),
         "weight_gb_per_s": round(weight_bytes * stats.decode_tok_s / 1e9, 1),
         "host_overhead_us_per_token": round(overhead_us, 1), "text_pieces": pieces,
-        "graph_capture": args.graph_capture,
+        "graph_capture": engine.runner.graph_capture,
         "tokens_sha1": hashlib.sha1(str(stats.tokens).encode()).hexdigest()[:16],
     }
 
@@ -281,8 +281,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", default="auto", help="auto, cpu, cuda or dml")
     parser.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None,
                         help="context to allocate (default: the model's)")
-    parser.add_argument("--graph-capture", "--graph_capture", action="store_true",
-                        help="capture the decode step as a CUDA/DirectML graph")
+    capture = parser.add_mutually_exclusive_group()
+    capture.add_argument("--graph-capture", "--graph_capture", action="store_const", const=True,
+                         default="auto", help="capture the decode step as a GPU graph "
+                         "(default: the provider's default, on for CUDA float16)")
+    capture.add_argument("--no-graph-capture", "--no_graph_capture", action="store_const",
+                         const=False, dest="graph_capture", help="no graph capture")
     parser.add_argument("--no-graph-cache", "--no_graph_cache", action="store_true",
                         help="do not read or write the optimized-graph cache")
     parser.add_argument("--prefill-chunk", "--prefill_chunk", type=int, default=None,

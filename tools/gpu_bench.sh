@@ -39,7 +39,7 @@ bench() {
     $py tools/benchmark.py run --variant "$v" --provider cuda --no-graph-cache --reps 3 \
       --compare-genai "$work/genai_$p" | tee "$out/run_${p}_default.json"
     $py tools/benchmark.py run --variant "$v" --provider cuda --no-graph-cache --reps 3 \
-      --graph-capture | tee "$out/run_${p}_capture.json"
+      --no-graph-capture | tee "$out/run_${p}_no_capture.json"
     $py tools/benchmark.py ttft --variant "$v" --provider cuda --no-graph-cache \
       | tee "$out/ttft_${p}_chunked.json"
     $py tools/benchmark.py ttft --variant "$v" --provider cuda --no-graph-cache \
