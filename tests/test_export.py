@@ -163,7 +163,7 @@ def test_failed_verification_leaves_nothing(tmp_path, make_checkpoint, tokenizer
                                             monkeypatch):
     import llama2_onnx.export as export
 
-    monkeypatch.setitem(export.TOLERANCE, "float32", 0.0)
+    monkeypatch.setitem(export.BOUNDS, "float32", export.Bounds(0.0, 0.0, 1.0))
     with pytest.raises(VerificationError, match="not written"):
         export_variant(_request(tmp_path, tokenizer_path, hf=make_checkpoint("hf")))
     assert list((tmp_path / "out").iterdir()) == []
