@@ -2,6 +2,7 @@
 
     python tools/benchmark.py export --hf /data/rand7b --precision float16 --out /data/out
     python tools/benchmark.py run --variant demo --provider cpu --prompt-tokens 128 --new-tokens 256
+    python tools/benchmark.py export --hf /data/rand7b --precision int4 --out /data/out
 
 `export` runs the exporter in a child process and reports its peak resident memory (the
 kernel's high-water mark for that process), wall time and bytes written. `run` reports load
@@ -37,6 +38,8 @@ def bench_export(args: argparse.Namespace) -> dict:
            "--no-progress", "--force"] + (["--skip-verify"] if args.skip_verify else [])
     if args.tokenizer:
         cmd += ["--tokenizer", str(args.tokenizer)]
+    if args.block_size:
+        cmd += ["--block-size", str(args.block_size)]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -92,14 +95,20 @@ def _time_session_runs(engine) -> dict:
 
 
 def _run_report(engine, args, load_s, stats, run_time, pieces) -> dict:
+    import numpy as np
+
     config = engine.config
-    weight_bytes = (config.n_params() - config.vocab_size * config.dim) * (
-        2 if config.dtype == "float16" else 4)
+    from llama2_onnx.config import NP_DTYPES
+
+    # Weights read per decode step: the graph's (the embedding table stays outside).
+    table = config.vocab_size * config.dim * np.dtype(NP_DTYPES[config.dtype]).itemsize
+    weight_bytes = config.weight_bytes() - table
     decode_steps = max(stats.new_tokens - 1, 1)
     decode_run_s = run_time["total"] - stats.prefill_s
     overhead_us = (stats.decode_s - decode_run_s) / decode_steps * 1e6
     return {
         "variant": engine.name, "provider": engine.runner.provider, "dtype": config.dtype,
+        "block_size": config.block_size, "graph_weight_gb": round(weight_bytes / 1e9, 3),
         "params_b": round(config.n_params() / 1e9, 3), "prompt_tokens": stats.prompt_tokens,
         "new_tokens": stats.new_tokens, "stop_reason": stats.stop_reason,
         "load_s": round(load_s, 2), "ttft_ms": round(stats.ttft_s * 1e3, 2),
@@ -121,7 +130,8 @@ def parse_args() -> argparse.Namespace:
     src.add_argument("--hf", type=Path)
     src.add_argument("--meta", type=Path)
     export.add_argument("--tokenizer", type=Path)
-    export.add_argument("--precision", choices=("float32", "float16"), default="float16")
+    export.add_argument("--precision", choices=("float32", "float16", "int4"), default="float16")
+    export.add_argument("--block-size", type=int, help="int4 only (default 32)")
     export.add_argument("--variant")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--skip-verify", action="store_true")
