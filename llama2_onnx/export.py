@@ -203,20 +203,20 @@ class Bounds:
     top1: float  # least fraction of steps whose most likely token agrees
 
 
-# Worst step of 20 measured (README "Verification"): the trained demo model and 8 seeded tiny
-# random ones (2 layers, MHA and GQA, HF and Meta), against deliberately broken exports (one
-# layer's w2 negated, wv zeroed or wo's rows reversed) of the same models.
-#                 healthy rel_rms / KL            broken rel_rms / KL (least of the 3 breaks)
-#   float32       1.1e-6 / 7e-12                  0.31 / 0.08
-#   float16       1.1e-3 / 2.2e-6                 0.31 / 0.08
-#   int4 (b32-128) 0.235 / 0.092, top-1 >= 60 %   0.29 with KL 1.1, or 0.49 with KL 0.10
-# float32 and float16 bounds leave 20-100x room for deeper models; int4's own error is the size
-# of a subtle fault (scaling one matrix by 1.3 gives 0.15-0.31 / 0.03-0.34), so int4 catches
-# broken exports, and tools/evaluate.py's perplexity judges its quality. Top-1 agreement is
-# loose for int4 because random and tiny models have many near-ties.
+# Worst step of 20 measured (README "Verification"): the trained demo model, 8 seeded tiny
+# random ones (2 layers, MHA and GQA, HF and Meta) and a random 110M one (12 layers), against
+# deliberately broken exports (one layer's w2 negated, wv zeroed or wo's rows reversed).
+#                  healthy rel_rms / KL / top-1         broken rel_rms / KL (least of the 3)
+#   float32        1.5e-6 / 1.1e-12 / 100 %            0.31 / 0.08
+#   float16        1.1e-3 / 2.2e-6 / 100 %             0.31 / 0.08
+#   int4 b32-128   0.32 / 0.092 / 45 % (random 110M)   0.29 with KL 1.1, or 0.49 with KL 0.10
+# float32 and float16 bounds leave 20-100x room for deeper models. int4's own error is the size
+# of a subtle fault (scaling one matrix by 1.3 gives 0.15-0.31 / 0.03-0.34), so its bounds
+# catch broken exports and tools/evaluate.py's perplexity judges its quality; top-1 agreement
+# is loose for int4 because random and tiny models have many near-ties.
 BOUNDS = {"float32": Bounds(rel_rms=1e-3, kl=1e-5, top1=0.95),
           "float16": Bounds(rel_rms=0.02, kl=1e-3, top1=0.9),
-          "int4": Bounds(rel_rms=0.35, kl=0.25, top1=0.5)}
+          "int4": Bounds(rel_rms=0.45, kl=0.25, top1=0.3)}
 
 
 @dataclass

@@ -3,6 +3,7 @@
     python tools/benchmark.py export --hf /data/rand7b --precision float16 --out /data/out
     python tools/benchmark.py run --variant demo --provider cpu --prompt-tokens 128 --new-tokens 256
     python tools/benchmark.py export --hf /data/rand7b --precision int4 --out /data/out
+    python tools/benchmark.py compare --variants out/r_float32,out/r_int4 --genai genai_int4
 
 `export` runs the exporter in a child process and reports its peak resident memory (the
 kernel's high-water mark for that process), wall time and bytes written. `run` reports load
@@ -77,6 +78,66 @@ def bench_run(args: argparse.Namespace) -> dict:
     return _run_report(engine, args, load_s, stats, run_time, len(text))
 
 
+def bench_compare(args: argparse.Namespace) -> dict:
+    """Decode speed of several variants (and optionally an onnxruntime-genai model folder) on
+    the same prompt, alternating runs in one process; medians over --reps."""
+    import numpy as np
+
+    from llama2_onnx.generation import Engine
+    from llama2_onnx.sampling import SamplingSettings
+    from llama2_onnx.variants import resolve_variant
+
+    engines = {name: Engine.from_variant(resolve_variant(name, ROOT), provider=args.provider)
+               for name in filter(None, args.variants.split(","))}
+    rng = np.random.default_rng(0)  # the same prompt as `run`: BOS, then random token ids
+    prompt = [1] + rng.integers(3, args.vocab_size, args.prompt_tokens - 1).tolist()
+    runners = {name: _ours_runner(engine, SamplingSettings(temperature=0))
+               for name, engine in engines.items()}
+    if args.genai:
+        runners["genai:" + args.genai.name] = _genai_runner(args.genai)
+    for run in runners.values():  # warm-up
+        run(prompt[:8], 4)
+    speeds: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.reps):
+        for name, run in runners.items():
+            speeds[name].append(run(prompt, args.new_tokens))
+    medians = {name: round(float(np.median(v)), 1) for name, v in speeds.items()}
+    base = medians[next(iter(medians))]
+    return {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "provider": args.provider, "reps": args.reps, "decode_tok_s": medians,
+            "all_runs": speeds, "ratio_to_first": {k: round(v / base, 2)
+                                                   for k, v in medians.items()}}
+
+
+def _ours_runner(engine, settings):
+    def run(prompt: list[int], new_tokens: int) -> float:
+        engine.reset()
+        list(engine.generate(prompt, settings, max_new_tokens=new_tokens, ignore_eos=True))
+        return engine.last_stats.decode_tok_s
+    return run
+
+
+def _genai_runner(folder: Path):
+    """Greedy decode with onnxruntime-genai (pip install onnxruntime-genai) on its own model."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+
+    def run(prompt: list[int], new_tokens: int) -> float:
+        params = og.GeneratorParams(model)
+        total = len(prompt) + new_tokens
+        params.set_search_options(do_sample=False, max_length=total, min_length=total)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)
+        generator.generate_next_token()  # first token: from the prefill's logits
+        start, steps = time.perf_counter(), 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            steps += 1
+        return steps / (time.perf_counter() - start)
+    return run
+
+
 def _time_session_runs(engine) -> dict:
     """Wrap the session's run to measure time spent inside ONNX Runtime."""
     runtime, timing = engine.runner, {"total": 0.0, "calls": 0}
@@ -142,12 +203,21 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--new-tokens", type=int, default=256)
     run.add_argument("--max_seq_len", type=int, default=None)
     run.add_argument("--graph-capture", action="store_true")
+    compare = sub.add_parser("compare", help="decode tok/s of variants side by side")
+    compare.add_argument("--variants", default="", help="comma-separated names or folders")
+    compare.add_argument("--vocab-size", type=int, default=32000, help="for the random prompt")
+    compare.add_argument("--genai", type=Path, help="an onnxruntime-genai model folder to add")
+    compare.add_argument("--provider", default="cpu")
+    compare.add_argument("--prompt-tokens", type=int, default=128)
+    compare.add_argument("--new-tokens", type=int, default=128)
+    compare.add_argument("--reps", type=int, default=3)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    result = bench_export(args) if args.command == "export" else bench_run(args)
+    commands = {"export": bench_export, "run": bench_run, "compare": bench_compare}
+    result = commands[args.command](args)
     print(json.dumps(result, indent=2))
 
 
