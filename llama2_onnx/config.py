@@ -142,7 +142,10 @@ class Config:
         return int(linear * per_weight) + (self.n_params() - linear) * 2
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.block_size is None:  # float variants' config.json stays as before int4 existed
+            del data["block_size"]
+        return data
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

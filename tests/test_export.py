@@ -94,7 +94,7 @@ def test_graph_uses_only_portable_operators(make_variant):
     ops = {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
     assert ops == {("ai.onnx", "SimplifiedLayerNormalization"), ("ai.onnx", "MatMul"),
                    ("ai.onnx", "Sigmoid"), ("ai.onnx", "Mul"), ("ai.onnx", "Slice"),
-                   ("ai.onnx", "Cast"), ("com.microsoft", "RotaryEmbedding"),
+                   ("ai.onnx", "Cast"), ("ai.onnx", "Split"), ("com.microsoft", "RotaryEmbedding"),
                    ("com.microsoft", "GroupQueryAttention"),
                    ("com.microsoft", "SkipSimplifiedLayerNormalization")}
     assert [o.name for o in model.graph.output][0] == "logits"

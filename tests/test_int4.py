@@ -72,15 +72,24 @@ def test_matmulnbits_node_computes_dequantize_then_matmul(dtype):
 
 
 class DequantizedSource:
-    """A checkpoint whose linear weights are replaced by what an int4 graph stores."""
+    """A checkpoint whose linear weights are replaced by what an int4 graph stores: q, k, v
+    fused as rows of `wqkv`, the gate and up projections (w1, w3) as rows of `w13`."""
 
     def __init__(self, source, stored: dict[str, np.ndarray]) -> None:
         self.source, self.config, self.stored = source, source.config, stored
 
     def read(self, name: str) -> np.ndarray:
-        if name + "_q4" in self.stored:
-            return unpack(self.stored[name + "_q4"], self.stored[name + "_scales"])
-        return self.source.read(name)
+        prefix, kind, _ = ("." + name).rsplit(".", 2)  # "layers.0.attention", "wq", "weight"
+        fused = {"wq": "wqkv", "wk": "wqkv", "wv": "wqkv", "w1": "w13", "w3": "w13"}
+        stored = f"{prefix}.{fused.get(kind, kind)}.weight".lstrip(".")
+        if stored + "_q4" not in self.stored:
+            return self.source.read(name)
+        weight = unpack(self.stored[stored + "_q4"], self.stored[stored + "_scales"])
+        c = self.config
+        rows = {"wq": (0, c.dim), "wk": (c.dim, c.dim + c.kv_dim),
+                "wv": (c.dim + c.kv_dim, c.dim + 2 * c.kv_dim), "w1": (0, c.hidden_dim),
+                "w3": (c.hidden_dim, 2 * c.hidden_dim)}.get(kind, (0, len(weight)))
+        return weight[rows[0]:rows[1]]
 
 
 @pytest.mark.parametrize("fmt,gqa", [("hf", False), ("meta", True)])
@@ -95,7 +104,7 @@ def test_int4_export_equals_its_dequantized_model(tmp_path, monkeypatch, make_ch
                                           **{fmt: checkpoint}))
     model = onnx.load(str(folder / "ONNX" / "LlamaV2_q.onnx"))
     stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert sum(name.endswith("_q4") for name in stored) == 7 * 2 + 1  # + output projection
+    assert sum(name.endswith("_q4") for name in stored) == 4 * 2 + 1  # + output projection
     source = DequantizedSource(open_source(**{fmt: checkpoint}), stored)
     report = compare_with_reference(folder, source)
     bounds = export.BOUNDS["float16"]
