@@ -29,12 +29,9 @@ from .tokenizer import Tokenizer
 from .variant_card import gitattributes, variant_readme
 from .variants import REPO_ROOT, check_variant_name
 
-# Verification bounds on max |logit difference| against the float32 PyTorch reference.
-# float16 rounds weights and activations to 11 significant bits; over a few layers and a vocab
-# projection that accumulates to around 1e-2 on logits of magnitude ~10, hence the looser bound.
-TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
 VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 VERIFY_STEPS = 20
+DEFAULT_BLOCK_SIZE = 32
 
 
 @dataclass
@@ -43,6 +40,7 @@ class ExportRequest:
 
     variant: str
     precision: str
+    block_size: int | None = None  # int4 only; default DEFAULT_BLOCK_SIZE
     hf: Path | None = None
     meta: Path | None = None
     tokenizer: Path | None = None
@@ -70,7 +68,9 @@ def export_variant(req: ExportRequest) -> Path:
     """
     final = _output_folder(req)
     if req.precision not in NP_DTYPES:
-        raise UserError(f"--precision {req.precision!r} is not one of float32, float16.")
+        raise UserError(f"--precision {req.precision!r} is not one of float32, float16, int4.")
+    if req.block_size is not None and req.precision != "int4":
+        raise UserError("--block-size only applies to --precision int4.")
     protected = [REPO_ROOT, *(p for p in (req.hf, req.meta, req.tokenizer) if p is not None)]
     check_replaceable(final, req.force, protected)
     source, tokenizer_path, config = _open_inputs(req)
@@ -127,8 +127,9 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
     provenance = {**source.describe(), "exporter": f"llama2_onnx {__version__}",
                   "onnx_opset": "17 + com.microsoft 1",
                   "exported": datetime.date.today().isoformat()}
-    config = source.config.replace(dtype=req.precision, chat=req.chat, max_seq_len=max_len,
-                                   provenance=provenance)
+    block = (req.block_size or DEFAULT_BLOCK_SIZE) if req.precision == "int4" else None
+    config = source.config.replace(dtype=req.precision, block_size=block, chat=req.chat,
+                                   max_seq_len=max_len, provenance=provenance)
     return source, tokenizer_path, config
 
 
@@ -159,7 +160,7 @@ def _find_tokenizer(req: ExportRequest) -> Path:
 
 
 def estimated_bytes(config: Config) -> int:
-    return config.n_params() * np.dtype(NP_DTYPES[config.dtype]).itemsize
+    return config.weight_bytes()
 
 
 def _check_disk(folder: Path, config: Config) -> None:
@@ -227,30 +228,79 @@ class _Progress:
             self.bar.close()
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """What a verified export may differ from the float32 reference by, at every step."""
+
+    rel_rms: float  # RMS of the logit difference over the std of the reference's logits
+    kl: float  # KL divergence (nats) of the variant's next-token distribution from the reference's
+    top1: float  # least fraction of steps whose most likely token agrees
+
+
+# Worst step of 20 measured (README "Verification"): the trained demo model, 8 seeded tiny
+# random ones (2 layers, MHA and GQA, HF and Meta) and a random 110M one (12 layers), against
+# deliberately broken exports (one layer's w2 negated, wv zeroed or wo's rows reversed).
+#                  healthy rel_rms / KL / top-1         broken rel_rms / KL (least of the 3)
+#   float32        1.5e-6 / 1.1e-12 / 100 %            0.31 / 0.08
+#   float16        1.1e-3 / 2.2e-6 / 100 %             0.31 / 0.08
+#   int4 b32-128   0.32 / 0.092 / 45 % (random 110M)   0.29 with KL 1.1, or 0.49 with KL 0.10
+# float32 and float16 bounds leave 20-100x room for deeper models. int4's own error is the size
+# of a subtle fault (scaling one matrix by 1.3 gives 0.15-0.31 / 0.03-0.34), so its bounds
+# catch broken exports and tools/evaluate.py's perplexity judges its quality; top-1 agreement
+# is loose for int4 because random and tiny models have many near-ties.
+BOUNDS = {"float32": Bounds(rel_rms=1e-3, kl=1e-5, top1=0.95),
+          "float16": Bounds(rel_rms=0.02, kl=1e-3, top1=0.9),
+          "int4": Bounds(rel_rms=0.45, kl=0.25, top1=0.3)}
+
+
 @dataclass
 class VerifyReport:
+    """Worst step of a teacher-forced comparison with the PyTorch reference."""
+
     precision: str
     max_abs_diff: float
-    tolerance: float
-    tokens_agree: bool
+    rel_rms: float
+    kl: float
+    top1: float
+    bounds: Bounds
     steps: int
 
     @property
+    def tokens_agree(self) -> bool:
+        return self.top1 == 1.0
+
+    @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.tokens_agree
+        b = self.bounds
+        return self.rel_rms <= b.rel_rms and self.kl <= b.kl and self.top1 >= b.top1
 
     def summary(self) -> str:
-        verdict = "OK" if self.ok else "FAILED"
-        return (f"verify {verdict}: max |logit diff| {self.max_abs_diff:.3g} "
-                f"(tolerance {self.tolerance:g} for {self.precision}), greedy tokens "
-                f"{'agree' if self.tokens_agree else 'DISAGREE'} over {self.steps} steps")
+        b = self.bounds
+        return (f"verify {'OK' if self.ok else 'FAILED'} ({self.precision}, {self.steps} steps): "
+                f"logit error {self.rel_rms:.2g} of their spread (bound {b.rel_rms:g}), "
+                f"KL {self.kl:.2g} nats (bound {b.kl:g}), top-1 agreement {self.top1:.0%} "
+                f"(at least {b.top1:.0%}); max |logit diff| {self.max_abs_diff:.3g}")
+
+
+def step_errors(ours: np.ndarray, reference: np.ndarray) -> tuple[float, float, bool]:
+    """Relative RMS error, KL(reference || ours) in nats and top-1 agreement of one step."""
+    ours, reference = ours.astype(np.float64), reference.astype(np.float64)
+    rel_rms = float(np.sqrt(np.mean((ours - reference) ** 2)) / max(reference.std(), 1e-12))
+    log_p, log_q = _log_softmax(reference), _log_softmax(ours)
+    kl = float(np.sum(np.exp(log_p) * (log_p - log_q)))
+    return rel_rms, max(kl, 0.0), int(ours.argmax()) == int(reference.argmax())
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max()
+    return shifted - np.log(np.exp(shifted).sum())
 
 
 def verify_variant_against(folder: Path, source: Source) -> VerifyReport:
     """Run the variant on ONNX Runtime CPU and compare with the PyTorch reference.
 
     Raises:
-        VerificationError when the logits differ by more than TOLERANCE or greedy tokens differ.
+        VerificationError when a step's error exceeds the precision's BOUNDS.
     """
     report = compare_with_reference(folder, source)
     if not report.ok:
@@ -276,17 +326,20 @@ def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STE
         ref_logits = reference(torch.tensor([prompt]))[0]
     tokens = list(prompt)
     ort_logits = engine.prefill(prompt)
-    worst, agree = 0.0, True
+    worst_abs, errors = 0.0, []
     for step in range(steps):
         ref_last = ref_logits[-1].numpy()
-        worst = max(worst, float(np.abs(ort_logits - ref_last).max()))
-        agree &= int(ort_logits.argmax()) == int(ref_last.argmax())
+        worst_abs = max(worst_abs, float(np.abs(ort_logits - ref_last).max()))
+        errors.append(step_errors(ort_logits, ref_last))
         tokens.append(int(ref_last.argmax()))
         if step + 1 < steps:
             with torch.no_grad():
                 ref_logits = reference(torch.tensor([tokens]))[0]
             ort_logits = engine.decode_step(tokens[-1])
-    return VerifyReport(engine.config.dtype, worst, TOLERANCE[engine.config.dtype], agree, steps)
+    rel_rms, kl, top1 = np.asarray(errors, np.float64).T  # (3, steps)
+    dtype = engine.config.dtype
+    return VerifyReport(dtype, worst_abs, float(rel_rms.max()), float(kl.max()),
+                        float(top1.mean()), BOUNDS[dtype], steps)
 
 
 def load_reference(source: Source, transformer_cls):

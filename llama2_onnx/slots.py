@@ -19,7 +19,9 @@ class Slot:
     @property
     def description(self) -> str:
         kind = "chat (fine-tuned for dialogue)" if self.chat else "pretrained (text completion)"
-        return f"Llama 2 {self.size} {kind}, {self.precision}"
+        precision = "int4 (4-bit weights, blocks of 32)" if self.precision == "int4" \
+            else self.precision
+        return f"Llama 2 {self.size} {kind}, {precision}"
 
     @property
     def command(self) -> str:
@@ -32,7 +34,7 @@ class Slot:
 
 SLOTS = tuple(
     Slot(f"{size}{'_FT' if chat else ''}_{precision}", size, chat, precision)
-    for precision in ("float16", "float32")
+    for precision in ("float16", "float32", "int4")
     for size in ("7B", "13B")
     for chat in (False, True)
 )

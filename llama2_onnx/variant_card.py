@@ -14,8 +14,10 @@ def gitattributes() -> str:
 
 def variant_readme(name: str, config: Config) -> str:
     kind = "chat (Llama-2-chat prompt format)" if config.chat else "base (plain text completion)"
-    gib = config.n_params() * (2 if config.dtype == "float16" else 4) / 2**30
+    gib = config.weight_bytes() / 2**30
     shape = f"{config.n_layers} / {config.dim} / {config.n_heads} / {config.n_kv_heads}"
+    precision = config.dtype + (f", blocks of {config.block_size}, float16 scales, float16 "
+                                "activations" if config.dtype == "int4" else "")
     prov = ", ".join(f"{k}: {v}" for k, v in sorted(config.provenance.items()))
     return f"""# {name}
 
@@ -25,7 +27,7 @@ table, tokenizer and config, produced by `tools/export_and_publish.py`.
 | | |
 |---|---|
 | kind | {kind} |
-| precision | {config.dtype} |
+| precision | {precision} |
 | parameters | {config.n_params() / 1e6:.1f} M ({gib:.2f} GiB of weights) |
 | layers / dim / heads / kv heads | {shape} |
 | vocabulary | {config.vocab_size} |

@@ -94,7 +94,7 @@ def test_graph_uses_only_portable_operators(make_variant):
     ops = {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
     assert ops == {("ai.onnx", "SimplifiedLayerNormalization"), ("ai.onnx", "MatMul"),
                    ("ai.onnx", "Sigmoid"), ("ai.onnx", "Mul"), ("ai.onnx", "Slice"),
-                   ("ai.onnx", "Cast"), ("com.microsoft", "RotaryEmbedding"),
+                   ("ai.onnx", "Cast"), ("ai.onnx", "Split"), ("com.microsoft", "RotaryEmbedding"),
                    ("com.microsoft", "GroupQueryAttention"),
                    ("com.microsoft", "SkipSimplifiedLayerNormalization")}
     assert [o.name for o in model.graph.output][0] == "logits"
@@ -163,7 +163,7 @@ def test_failed_verification_leaves_nothing(tmp_path, make_checkpoint, tokenizer
                                             monkeypatch):
     import llama2_onnx.export as export
 
-    monkeypatch.setitem(export.TOLERANCE, "float32", 0.0)
+    monkeypatch.setitem(export.BOUNDS, "float32", export.Bounds(0.0, 0.0, 1.0))
     with pytest.raises(VerificationError, match="not written"):
         export_variant(_request(tmp_path, tokenizer_path, hf=make_checkpoint("hf")))
     assert list((tmp_path / "out").iterdir()) == []

@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--meta", type=Path, help="Meta folder (params.json + consolidated.NN.pth)")
     export.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: beside the "
                         "checkpoint or in its parent folder)")
-    export.add_argument("--precision", choices=("float32", "float16"), required=True)
+    export.add_argument("--precision", choices=("float32", "float16", "int4"), required=True)
+    export.add_argument("--block-size", type=int, help="int4 only: weights per quantization "
+                        "block, 32 (default), 64 or 128")
     export.add_argument("--variant", required=True, help="variant name, e.g. 7B_FT_float16")
     export.add_argument("--out", type=Path, default=ROOT, help="parent folder (default: repo)")
     export.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")

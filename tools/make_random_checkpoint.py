@@ -24,6 +24,7 @@ SHAPES = {
     "13b": Config(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
     "70b-2layers": Config(dim=8192, n_layers=2, n_heads=64, n_kv_heads=8, vocab_size=32000,
                           ffn_dim_multiplier=1.3, multiple_of=4096),
+    "110m": Config(dim=768, n_layers=12, n_heads=12, vocab_size=32000),
     "small": Config(dim=512, n_layers=4, n_heads=8, vocab_size=32000),
 }
 

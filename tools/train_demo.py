@@ -3,8 +3,9 @@
 The corpus is the King James Version of the Bible (1611, public domain), read from the Debian
 package `bible-kjv-text` through the `bible` program of the package `bible-kjv` (GPL-2+ program;
 the text itself is public domain, see /usr/share/doc/bible-kjv-text/copyright). The result is a
-Hugging Face LlamaForCausalLM folder (config.json, model.safetensors, tokenizer.model) that
-tools/export_and_publish.py turns into the demo variant. Nothing is downloaded.
+float32 Hugging Face LlamaForCausalLM folder (config.json, model.safetensors, tokenizer.model)
+that tools/export_and_publish.py turns into the demo variant, or into a variant of any other
+precision (--precision float16 or int4). Nothing is downloaded.
 """
 
 from __future__ import annotations
