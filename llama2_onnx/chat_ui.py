@@ -7,6 +7,7 @@ Each browser tab gets its own `Conversation` (a `gr.State`), and all tabs share 
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 import time
@@ -263,10 +264,10 @@ def _wire(gr, handlers: ChatHandlers, conv, variant, chatbot, message, status, c
     text = gr.State("")
     streamed = dict(outputs=[chatbot, status], concurrency_limit=4, concurrency_id="answer",
                     show_progress="hidden")
+    take = functools.partial(_take_message, unchanged=gr.skip())
     for trigger in (buttons["send"].click, message.submit):
-        trigger(_take_message, [conv, message, controls[0]], [message, text, status],
-                queue=False).then(handlers.answer, [conv, text, status, variant, *controls],
-                                  **streamed)
+        trigger(take, [conv, message, controls[0]], [message, text, status], queue=False).then(
+            handlers.answer, [conv, text, status, variant, *controls], **streamed)
     buttons["again"].click(request_answer, [conv], None, queue=False).then(
         handlers.again, [conv, variant, *controls], **streamed)
     buttons["stop"].click(handlers.stop, [conv], None, queue=False)
@@ -275,19 +276,20 @@ def _wire(gr, handlers: ChatHandlers, conv, variant, chatbot, message, status, c
         trigger(handlers.clear, [conv], [chatbot, status], queue=False)
 
 
-def _take_message(conv: Conversation, message: str, system: str
-                  ) -> tuple[str, str | None, str]:
+def _take_message(conv: Conversation, message: str, system: str, unchanged: object = None
+                  ) -> tuple[object, str | None, str]:
     """Empty the box at once (the answer streams in a queued step) and say it is on its way;
     from now on Stop applies to this request, also while it waits in the queue. While the
-    tab is still answering, or when the text cannot be sent, leave it in the box, send
-    nothing and say why."""
+    tab is still answering, or when the text cannot be sent, send nothing, say why and leave
+    the box as it is (`unchanged`: Gradio's no-update, as text that is not UTF-8 cannot even
+    be sent back to the page)."""
     if conv.busy:
-        return message, None, BUSY
+        return unchanged, None, BUSY
     try:
         check_text(message or "", "the message")
         check_text(system or "", "the system prompt")
     except UserError as exc:
-        return message, None, f"error: {exc}"
+        return unchanged, None, f"error: {exc}"
     request_answer(conv)
     return "", message, "sending ..."
 
