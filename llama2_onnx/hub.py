@@ -209,6 +209,7 @@ def hub_upload(variant_dir: Path, repo_id: str, token: str | None = None,
     from .publish import ensure_gitattributes, require_verified
 
     variant_dir = Path(variant_dir).resolve()
+    repo_id = parse_repo_id(repo_id)
     require_verified(variant_dir)
     ensure_gitattributes(variant_dir)
     files, left_out = published_files(variant_dir)

@@ -29,7 +29,7 @@ from .files import (
     read_manifest,
     sha256_file,
 )
-from .hub import PublishError, check_url, remote_urls, upload_to_hub
+from .hub import PublishError, check_url, parse_repo_id, remote_urls, upload_to_hub
 from .slots import SLOTS
 from .variant_card import LFS_PATTERNS
 
@@ -108,9 +108,10 @@ def publish_variant(variant_dir: Path, remote: str, dist: Path | None = None,
     path = variant_dir.relative_to(dist).as_posix()
     message = message or f"Publish {variant_dir.name}"
     if hub:
+        repo_id = parse_repo_id(remote)  # refuse a bad id before touching .gitattributes
         ensure_gitattributes(variant_dir)
         files, _ = published_files(variant_dir)
-        url, sha = upload_to_hub(variant_dir, remote, files, message=message, api=api)
+        url, sha = upload_to_hub(variant_dir, repo_id, files, message=message, api=api)
         local_url = None
     else:
         url, local_url = remote_urls(remote, dist)

@@ -6,6 +6,7 @@ these is in test_chat_browser.py."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -93,15 +94,30 @@ def test_page_keeps_a_message_it_cannot_send():
 # ---------------------------------------------------------------------------- case 10: --port
 
 
-@pytest.mark.parametrize("port", ["-1", "0", "65536", "99999"])
-def test_bad_port_is_one_error_line(tmp_path, port):
+def run_app(cwd, *args: str) -> str:
+    """ChatApp/app.py's one `error:` line (exit code 2, no traceback)."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.run([sys.executable, str(ROOT / "ChatApp" / "app.py"), "--port", port,
-                           "--provider", "cpu"], capture_output=True, text=True, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(ROOT / "ChatApp" / "app.py"), *args,
+                           "--provider", "cpu"], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0] == (f"error: --port {port} is not a port number; pass "
-                                            "one from 1 to 65535 (default 7860).")
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("port", ["-1", "0", "65536", "99999"])
+def test_bad_port_is_one_error_line(tmp_path, port):
+    assert run_app(tmp_path, "--port", port) == (f"error: --port {port} is not a port number; "
+                                                 "pass one from 1 to 65535 (default 7860).")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+def test_port_in_use_is_one_error_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = run_app(tmp_path, "--port", str(port))
+    assert line.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in line

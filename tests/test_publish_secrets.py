@@ -160,6 +160,9 @@ def test_url_with_credentials_is_refused_and_masked(tmp_path: Path, dist: Path,
         publish_variant(dist / NAME, url)
     assert SECRET not in str(info.value) and "***" in str(info.value)
     assert snapshot(dist) == before and not (dist / NAME / ".git").exists()
+    with pytest.raises(PublishError, match="credential helper") as info:
+        publish_variant(dist / NAME, url, hub=True, api=FakeApi())  # --hub URL too
+    assert SECRET not in str(info.value) and snapshot(dist) == before
 
 
 def test_file_url_with_token_is_refused(tmp_path: Path, dist: Path) -> None:
