@@ -175,8 +175,9 @@ def published_files(folder: Path) -> tuple[list[str], list[str]]:
     others = []
     for top, dirs, names in os.walk(folder):
         here = Path(top).relative_to(folder)
-        dirs[:] = [d for d in dirs if d != CACHE_PART and not (d == ".git" and here.parts == ())]
-        others += [rel for name in names if (rel := (here / name).as_posix()) not in listed]
+        dirs[:] = [d for d in dirs if d != CACHE_PART and (here.parts or d != ".git")]
+        others += [rel for name in names if (rel := (here / name).as_posix()) not in listed
+                   and rel != ".git"]  # a submodule's .git is a file pointing to its repository
     return listed, sorted(others)
 
 

@@ -286,7 +286,7 @@ def tracker():
 def test_text_in_the_chat_loads_nothing(tab, tracker, app_url):
     text = (f"look ![pixel]({tracker}/markdown.png) and <img src=\"{tracker}/html.png\"> "
             f"<video poster=\"{tracker}/poster.png\"></video> [site]({tracker}/link) "
-            f"<{tracker}/autolink> & `<b>code</b>`")
+            f"<{tracker}/autolink>\nand on a new line & `<b>code</b>`")
     set_number(tab, "max_new_tokens", 8)
     send(tab, text)
     watch_answer(tab)

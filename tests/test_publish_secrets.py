@@ -20,6 +20,7 @@ import test_publish
 from conftest import ROOT
 from test_publish import NAME, FakeApi, bare, git, make_variant
 
+from llama2_onnx.files import published_files
 from llama2_onnx.hub import PublishError, hub_upload, mask_secrets
 from llama2_onnx.publish import publish_variant
 
@@ -102,6 +103,17 @@ def test_republish_drops_files_committed_before(tmp_path: Path, dist: Path) -> N
     result = publish_variant(dist / NAME, str(remote))
     assert "notes.txt" not in git("ls-tree", "-r", "--name-only", "main", cwd=remote)
     assert result.left_out == ("notes.txt",)
+
+
+def test_checked_out_submodule_warns_about_nothing(tmp_path: Path, dist: Path) -> None:
+    # In a clone of the distribution the variant's .git is a file; it is not a stray file.
+    make_variant(dist / NAME)
+    publish_variant(dist / NAME, str(bare(tmp_path)))
+    git("-c", "protocol.file.allow=always", "clone", "-q", "--recurse-submodules",
+        str(dist), "clone", cwd=tmp_path, env={"GIT_LFS_SKIP_SMUDGE": "1"})
+    assert (tmp_path / "clone" / NAME / ".git").is_file()
+    (tmp_path / "clone" / NAME / ".env").write_text(f"HF_TOKEN={SECRET}\n")
+    assert published_files(tmp_path / "clone" / NAME)[1] == [".env"]
 
 
 def test_cli_names_left_out_files_in_one_warning_line(tmp_path: Path, dist: Path) -> None:
