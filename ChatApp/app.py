@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llama2_onnx.chat_ui import AppOptions, build_app, launch  # noqa: E402
+from llama2_onnx.chat_ui import AppOptions, build_app, check_port, launch  # noqa: E402
 from llama2_onnx.cli import add_engine_args, run_main  # noqa: E402
 
 
@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def serve(args: argparse.Namespace) -> None:
+    check_port(args.port)  # before the model and Gradio load
     options = AppOptions(root=args.root, variant=args.variant, provider=args.provider,
                          max_seq_len=args.max_seq_len, graph_capture=args.graph_capture,
                          graph_cache=not args.no_graph_cache, token_delay=args.token_delay)

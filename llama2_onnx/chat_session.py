@@ -50,6 +50,21 @@ class Exchange:
     answer_ids: list[int] = field(default_factory=list)
 
 
+def check_text(text: str, what: str) -> None:
+    """Refuse text that cannot be encoded (a lone surrogate such as "\\ud800" sent by a page).
+
+    Raises:
+        GenerationError: naming `what` and the position of the bad character.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise GenerationError(
+            f"{what} contains an invalid character at position {exc.start + 1} (a lone "
+            f"surrogate, U+{ord(text[exc.start]):04X}, which is not text); remove it or paste "
+            "the text again.") from None
+
+
 @dataclass
 class ChatSettings:
     """What a turn is generated with; checked when constructed."""
@@ -60,6 +75,7 @@ class ChatSettings:
     max_history_tokens: int = 4096
 
     def __post_init__(self) -> None:
+        check_text(self.system, "the system prompt")
         for name in ("max_new_tokens", "max_history_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -243,14 +259,16 @@ def respond(pool: EnginePool, conv: Conversation, user: str, settings: ChatSetti
     `request_stop(conv)` ends generation before the next token.
 
     Raises:
-        GenerationError: an empty message, a conversation already answering, or a message
-            that does not fit even alone; UserError if the variant cannot be loaded.
+        GenerationError: an empty message or one that is not text (a lone surrogate), a
+            conversation already answering, or a message that does not fit even alone;
+            UserError if the variant cannot be loaded.
     """
+    check_text(user, "the message")
     if not user.strip():
         raise GenerationError("the message is empty; type something first.")
     if conv.busy:
         raise GenerationError("still answering the previous message; press Stop first.")
-    conv.busy, conv.stop_requested = True, False
+    conv.busy = True  # a Stop pressed while this request waited (request_answer) still holds
     conv.pending = Exchange(user)
     try:
         if not pool.is_loaded(conv.variant):
@@ -258,7 +276,14 @@ def respond(pool: EnginePool, conv: Conversation, user: str, settings: ChatSetti
             yield ""
         yield from _answer_locked(pool.get(conv.variant), conv, settings)
     finally:
-        conv.pending, conv.busy = None, False
+        conv.pending, conv.busy, conv.stop_requested = None, False, False
+
+
+def request_answer(conv: Conversation) -> None:
+    """Note that Send or Regenerate was pressed: from now on a Stop applies to that request,
+    also while it waits in a queue before `respond` runs (no-op while an answer runs)."""
+    if not conv.busy:
+        conv.stop_requested = False
 
 
 def _answer_locked(slot: LoadedEngine, conv: Conversation, settings: ChatSettings

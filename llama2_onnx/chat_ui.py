@@ -7,6 +7,8 @@ Each browser tab gets its own `Conversation` (a `gr.State`), and all tabs share 
 
 from __future__ import annotations
 
+import functools
+import html
 import os
 import time
 from collections.abc import Iterator
@@ -17,9 +19,11 @@ from .chat_session import (
     ChatSettings,
     Conversation,
     EnginePool,
+    check_text,
     new_conversation,
     regenerate,
     remove_last,
+    request_answer,
     request_stop,
     respond,
 )
@@ -29,7 +33,14 @@ from .variants import VariantState, list_variants, pull_command, resolve_variant
 
 INSTALL_HINT = "the chat app needs Gradio; install it with `pip install -e .[chat]`."
 UPDATE_EVERY_S = 0.05  # the page is refreshed at most this often while an answer streams
-CSS = "#status { min-height: 1.5em; }"
+# Messages are shown as plain text (see `shown_messages`), so keep their line breaks.
+CSS = ("#status { min-height: 1.5em; }\n"
+       "#chat [data-testid=user], #chat [data-testid=bot] { white-space: pre-wrap; }")
+# Defence in depth behind `shown_messages`: the page may load images, media, fonts and frames
+# only from the app itself, so no text can make the browser fetch from elsewhere.
+CONTENT_SECURITY_POLICY = ("img-src 'self' data: blob:; media-src 'self' data: blob:; "
+                           "font-src 'self' data:; object-src 'none'; frame-src 'self'; "
+                           "base-uri 'self'; form-action 'self'")
 BUSY = "still answering the previous message; press Stop first."
 
 
@@ -88,6 +99,14 @@ def no_variant_page(root: Path, states: list[VariantState]) -> str:
             "`python ChatApp/app.py`.\n\n### Variant slots\n\n" + not_ready_help(states))
 
 
+def shown_messages(conv: Conversation) -> list[dict]:
+    """The chat for the page, as plain text: model and user text is never rendered as
+    Markdown or HTML, so it cannot load an image or other remote resource (a tracking or
+    exfiltration channel), and a link stays text. Gradio still sanitises what it inserts."""
+    return [{**message, "content": html.escape(message["content"], quote=False)}
+            for message in conv.messages()]
+
+
 def chat_settings(system: str, temperature: float, top_p: float, max_new_tokens: float,
                   max_history_tokens: float) -> ChatSettings:
     """ChatSettings from the page's controls (GenerationError for bad values)."""
@@ -104,11 +123,12 @@ class ChatHandlers:
     def __init__(self, pool: EnginePool, options: AppOptions) -> None:
         self.pool, self.options = pool, options
 
-    def answer(self, conv: Conversation, message: str | None, variant: str, *controls
-               ) -> Iterator[tuple[list, str]]:
-        """Send: stream the answer to `message` into the chat (None: nothing was sent)."""
+    def answer(self, conv: Conversation, message: str | None, shown_status: str, variant: str,
+               *controls) -> Iterator[tuple[list, str]]:
+        """Send: stream the answer to `message` into the chat (None: nothing was sent, and
+        `shown_status`, the status line, says why)."""
         if message is None:
-            yield conv.messages(), BUSY
+            yield shown_messages(conv), shown_status
             return
         try:
             self._use_variant(conv, variant)
@@ -143,10 +163,10 @@ class ChatHandlers:
                     time.sleep(self.options.token_delay)
                 if time.monotonic() - shown >= UPDATE_EVERY_S:
                     shown = time.monotonic()
-                    yield conv.messages(), conv.status
+                    yield shown_messages(conv), conv.status
         except UserError as exc:
             conv.status = f"error: {exc}"
-        yield conv.messages(), conv.status
+        yield shown_messages(conv), conv.status
 
     def stop(self, conv: Conversation) -> None:
         request_stop(conv)
@@ -163,7 +183,7 @@ class ChatHandlers:
             conv.status = done
         except UserError as exc:
             conv.status = f"error: {exc}"
-        return conv.messages(), conv.status
+        return shown_messages(conv), conv.status
 
 
 def build_app(options: AppOptions):
@@ -200,7 +220,8 @@ def _chat_page(gr, handlers: ChatHandlers, choices: list[tuple[str, str]],
     variant = gr.Dropdown(choices, value=choices[0][1], label="Variant", elem_id="variant")
     with gr.Accordion("Variants not ready yet", open=False):
         gr.Markdown(not_ready_help(not_ready))
-    chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420)
+    chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420,
+                         render_markdown=False, latex_delimiters=[])
     with gr.Row():
         message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                              scale=5, elem_id="message")
@@ -243,21 +264,33 @@ def _wire(gr, handlers: ChatHandlers, conv, variant, chatbot, message, status, c
     text = gr.State("")
     streamed = dict(outputs=[chatbot, status], concurrency_limit=4, concurrency_id="answer",
                     show_progress="hidden")
+    take = functools.partial(_take_message, unchanged=gr.skip())
     for trigger in (buttons["send"].click, message.submit):
-        trigger(_take_message, [conv, message], [message, text, status], queue=False).then(
-            handlers.answer, [conv, text, variant, *controls], **streamed)
-    buttons["again"].click(handlers.again, [conv, variant, *controls], **streamed)
+        trigger(take, [conv, message, controls[0]], [message, text, status], queue=False).then(
+            handlers.answer, [conv, text, status, variant, *controls], **streamed)
+    buttons["again"].click(request_answer, [conv], None, queue=False).then(
+        handlers.again, [conv, variant, *controls], **streamed)
     buttons["stop"].click(handlers.stop, [conv], None, queue=False)
     buttons["remove"].click(handlers.remove, [conv], [chatbot, status], queue=False)
     for trigger in (buttons["clear"].click, chatbot.clear):  # the chat's trash icon too
         trigger(handlers.clear, [conv], [chatbot, status], queue=False)
 
 
-def _take_message(conv: Conversation, message: str) -> tuple[str, str | None, str]:
+def _take_message(conv: Conversation, message: str, system: str, unchanged: object = None
+                  ) -> tuple[object, str | None, str]:
     """Empty the box at once (the answer streams in a queued step) and say it is on its way;
-    while the tab is still answering, leave the text in the box and send nothing."""
+    from now on Stop applies to this request, also while it waits in the queue. While the
+    tab is still answering, or when the text cannot be sent, send nothing, say why and leave
+    the box as it is (`unchanged`: Gradio's no-update, as text that is not UTF-8 cannot even
+    be sent back to the page)."""
     if conv.busy:
-        return message, None, BUSY
+        return unchanged, None, BUSY
+    try:
+        check_text(message or "", "the message")
+        check_text(system or "", "the system prompt")
+    except UserError as exc:
+        return unchanged, None, f"error: {exc}"
+    request_answer(conv)
     return "", message, "sending ..."
 
 
@@ -267,9 +300,52 @@ def _theme(gr):
                           font_mono=["ui-monospace", "monospace"])
 
 
+def check_port(port: int) -> None:
+    """Refuse a port number no server can listen on (before anything is loaded).
+
+    Raises:
+        UserError: `port` is outside 1-65535.
+    """
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a port number; pass one from 1 to 65535 "
+                        "(default 7860).")
+
+
 def launch(app, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
-    """Serve `app` until interrupted (local only unless `share`)."""
+    """Serve `app` until interrupted (local only unless `share`).
+
+    Raises:
+        UserError: the port is not a port number, or cannot be listened on (in use).
+    """
+    check_port(port)
     gr = import_gradio()
+    from starlette.middleware import Middleware  # installed with Gradio
+
     app.queue(default_concurrency_limit=4)
-    app.launch(server_name=host, server_port=port, share=share, ssr_mode=False,
-               inbrowser=False, theme=_theme(gr), css=CSS)
+    try:
+        app.launch(server_name=host, server_port=port, share=share, ssr_mode=False,
+                   inbrowser=False, theme=_theme(gr), css=CSS,
+                   app_kwargs={"middleware": [Middleware(ContentSecurityPolicy)]})
+    except OSError as exc:  # Gradio's "Cannot find empty port", or an address it cannot bind
+        raise UserError(f"cannot listen on {host}:{port} ({str(exc).split('.')[0]}); pass "
+                        "another --port or --host.") from None
+
+
+class ContentSecurityPolicy:
+    """ASGI middleware adding CONTENT_SECURITY_POLICY to every HTTP response."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_policy(message) -> None:
+            if message["type"] == "http.response.start":
+                policy = (b"content-security-policy", CONTENT_SECURITY_POLICY.encode())
+                message = {**message, "headers": [*message.get("headers", []), policy]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_policy)

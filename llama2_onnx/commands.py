@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .errors import UserError
@@ -48,6 +49,8 @@ def _publish(folder: Path, args: argparse.Namespace) -> None:
     else:
         result = publish_variant(folder, args.remote, dist=args.dist)
     print(result)
+    if result.warning:
+        print(f"warning: {result.warning}", file=sys.stderr)
 
 
 def verify_command(args: argparse.Namespace, root: Path) -> int:

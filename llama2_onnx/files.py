@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path, PurePosixPath
 
@@ -154,3 +155,35 @@ def check_files(folder: Path, sha256: bool = False) -> list[str]:
             problems.append(f"{path} does not match its sha256 in the manifest; it is corrupted: "
                             f"delete it and run `git lfs pull` in {folder} (or re-export).")
     return problems + variant_file_problems(folder, manifest["files"])
+
+
+def published_files(folder: Path) -> tuple[list[str], list[str]]:
+    """Split a variant folder into what publishing ships and everything else.
+
+    Args:
+        folder: a variant folder with a manifest.
+    Returns:
+        (manifest.json and every file it lists; every other file in the folder, its `.git`
+        and optimized-graph caches aside), both sorted posix paths relative to `folder`.
+    Raises:
+        VariantError when the manifest is missing or malformed.
+    """
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise VariantError(f"{folder / MANIFEST} is missing; re-export the variant.")
+    listed = sorted({MANIFEST, *manifest["files"]})
+    others = []
+    for top, dirs, names in os.walk(folder):
+        here = Path(top).relative_to(folder)
+        dirs[:] = [d for d in dirs if d != CACHE_PART and (here.parts or d != ".git")]
+        others += [rel for name in names if (rel := (here / name).as_posix()) not in listed
+                   and rel != ".git"]  # a submodule's .git is a file pointing to its repository
+    return listed, sorted(others)
+
+
+def left_out_warning(left_out: list[str]) -> str:
+    """The one warning line naming the files a publish did not ship ("" when none)."""
+    if not left_out:
+        return ""
+    return (f"not published (not listed in {MANIFEST}, so left out): {', '.join(left_out)}; "
+            "re-export the variant if one of them belongs in it.")

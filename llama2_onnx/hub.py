@@ -8,6 +8,7 @@ URLs. Hugging Face uploads go through `huggingface_hub`, whose token comes from
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import subprocess
@@ -15,34 +16,77 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import UserError
+from .files import published_files
 
 HUB_URL = "https://huggingface.co"
-# Never uploaded: runtime caches and interrupted writes (huggingface_hub skips .git itself).
-HUB_IGNORE = [".cache/*", "*.tmp", "*.partial-*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+# A URL inside free text (an error message, git's stderr): scheme, user info, the rest up to
+# a space or quote, then its query and fragment, which are where tokens hide.
+_URL_IN_TEXT = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/@'\"`<>]*@)?"
+                          r"(?P<rest>[^\s?#'\"`<>]*)(?P<query>\?[^\s#'\"`<>]*)?"
+                          r"(?P<fragment>#[^\s'\"`<>]*)?")
+# An scp-like git URL in free text (user@host:path), then its query and fragment.
+_SCP_IN_TEXT = re.compile(r"(?P<rest>[\w.-]+@[\w.-]+:[^\s?#'\"`<>]*)(?P<query>\?[^\s#'\"`<>]*)?"
+                          r"(?P<fragment>#[^\s'\"`<>]*)?")
+CREDENTIAL_FIX = ("remove them from the URL and let git get them from a credential helper or "
+                  "SSH (or, for the Hub, `hf auth login` / HF_TOKEN).")
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with the user info, query and fragment of every URL in it replaced by `***`.
+
+    Every message that shows a URL (ours, or git's stderr echoed in one) goes through this.
+    """
+    def mask(match: re.Match) -> str:
+        groups = match.groupdict()
+        return (groups.get("scheme", "") + ("***@" if groups.get("userinfo") else "")
+                + match["rest"] + ("?***" if match["query"] else "")
+                + ("#***" if match["fragment"] else ""))
+    return _SCP_IN_TEXT.sub(mask, _URL_IN_TEXT.sub(mask, text))
 
 
 class PublishError(UserError):
-    """A publish that cannot go ahead: bad remote URL, failed push or upload, unusable repo."""
+    """A publish that cannot go ahead: bad remote URL, failed push or upload, unusable repo.
+
+    Its message is shown with URL secrets masked, whatever it quotes.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(mask_secrets(message))
 
 
+def url_secret(url: str) -> str:
+    """Where `url` carries something that may be a credential ("" when nowhere).
 
-def check_url(url: str) -> None:
+    User info (a password, or any user name in an http(s) URL: tokens hide there), a query
+    string (`?access_token=...`) or a fragment, in a `scheme://` or an scp-like `host:path` URL.
+    Local paths may hold any character.
+    """
+    if "://" in url:
+        parts = urlsplit(url)
+        http = parts.scheme.lower() in ("http", "https")
+        if parts.password is not None or (http and parts.username):
+            return "user name or password"
+    elif _is_local_relative(url) or os.path.isabs(url):
+        return ""
+    if "?" in url:
+        return "query string"
+    if "#" in url:
+        return "fragment"
+    return ""
+
+
+def check_url(url: str, what: str = "the URL") -> None:
     """Refuse a URL that carries credentials (they would end up in .gitmodules or .git/config).
 
     Raises:
-        PublishError: the URL has a password, or a user name in an http(s) URL (tokens hide
-            there too).
+        PublishError: `url_secret` found a place where a credential may hide.
     """
-    if "://" not in url:
-        return
-    parts = urlsplit(url)
-    http = parts.scheme.lower() in ("http", "https")
-    if parts.password is not None or (http and parts.username):
-        shown = f"{parts.scheme}://***@{parts.hostname}{parts.path}"
-        raise PublishError(f"the URL {shown} contains credentials; remove them from the URL and "
-                           "let a git credential helper (or `hf auth login`) supply them.")
+    where = url_secret(url)
+    if where:
+        raise PublishError(f"{what} {url} contains credentials (in its {where}); "
+                           + CREDENTIAL_FIX)
 
 
 def _is_relative_url(url: str) -> bool:
@@ -58,10 +102,12 @@ def remote_urls(remote: str, dist: Path) -> tuple[str, str]:
     """
     check_url(remote)
     if _is_relative_url(remote):
-        resolved = resolve_relative_url(remote, _dist_remote_url(dist))
+        base = _dist_remote_url(dist)
+        check_url(base, what=f"the distribution's remote URL (which {remote} is relative to)")
+        resolved = resolve_relative_url(remote, base)
         if _is_local_relative(resolved):
             resolved = str((dist / resolved).resolve())
-        check_url(resolved)
+        check_url(resolved, what=f"the URL that {remote} resolves to,")
         return remote, resolved
     if _is_local_relative(remote):
         remote = str(Path(remote).resolve())
@@ -145,7 +191,7 @@ def parse_repo_id(repo: str) -> str:
 
 
 def hub_upload(variant_dir: Path, repo_id: str, token: str | None = None,
-               api: object | None = None) -> str:
+               api: object | None = None) -> tuple[str, list[str]]:
     """Upload a verified variant folder to a Hugging Face model repository.
 
     Args:
@@ -154,7 +200,8 @@ def hub_upload(variant_dir: Path, repo_id: str, token: str | None = None,
         token: passed to huggingface_hub only; None lets it use `hf auth login` / HF_TOKEN.
         api: an `HfApi`-like object (tests inject a fake); default `HfApi()`.
     Returns:
-        The repository's git URL, `https://huggingface.co/<repo_id>`, for .gitmodules.
+        The repository's git URL, `https://huggingface.co/<repo_id>`, for .gitmodules, and the
+        files of the folder that were left out because the manifest does not list them.
     Raises:
         VariantError: the folder does not match its manifest.
         PublishError: bad repo id, huggingface_hub missing, or the upload failed.
@@ -162,20 +209,31 @@ def hub_upload(variant_dir: Path, repo_id: str, token: str | None = None,
     from .publish import ensure_gitattributes, require_verified
 
     variant_dir = Path(variant_dir).resolve()
+    repo_id = parse_repo_id(repo_id)
     require_verified(variant_dir)
     ensure_gitattributes(variant_dir)
-    url, _ = upload_to_hub(variant_dir, repo_id, token=token, api=api)
-    return url
+    files, left_out = published_files(variant_dir)
+    url, _ = upload_to_hub(variant_dir, repo_id, files, token=token, api=api)
+    return url, left_out
 
 
-def upload_to_hub(variant_dir: Path, repo_id: str, message: str | None = None,
+def upload_to_hub(variant_dir: Path, repo_id: str, files: list[str], message: str | None = None,
                   token: str | None = None, api: object | None = None) -> tuple[str, str]:
-    """Create the model repository if needed and upload the folder as one commit.
+    """Create the model repository if needed and make one commit holding exactly `files`.
 
+    Args:
+        variant_dir: the variant folder.
+        repo_id: `owner/name` or its https://huggingface.co URL.
+        files: paths relative to `variant_dir` to upload (nothing else is); files already in
+            the repository but not in this list are deleted by the same commit.
+        message: the commit message (default "Publish <name>").
+        token: passed to huggingface_hub only.
+        api: an `HfApi`-like object (tests inject a fake); default `HfApi()`.
     Returns:
         (git URL of the repository, the commit id the upload made).
     Raises:
-        PublishError: bad repo id, huggingface_hub missing, or the upload failed.
+        PublishError: bad repo id, huggingface_hub missing, or the upload failed (no
+            connection, refused token, server error).
     """
     repo_id = parse_repo_id(repo_id)
     api = api if api is not None else _default_api()
@@ -184,16 +242,36 @@ def upload_to_hub(variant_dir: Path, repo_id: str, message: str | None = None,
         api.create_repo(repo_id, repo_type="model", exist_ok=True, token=token)
         info = api.upload_folder(folder_path=str(variant_dir), repo_id=repo_id,
                                  repo_type="model", commit_message=message, token=token,
-                                 ignore_patterns=HUB_IGNORE)
-    except OSError as exc:  # huggingface_hub's HTTP and missing-token errors are OSErrors
-        raise PublishError(f"uploading {variant_dir.name} to {HUB_URL}/{repo_id} failed ({exc}); "
-                           "log in with `hf auth login` (or set HF_TOKEN) with write access "
-                           "to that repository and publish again.") from exc
+                                 allow_patterns=[glob.escape(rel) for rel in files],
+                                 delete_patterns="*")
+    except _hub_errors() as exc:
+        raise PublishError(f"uploading {variant_dir.name} to {HUB_URL}/{repo_id} failed "
+                           f"({type(exc).__name__}: {_first_line(exc)}); check the connection "
+                           "to the Hub, log in with `hf auth login` (or set HF_TOKEN) with write "
+                           "access to that repository, and publish again.") from exc
     oid = getattr(info, "oid", None)
     if not isinstance(oid, str) or not _SHA.match(oid):
         raise PublishError(f"the upload to {repo_id} returned no commit id ({oid!r}); update "
                            "huggingface_hub with `pip install -U huggingface_hub`.")
     return f"{HUB_URL}/{repo_id}", oid
+
+
+def _hub_errors() -> tuple[type[Exception], ...]:
+    """What a failed Hub call raises: OSError (no token, offline mode, HTTP status errors),
+    ValueError (ids the Hub rejects) and the HTTP client's own base error (a refused
+    connection or a timeout is an httpx error, not an OSError)."""
+    errors: list[type[Exception]] = [OSError, ValueError]
+    try:
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:
+        return tuple(errors)
+    errors += [base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError"]
+    return tuple(errors)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "no details"
 
 
 def _default_api() -> object:

@@ -21,8 +21,15 @@ from pathlib import Path
 
 from .config import write_text_atomic
 from .errors import VariantError
-from .files import MANIFEST, check_files, read_manifest, sha256_file
-from .hub import PublishError, check_url, remote_urls, upload_to_hub
+from .files import (
+    MANIFEST,
+    check_files,
+    left_out_warning,
+    published_files,
+    read_manifest,
+    sha256_file,
+)
+from .hub import PublishError, check_url, parse_repo_id, remote_urls, upload_to_hub
 from .slots import SLOTS
 from .variant_card import LFS_PATTERNS
 
@@ -48,6 +55,12 @@ class PublishResult:
     url: str           # URL written to .gitmodules (relative URLs kept relative)
     commit: str        # the variant commit the submodule is pinned at
     dist_commit: str   # the distribution commit that records the pin
+    left_out: tuple[str, ...] = ()  # files in the folder the manifest does not list
+
+    @property
+    def warning(self) -> str:
+        """One line naming the files that were left out ("" when none): the caller shows it."""
+        return left_out_warning(list(self.left_out))
 
 
 # ---------------------------------------------------------------------------- public API
@@ -78,6 +91,9 @@ def publish_variant(variant_dir: Path, remote: str, dist: Path | None = None,
         hub: upload with huggingface_hub instead of `git push` (token from `hf auth login`
             or HF_TOKEN, never from arguments that end up in files).
         api: an `HfApi`-like object for hub mode (tests inject a fake).
+    Only manifest.json and the files it lists are published; anything else in the folder
+    (an `.env`, notes) is left out and named in `PublishResult.warning`.
+
     Returns:
         The PublishResult; the distribution commit is made but not pushed.
     Raises:
@@ -92,14 +108,17 @@ def publish_variant(variant_dir: Path, remote: str, dist: Path | None = None,
     path = variant_dir.relative_to(dist).as_posix()
     message = message or f"Publish {variant_dir.name}"
     if hub:
+        repo_id = parse_repo_id(remote)  # refuse a bad id before touching .gitattributes
         ensure_gitattributes(variant_dir)
-        url, sha = upload_to_hub(variant_dir, remote, message=message, api=api)
+        files, _ = published_files(variant_dir)
+        url, sha = upload_to_hub(variant_dir, repo_id, files, message=message, api=api)
         local_url = None
     else:
         url, local_url = remote_urls(remote, dist)
         sha = push_variant(variant_dir, local_url, message)
     dist_commit = register_submodule(dist, path, url, sha, local_url=local_url)
-    return PublishResult(variant_dir.name, path, url, sha, dist_commit)
+    _, left_out = published_files(variant_dir)
+    return PublishResult(variant_dir.name, path, url, sha, dist_commit, tuple(left_out))
 
 
 def require_verified(variant_dir: Path) -> None:
@@ -172,7 +191,10 @@ def _find_dist(variant_dir: Path, dist: Path | None) -> Path:
 
 
 def push_variant(variant_dir: Path, url: str, message: str) -> str:
-    """Make the folder a git + LFS repository, commit everything, push to `url`.
+    """Make the folder a git + LFS repository, commit its published files, push to `url`.
+
+    The commit holds exactly manifest.json and the files it lists (see `published_files`);
+    other files in the folder stay out of it, and out of the remote.
 
     LFS objects are pushed with `git lfs push` before `git push` (whose pre-push hook,
     installed by `git lfs install --local`, would push them too), so a missing hook cannot
@@ -190,7 +212,8 @@ def push_variant(variant_dir: Path, url: str, message: str) -> str:
     check_url(url)
     _init_variant_repo(variant_dir)
     ensure_gitattributes(variant_dir)
-    sha = _commit_all(variant_dir, message)
+    files, _ = published_files(variant_dir)
+    sha = _commit_files(variant_dir, files, message)
     _set_origin(variant_dir, url)
     pushes = (("lfs", "push", "origin", "HEAD"), ("push", "origin", f"HEAD:refs/heads/{BRANCH}"))
     for args in pushes:
@@ -260,9 +283,17 @@ def _refresh_manifest_entry(variant_dir: Path, rel: str) -> None:
     write_text_atomic(variant_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
-def _commit_all(variant_dir: Path, message: str) -> str:
-    """Stage every file (large ones through LFS) and commit if anything changed; return HEAD."""
-    _git_out("add", "-A", ".", cwd=variant_dir)
+def _commit_files(variant_dir: Path, files: list[str], message: str) -> str:
+    """Make the index hold exactly `files` (large ones through LFS), commit if anything
+    changed; return HEAD. Paths are literal (no globbing) and added even if git ignores them."""
+    literal = {**os.environ, "GIT_LITERAL_PATHSPECS": "1"}
+    indexed = _git("ls-files", "-z", cwd=variant_dir).stdout.decode("utf-8", "surrogateescape")
+    keep = set(files)
+    stale = [rel for rel in indexed.split("\0") if rel and rel not in keep]
+    for command, paths in ((("rm", "-q", "--cached"), stale), (("add", "-f"), files)):
+        if paths:
+            _git_out(*command, "--pathspec-from-file=-", "--pathspec-file-nul", cwd=variant_dir,
+                     env=literal, stdin="\0".join(paths).encode("utf-8", "surrogateescape"))
     head = _git_out("rev-parse", "-q", "--verify", "HEAD", cwd=variant_dir, check=False)
     if head and _git(*("diff", "--cached", "--quiet"), cwd=variant_dir).returncode == 0:
         return head

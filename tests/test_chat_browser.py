@@ -1,5 +1,6 @@
 """The chat app in a real headless browser (Playwright driving Debian's chromium): streaming,
-Stop, Regenerate, Remove, two tabs at once, and the page shown when no variant is ready."""
+Stop (also for a request still queued), Regenerate, Remove, two tabs at once, text that must not
+load anything, a message that is not text, and the page shown when no variant is ready."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -224,6 +227,90 @@ def test_two_tabs_keep_separate_conversations(browser, app_url):
     finally:
         first.context.close()
         second.context.close()
+
+
+def test_stop_applies_to_a_request_waiting_in_the_queue(browser, app_url):
+    # Four answers fill the app's four answer slots (one generates, three wait for the engine);
+    # a fifth tab's request then waits in Gradio's queue, and its Stop must still hold.
+    busy = [open_tab(browser, app_url) for _ in range(4)]
+    queued = open_tab(browser, app_url)
+    try:
+        for page in busy:
+            set_number(page, "max_new_tokens", 4000)
+            send(page, "the dog ran far")
+        deadline = time.monotonic() + 60
+        while not all(("generating" in (text := status(page)) or "waiting for another" in text)
+                      for page in busy):  # all four answers started (one generates at a time)
+            assert time.monotonic() < deadline, [status(page) for page in busy]
+            time.sleep(0.05)
+        set_number(queued, "max_new_tokens", 200)
+        send(queued, "the cat sat")
+        wait_for_status(queued, "queue", timeout_s=10)  # Gradio shows its place in the queue
+        queued.click("#stop")
+        for page in busy:
+            page.click("#stop")
+        final = wait_for_status(queued, "tokens/s", timeout_s=60)
+        assert final.startswith("stopped"), final
+        assert int(final.split(" new tokens")[0].rsplit("· ", 1)[1]) <= 1, final
+        assert questions(queued) == ["the cat sat"]
+    finally:
+        for page in [*busy, queued]:
+            page.click("#stop")
+            page.context.close()
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """Records every request it gets (the server stands for a tracker on the internet)."""
+
+    seen: list[str] = []
+
+    def do_GET(self):  # noqa: N802  # http.server's name
+        Recorder.seen.append(self.path)
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def tracker():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Recorder.seen = []
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_text_in_the_chat_loads_nothing(tab, tracker, app_url):
+    text = (f"look ![pixel]({tracker}/markdown.png) and <img src=\"{tracker}/html.png\"> "
+            f"<video poster=\"{tracker}/poster.png\"></video> [site]({tracker}/link) "
+            f"<{tracker}/autolink>\nand on a new line & `<b>code</b>`")
+    set_number(tab, "max_new_tokens", 8)
+    send(tab, text)
+    watch_answer(tab)
+    time.sleep(1.0)  # time for any image load to reach the tracker
+    assert Recorder.seen == [] and tab.outside_requests == []
+    assert questions(tab) == [text]  # shown exactly as typed, as plain text
+    assert tab.locator("#chat img, #chat video, #chat a[href]").count() == 0
+    with urllib.request.urlopen(app_url, timeout=10) as reply:
+        assert "img-src 'self'" in reply.headers["Content-Security-Policy"]
+
+
+def test_message_that_is_not_text_gets_a_clear_error(tab):
+    # A lone surrogate cannot be typed, but a page script or a paste can put one in the box.
+    tab.evaluate(r"""() => { const box = document.querySelector('#message textarea');
+                             box.value = 'the cat \ud800 sat';
+                             box.dispatchEvent(new Event('input', {bubbles: true})); }""")
+    tab.click("#send")
+    final = wait_for_status(tab, "error:")
+    settle(tab)
+    # what was typed is kept (not lost with the failed request), and the error says why
+    assert tab.evaluate("() => document.querySelector('#message textarea').value") \
+        == "the cat \ud800 sat"
+    assert "lone surrogate" in final and "U+D800" in final, final
+    assert questions(tab) == [] and tab.locator(".toast-body").count() == 0
 
 
 def test_page_says_what_to_run_when_no_variant_is_ready(browser, tmp_path):

@@ -383,8 +383,9 @@ def test_hub_mode_registers_the_upload_commit(dist: Path) -> None:
 def test_hub_upload_passes_token_but_writes_it_nowhere(dist: Path) -> None:
     make_variant(dist / NAME)
     api = FakeApi()
-    url = hub_upload(dist / NAME, "https://huggingface.co/me/model", token="hf_SECRET", api=api)
-    assert url == "https://huggingface.co/me/model"
+    url, left_out = hub_upload(dist / NAME, "https://huggingface.co/me/model", token="hf_SECRET",
+                               api=api)
+    assert url == "https://huggingface.co/me/model" and left_out == []
     assert all(kwargs["token"] == "hf_SECRET" for _, _, kwargs in api.calls)
     publish_variant(dist / NAME, "me/model", hub=True, api=FakeApi())
     texts = [dist / ".gitmodules", dist / ".git" / "config", dist / "README.md",
