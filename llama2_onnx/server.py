@@ -157,8 +157,8 @@ class OpenAIServer:
         try:
             self.scheduler.submit(job)
         except QueueFull:
-            raise ApiError(503, f"the server is busy: {self.scheduler.max_waiting} requests "
-                           "are already waiting; retry shortly.", code="queue_full",
+            raise ApiError(503, f"the server is busy (its queue of {self.scheduler.max_waiting} "
+                           "waiting requests is full); retry shortly.", code="queue_full",
                            kind="server_error") from None
         return job
 

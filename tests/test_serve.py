@@ -269,6 +269,21 @@ def test_a_client_leaving_mid_stream_frees_the_engine_and_a_full_queue_is_503(sl
     assert stopped and int(stopped[0]) < 100
 
 
+def test_a_client_giving_up_on_a_whole_response_frees_the_engine(slow_server):
+    impatient = openai.OpenAI(base_url=slow_server.url, api_key=KEY, max_retries=0,
+                              timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        chat(impatient, "And Aaron said", max_tokens=400)
+    client = openai.OpenAI(base_url=slow_server.url, api_key=KEY, max_retries=0, timeout=60)
+    start = time.monotonic()
+    assert chat(client, "And Moses", max_tokens=5).choices[0].finish_reason == "length"
+    assert time.monotonic() - start < 3
+    time.sleep(0.2)
+    stopped = re.findall(r"stopped, prompt \d+ tokens \(prefilled \d+\), (\d+) new",
+                         slow_server.log.read_text())
+    assert len(stopped) == 2 and int(stopped[1]) < 100
+
+
 @pytest.mark.parametrize("args, message", [
     (["--port", "-1"], "--port -1 is invalid"),
     (["--port", "http"], "invalid int value"),
