@@ -168,23 +168,17 @@ class OpenAIServer:
         try:
             if parsed.endpoint == "chat":
                 yield _event(chunk_body(parsed, self.model, None, role=True))
-            while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.events.get(), KEEPALIVE_S)
-                except asyncio.TimeoutError:
-                    yield ": waiting\n\n"
-                    continue
-                if kind == "piece":
-                    if text := strip.push(value):
-                        yield _event(chunk_body(parsed, self.model, text))
-                    continue
-                if kind == "error":
+            async for kind, value in _batches(job):
+                if kind == "idle":
+                    yield ": waiting\n\n"  # an SSE comment: keeps proxies from timing out
+                elif kind == "piece" and (text := strip.push(value)):
+                    yield _event(chunk_body(parsed, self.model, text))
+                elif kind == "error":
                     yield _event(_generation_failed(value).body())
-                    break
-                yield _event(chunk_body(parsed, self.model, None, finish_reason(value)))
-                if parsed.include_usage:
-                    yield _event(usage_chunk_body(parsed, self.model, value))
-                break
+                elif kind == "done":
+                    yield _event(chunk_body(parsed, self.model, None, finish_reason(value)))
+                    if parsed.include_usage:
+                        yield _event(usage_chunk_body(parsed, self.model, value))
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()
@@ -193,17 +187,38 @@ class OpenAIServer:
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         strip, pieces = LeadingSpaceFilter(parsed.endpoint == "chat"), []
         try:
-            while True:
-                kind, value = await job.events.get()
+            async for kind, value in _batches(job):
                 if kind == "piece":
                     pieces.append(strip.push(value))
                 elif kind == "error":
                     return _error(_generation_failed(value))
-                else:
+                elif kind == "done":
                     return _json(response_body(parsed, self.model, "".join(pieces), value))
         finally:
             watcher.cancel()
             job.cancel()
+
+
+async def _batches(job: Job) -> AsyncIterator[tuple[str, object]]:
+    """The job's events, ending with "done" or "error". Pieces already queued are joined into
+    one (one chunk instead of many when the stream lags behind the model); ("idle", None)
+    comes every KEEPALIVE_S while nothing else does."""
+    while True:
+        try:
+            kind, value = await asyncio.wait_for(job.events.get(), KEEPALIVE_S)
+        except asyncio.TimeoutError:
+            yield "idle", None
+            continue
+        pieces = [value] if kind == "piece" else []
+        while kind == "piece" and not job.events.empty():
+            kind, value = job.events.get_nowait()
+            if kind == "piece":
+                pieces.append(value)
+        if pieces:
+            yield "piece", "".join(pieces)
+        if kind != "piece":
+            yield kind, value
+            return
 
 
 async def _cancel_on_disconnect(request, job: Job) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -90,9 +91,11 @@ def post(url: str, body: dict, key: str = KEY) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def test_models_lists_the_variant(client):
+def test_models_lists_the_variant_and_health_needs_no_key(client, server):
     models = client.models.list().data
     assert [m.id for m in models] == ["demo"] and models[0].object == "model"
+    with urllib.request.urlopen(server.url.removesuffix("/v1") + "/health", timeout=10) as reply:
+        assert json.loads(reply.read())["status"] == "ok"
 
 
 def test_chat_whole_and_streamed_give_the_same_answer(client):
@@ -307,3 +310,28 @@ def test_missing_server_packages_give_the_install_command(tmp_path):
     assert done.returncode == 2 and done.stderr == (
         "error: the server needs Starlette and uvicorn; install them with "
         "`pip install -e .[serve]`.\n")
+
+
+def test_kubernetes_manifest_agrees_with_itself_and_the_server():
+    yaml = pytest.importorskip("yaml")
+    spec = importlib.util.spec_from_file_location("serve_cli", SERVE)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    docs = list(yaml.safe_load_all((ROOT / "tools" / "deploy" / "kubernetes.yaml").read_text()))
+    deployment, service = sorted(docs, key=lambda d: d["kind"])
+    assert (deployment["apiVersion"], deployment["kind"]) == ("apps/v1", "Deployment")
+    assert (service["apiVersion"], service["kind"]) == ("v1", "Service")
+    spec, pod = deployment["spec"], deployment["spec"]["template"]
+    assert spec["replicas"] > 1 and spec["selector"]["matchLabels"] == pod["metadata"]["labels"]
+    assert service["spec"]["selector"] == pod["metadata"]["labels"]
+    (container,) = pod["spec"]["containers"]
+    port = container["ports"][0]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": port["name"]}
+    assert container["args"][:2] == ["python", "tools/serve.py"]
+    args = cli.parse_args(container["args"][2:])
+    assert (args.host, args.port) == ("0.0.0.0", port["containerPort"])
+    assert (ROOT / args.variant).is_dir()
+    (env,) = container["env"]
+    assert env["name"] == "LLAMA2_ONNX_API_KEY" and "secretKeyRef" in env["valueFrom"]
