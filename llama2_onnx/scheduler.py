@@ -115,10 +115,11 @@ class Scheduler:
                 job.post("piece", piece)
                 if self.token_delay:
                     time.sleep(self.token_delay)
-            job.post("done", engine.last_stats)
         except Exception as exc:  # noqa: BLE001  # reported to the client, the worker goes on
             log.exception("%s failed", job.name)
             job.post("error", exc)
+            return
+        job.post("done", engine.last_stats)
         _log_stats(job, engine.last_stats)
 
 

@@ -87,6 +87,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 32,
         UserError: if Starlette is not installed.
     """
     applications, _ = import_server_stack()
+    from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
     api = OpenAIServer(engine, api_key, max_queue, token_delay)
@@ -99,7 +100,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 32,
     routes = [Route("/health", api.health), Route("/v1/models", api.models),
               Route("/v1/chat/completions", api.chat, methods=["POST"]),
               Route("/v1/completions", api.completions, methods=["POST"])]
-    app = applications.Starlette(routes=routes, lifespan=lifespan)
+    app = applications.Starlette(routes=routes, lifespan=lifespan,
+                                 exception_handlers={HTTPException: _http_error})
     app.state.api = api
     return app
 
@@ -133,7 +135,9 @@ class OpenAIServer:
     async def _generate(self, request, endpoint: Endpoint):
         try:
             self._authorize(request)
-            parsed = parse_request(endpoint, await _read_json(request), self.engine, self.model)
+            body = await _read_json(request)
+            parsed = await asyncio.to_thread(parse_request, endpoint, body, self.engine,
+                                             self.model)  # long prompts: tokenize off the loop
             job = self._submit(parsed)
         except ApiError as exc:
             log.info("%s %s: %d %s", request.method, request.url.path, exc.status, exc.message)
@@ -219,6 +223,13 @@ async def _batches(job: Job) -> AsyncIterator[tuple[str, object]]:
         if kind != "piece":
             yield kind, value
             return
+
+
+async def _http_error(request, exc):
+    """Starlette's own refusals (no such path, wrong method) in OpenAI's error shape."""
+    return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: "
+                           f"{exc.detail}; see GET /v1/models, POST /v1/chat/completions and "
+                           "POST /v1/completions."))
 
 
 async def _cancel_on_disconnect(request, job: Job) -> None:

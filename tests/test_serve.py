@@ -60,7 +60,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, url, log = start_server(tmp_path_factory.mktemp("serve"),
+    proc, url, log = start_server(tmp_path_factory.mktemp("serve"), "--max-seq-len", "256",
                                   env={"LLAMA2_ONNX_API_KEY": KEY})
     yield SimpleNamespace(url=url, log=log)
     stop_server(proc)
@@ -184,6 +184,17 @@ def test_bad_parameters_get_openais_error_shape(client, changes, param):
     assert error.body["type"] == "invalid_request_error" and str(param) in error.body["message"]
 
 
+def test_unknown_paths_and_methods_get_openais_error_shape(server):
+    for method, path, status in (("GET", "/chat/completions", 405), ("POST", "/engines", 404)):
+        request = urllib.request.Request(server.url + path, b"{}" if method == "POST" else None,
+                                         method=method)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        assert caught.value.code == status
+        assert set(json.loads(caught.value.read())["error"]) == {"message", "type", "param",
+                                                                  "code"}
+
+
 def test_an_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.completions.create(model="7B_FT_float16", prompt="hi")
@@ -193,7 +204,7 @@ def test_an_unknown_model_is_404(client):
 def test_a_prompt_over_the_context_is_refused(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(prompt="And God said, " * 200, **GREEDY)
-    assert caught.value.code == "context_length_exceeded" and "512" in caught.value.message
+    assert caught.value.code == "context_length_exceeded" and "256" in caught.value.message
 
 
 def test_a_follow_up_prefills_only_its_new_tokens(client):
@@ -292,6 +303,7 @@ def test_a_client_giving_up_on_a_whole_response_frees_the_engine(slow_server):
     (["--port", "http"], "invalid int value"),
     (["--variant", "nope"], "variant 'nope'"),
     (["--api-key", " "], "--api-key is empty"),
+    (["--max-queue", "-1"], "--max-queue -1 is invalid"),
 ])
 def test_command_line_mistakes_give_one_error_line(args, message):
     done = subprocess.run([sys.executable, str(SERVE), *args], capture_output=True, text=True,
@@ -312,11 +324,24 @@ def test_missing_server_packages_give_the_install_command(tmp_path):
         "`pip install -e .[serve]`.\n")
 
 
-def test_kubernetes_manifest_agrees_with_itself_and_the_server():
-    yaml = pytest.importorskip("yaml")
+def load_cli():
     spec = importlib.util.spec_from_file_location("serve_cli", SERVE)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    return cli
+
+
+def test_flags_take_both_spellings():
+    cli = load_cli()
+    for spelling in ("--max-seq-len", "--max_seq_len"):
+        assert cli.parse_args([spelling, "128"]).max_seq_len == 128
+    args = cli.parse_args(["--api_key", "k", "--max_queue", "3"])
+    assert (args.api_key, args.max_queue, args.host, args.port) == ("k", 3, "127.0.0.1", 8000)
+
+
+def test_kubernetes_manifest_agrees_with_itself_and_the_server():
+    yaml = pytest.importorskip("yaml")
+    cli = load_cli()
     docs = list(yaml.safe_load_all((ROOT / "tools" / "deploy" / "kubernetes.yaml").read_text()))
     deployment, service = sorted(docs, key=lambda d: d["kind"])
     assert (deployment["apiVersion"], deployment["kind"]) == ("apps/v1", "Deployment")
