@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -143,7 +144,7 @@ class OpenAIServer:
             log.info("%s %s: %d %s", request.method, request.url.path, exc.status, exc.message)
             return _error(exc)
         if parsed.stream:
-            return _sse(self._stream(parsed, job))
+            return _sse(self._stream(parsed, job), job)
         return await self._whole(request, parsed, job)
 
     def _authorize(self, request) -> None:
@@ -167,7 +168,8 @@ class OpenAIServer:
         return job
 
     async def _stream(self, parsed: GenerationRequest, job: Job) -> AsyncIterator[str]:
-        """SSE events of one job; closing this generator (the client left) cancels the job."""
+        """SSE events of one job; closing this generator (the client left) cancels the job
+        (and so does JobStream, in case it never started)."""
         strip = LeadingSpaceFilter(parsed.endpoint == "chat")
         try:
             if parsed.endpoint == "chat":
@@ -277,11 +279,30 @@ def _error(exc: ApiError):
     return response
 
 
-def _sse(events: AsyncIterator[str]):
+def _sse(events: AsyncIterator[str], job: Job):
+    return _job_stream_class()(events, job)
+
+
+@functools.cache
+def _job_stream_class():
     from starlette.responses import StreamingResponse
 
-    return StreamingResponse(events, media_type="text/event-stream",
+    class JobStream(StreamingResponse):
+        """Server-sent events that cancel their job however the response ends, also when the
+        client leaves before the first event (then the event generator never starts)."""
+
+        def __init__(self, events: AsyncIterator[str], job: Job) -> None:
+            super().__init__(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            self.job = job
+
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.job.cancel()
+
+    return JobStream
 
 
 def listen(host: str, port: int) -> socket.socket:

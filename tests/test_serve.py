@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -296,6 +297,22 @@ def test_a_client_giving_up_on_a_whole_response_frees_the_engine(slow_server):
     stopped = re.findall(r"stopped, prompt \d+ tokens \(prefilled \d+\), (\d+) new",
                          slow_server.log.read_text())
     assert len(stopped) == 2 and int(stopped[1]) < 100
+
+
+def test_a_client_leaving_right_after_its_request_costs_no_generation(slow_server):
+    port = int(slow_server.url.rsplit(":", 1)[1].split("/")[0])
+    body = json.dumps({**GREEDY, "prompt": "And Noah", "max_tokens": 400, "stream": True})
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     f"{KEY}\r\nContent-Type: application/json\r\nContent-Length: "
+                     f"{len(body)}\r\n\r\n{body}".encode())
+    client = openai.OpenAI(base_url=slow_server.url, api_key=KEY, max_retries=0, timeout=60)
+    start = time.monotonic()
+    chat(client, "And Moses", max_tokens=5)
+    assert time.monotonic() - start < 3  # the abandoned 400 tokens would take 8 s
+    time.sleep(0.2)
+    runs = re.findall(r"completion \w+: (\w+).*?(\d+) new tokens", slow_server.log.read_text())
+    assert all(reason == "stopped" and int(made) < 50 for reason, made in runs)  # or skipped
 
 
 @pytest.mark.parametrize("args, message", [
