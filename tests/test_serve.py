@@ -377,3 +377,20 @@ def test_kubernetes_manifest_agrees_with_itself_and_the_server():
     assert (ROOT / args.variant).is_dir()
     (env,) = container["env"]
     assert env["name"] == "LLAMA2_ONNX_API_KEY" and "secretKeyRef" in env["valueFrom"]
+
+
+def test_a_chat_variant_is_served_in_metas_format(make_variant):
+    from starlette.testclient import TestClient
+
+    from llama2_onnx.generation import Engine
+    from llama2_onnx.server import create_app
+
+    engine = Engine.from_variant(make_variant("hf", "float32", chat=True), provider="cpu")
+    dialog = [Message(role="system", content="be kind"), Message(role="user", content="the cat"),
+              Message(role="assistant", content="sat"), Message(role="user", content="the dog")]
+    with TestClient(create_app(engine)) as http:
+        reply = http.post("/v1/chat/completions", json={
+            "model": engine.name, "messages": dialog, "max_tokens": 3, "temperature": 0})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 3
+    prompt = dialog_tokens(engine.tokenizer, dialog)
+    assert engine.tokens[:len(prompt)] == prompt
