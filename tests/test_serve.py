@@ -321,6 +321,7 @@ def test_a_client_leaving_right_after_its_request_costs_no_generation(slow_serve
     (["--variant", "nope"], "variant 'nope'"),
     (["--api-key", " "], "--api-key is empty"),
     (["--max-queue", "-1"], "--max-queue -1 is invalid"),
+    (["--max-seq-len", "1"], "--max_seq_len 1 is too short"),
 ])
 def test_command_line_mistakes_give_one_error_line(args, message):
     done = subprocess.run([sys.executable, str(SERVE), *args], capture_output=True, text=True,

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llama2_onnx.cli import add_engine_args, run_main  # noqa: E402
+from llama2_onnx.cli import add_engine_args, check_engine_flags, run_main  # noqa: E402
 from llama2_onnx.errors import UserError  # noqa: E402
 from llama2_onnx.server import API_KEY_ENV, ServerOptions, serve  # noqa: E402
 from llama2_onnx.variants import resolve_variant  # noqa: E402
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    check_engine_flags(args)
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if key is not None and not key.strip():
         raise UserError("--api-key is empty; give a key, or leave the flag out for no key.")
