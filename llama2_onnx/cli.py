@@ -31,17 +31,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "default: the first ready variant, else the demo variant")
     parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto",
                         help="execution provider (auto: DirectML, then CUDA, then CPU)")
-    parser.add_argument("--max_seq_len", type=int, default=None,
+    parser.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None,
                         help="context length to allocate the KV cache for (default: the model's)")
-    parser.add_argument("--no_graph_cache", action="store_true",
+    parser.add_argument("--no_graph_cache", "--no-graph-cache", action="store_true",
                         help="do not keep the optimized graph in the variant's ONNX/.cache "
                         "(it saves the start-up optimization but holds a copy of the weights)")
     capture = parser.add_mutually_exclusive_group()
-    capture.add_argument("--graph_capture", action="store_const", const=True, default="auto",
+    capture.add_argument("--graph_capture", "--graph-capture", action="store_const", const=True,
+                         default="auto",
                          help="capture the decode step as a GPU graph (default: on with CUDA "
                          "for float16 variants; this turns it on for DirectML too)")
-    capture.add_argument("--no_graph_capture", action="store_const", const=False,
-                         dest="graph_capture", help="run decode steps without graph capture")
+    capture.add_argument("--no_graph_capture", "--no-graph-capture", action="store_const",
+                         const=False, dest="graph_capture",
+                         help="run decode steps without graph capture")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -4,12 +4,15 @@
     python tools/benchmark.py run --variant demo --provider cpu --prompt-tokens 128 --new-tokens 256
     python tools/benchmark.py export --hf /data/rand7b --precision int4 --out /data/out
     python tools/benchmark.py compare --variants out/r_float32,out/r_int4 --genai genai_int4
+    python tools/benchmark.py serve --variant demo --provider cpu --clients 1,4,16
 
 `export` runs the exporter in a child process and reports its peak resident memory (the
 kernel's high-water mark for that process), wall time and bytes written. `run` reports load
 time, time to first token, prefill and decode tokens/s, effective weight bandwidth (bytes of
 weights read per decode step times decode tokens/s) and the host time per decode step spent
-outside ONNX Runtime's Run (sampling, embedding lookup, binding, streaming text).
+outside ONNX Runtime's Run (sampling, embedding lookup, binding, streaming text). `serve` starts
+tools/serve.py and reports, for each number of concurrent streaming clients, requests/s, time to
+first token and tokens/s, then what prefix reuse saves on a follow-up chat request.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import resource
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -311,6 +318,107 @@ def _run_report(engine, args, load_s, stats, run_time, pieces) -> dict:
     }
 
 
+SERVE_WORDS = ("LORD", "king", "people", "prophet", "priest", "servant", "son", "elders")
+
+
+def bench_serve(args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--port", "0", "--provider",
+           args.provider, "--max-queue", "64"] + (["--variant", args.variant] if args.variant
+                                                  else [])
+    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()
+        found = re.search(r"serving (\S+) .* at (http://\S+)/v1", line)
+        if not found:
+            raise SystemExit(line + server.stderr.read())
+        threading.Thread(target=server.stderr.read, daemon=True).start()  # keep the pipe empty
+        model, url = found.groups()
+        _stream_chat(url, model, [{"role": "user", "content": "warm up"}], 8)
+        levels = [_serve_level(url, model, n, args) for n in args.clients]
+        return {"command": " ".join(cmd), "model": model, "max_tokens": args.new_tokens,
+                "requests_per_client": args.requests_per_client, "levels": levels,
+                "prefix_reuse": _prefix_reuse(url, model)}
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _serve_level(url: str, model: str, clients: int, args: argparse.Namespace) -> dict:
+    """`clients` threads, each sending `requests_per_client` streamed chat requests in turn."""
+    results: list[dict] = []
+
+    def client(index: int) -> None:
+        for k in range(args.requests_per_client):
+            word = SERVE_WORDS[(index + k) % len(SERVE_WORDS)]
+            text = f"And the {word} said unto them ({index}, {k})"
+            results.append(_stream_chat(url, model, [{"role": "user", "content": text}],
+                                        args.new_tokens))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ttft = sorted(r["ttft_s"] for r in results)
+    tokens = sum(r["completion_tokens"] for r in results)
+    return {"clients": clients, "requests": len(results), "wall_s": round(wall, 2),
+            "requests_per_s": round(len(results) / wall, 2),
+            "ttft_ms_median": round(statistics.median(ttft) * 1e3, 1),
+            "ttft_ms_p90": round(ttft[int(0.9 * (len(ttft) - 1))] * 1e3, 1),
+            "tokens_per_s_total": round(tokens / wall, 1),
+            "tokens_per_s_per_stream": round(statistics.median(
+                r["completion_tokens"] / r["stream_s"] for r in results), 1)}
+
+
+def _prefix_reuse(url: str, model: str) -> dict:
+    """A four-turn chat's last request, right after its third turn (warm) and after an
+    unrelated request (cold): prompt tokens pre-filled and time to first token."""
+    messages: list[dict] = []
+    for text in ("In the beginning", "And the earth", "And God said"):
+        messages.append({"role": "user", "content": text})
+        answer = _stream_chat(url, model, messages, 64)
+        messages.append({"role": "assistant", "content": answer["text"]})
+    messages.append({"role": "user", "content": "And the evening"})
+    warm = _stream_chat(url, model, messages, 8)
+    _stream_chat(url, model, [{"role": "user", "content": "Unrelated"}], 8)
+    cold = _stream_chat(url, model, messages, 8)
+    return {phase: {"prompt_tokens": r["prompt_tokens"],
+                    "prefilled_tokens": r["prompt_tokens"] - r["cached_tokens"],
+                    "ttft_ms": round(r["ttft_s"] * 1e3, 2)}
+            for phase, r in (("warm", warm), ("cold", cold))}
+
+
+def _stream_chat(url: str, model: str, messages: list[dict], max_tokens: int) -> dict:
+    """One streamed greedy chat request: its text, time to first text, duration and usage."""
+    import http.client
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json"})
+    reply, pieces, first, usage = conn.getresponse(), [], None, {}
+    for line in reply:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        usage = chunk.get("usage") or usage
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            first = first or time.perf_counter()
+            pieces.append(chunk["choices"][0]["delta"]["content"])
+    end = time.perf_counter()
+    conn.close()
+    first = first or end
+    return {"text": "".join(pieces), "ttft_s": first - start, "stream_s": max(end - first, 1e-9),
+            "prompt_tokens": usage["prompt_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -351,6 +459,15 @@ def parse_args() -> argparse.Namespace:
     compare.add_argument("--prompt-tokens", type=int, default=128)
     compare.add_argument("--new-tokens", type=int, default=128)
     compare.add_argument("--reps", type=int, default=3)
+    serve = sub.add_parser("serve", help="requests/s, TTFT and tokens/s of tools/serve.py")
+    serve.add_argument("--variant", default=None, help="variant name or folder (default: the "
+                       "first ready variant, else the demo)")
+    serve.add_argument("--provider", default="cpu", help="auto, cpu, cuda or dml (default cpu)")
+    serve.add_argument("--clients", type=lambda s: [int(n) for n in s.split(",")],
+                       default=[1, 4, 16], help="concurrency levels (default 1,4,16)")
+    serve.add_argument("--requests-per-client", type=int, default=4,
+                       help="streamed requests each client sends in turn (default 4)")
+    serve.add_argument("--new-tokens", type=int, default=128, help="max_tokens per request")
     return parser.parse_args()
 
 
@@ -376,7 +493,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     args = parse_args()
     commands = {"export": bench_export, "run": bench_run, "ttft": bench_ttft,
-                "load": bench_load, "compare": bench_compare}
+                "load": bench_load, "compare": bench_compare, "serve": bench_serve}
     result = commands[args.command](args)
     print(json.dumps(result, indent=2))
 

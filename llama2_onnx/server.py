@@ -1,0 +1,363 @@
+"""An OpenAI-compatible HTTP server over one engine (Starlette on uvicorn): /v1/models,
+/v1/chat/completions and /v1/completions, streamed as server-sent events or whole."""
+
+# Request path: check the key -> parse the body (openai_api) -> queue a job (scheduler; 503
+# when full) -> stream its pieces as `data: {chunk}` events ending with `data: [DONE]`, or
+# collect them into one JSON response. A client that goes away cancels its job: a stream is
+# cancelled by Starlette when the connection drops, a whole response by a task that waits
+# for the disconnect. Either way the engine stops before its next token.
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UserError
+from .openai_api import (
+    ApiError,
+    Endpoint,
+    GenerationRequest,
+    LeadingSpaceFilter,
+    chunk_body,
+    finish_reason,
+    models_body,
+    parse_request,
+    response_body,
+    usage_chunk_body,
+)
+from .scheduler import Job, QueueFull, Scheduler
+
+if TYPE_CHECKING:
+    from .generation import Engine
+
+INSTALL_HINT = ("the server needs Starlette and uvicorn; install them with "
+                "`pip install -e .[serve]`.")
+API_KEY_ENV = "LLAMA2_ONNX_API_KEY"
+KEEPALIVE_S = 5.0  # an SSE comment this often while a stream waits in the queue
+MAX_BODY_BYTES = 8 * 2**20
+log = logging.getLogger("llama2_onnx.server")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What to serve and how."""
+
+    variant: Path
+    provider: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_seq_len: int | None = None
+    api_key: str | None = None
+    max_queue: int = 32
+    graph_capture: bool | str = "auto"
+    graph_cache: bool = True
+    token_delay: float = 0.0  # seconds per text piece; only for tests
+
+
+def import_server_stack():
+    """Import starlette and uvicorn, or raise a UserError naming the install command."""
+    try:
+        import starlette.applications
+        import uvicorn
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    return starlette.applications, uvicorn
+
+
+def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 32,
+               token_delay: float = 0.0):
+    """The ASGI app serving `engine` under its variant name.
+
+    Args:
+        engine: a loaded engine; the app runs one generation on it at a time.
+        api_key: if set, every /v1 request needs `Authorization: Bearer <api_key>`.
+        max_queue: how many requests may wait behind the running one (more get 503).
+        token_delay: seconds to pause per text piece (tests only).
+
+    Raises:
+        UserError: if Starlette is not installed.
+    """
+    applications, _ = import_server_stack()
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    api = OpenAIServer(engine, api_key, max_queue, token_delay)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        api.scheduler.close()
+
+    routes = [Route("/health", api.health), Route("/v1/models", api.models),
+              Route("/v1/chat/completions", api.chat, methods=["POST"]),
+              Route("/v1/completions", api.completions, methods=["POST"])]
+    app = applications.Starlette(routes=routes, lifespan=lifespan,
+                                 exception_handlers={HTTPException: _http_error})
+    app.state.api = api
+    return app
+
+
+class OpenAIServer:
+    """The route handlers, sharing one engine through one scheduler."""
+
+    def __init__(self, engine: Engine, api_key: str | None, max_queue: int,
+                 token_delay: float) -> None:
+        self.engine, self.model = engine, engine.name
+        self.api_key = api_key.encode() if api_key else None
+        self.scheduler = Scheduler(engine, max_queue, token_delay)
+        self.started = int(time.time())
+
+    async def health(self, request):
+        return _json({"status": "ok", "model": self.model, "waiting": self.scheduler.waiting()})
+
+    async def models(self, request):
+        try:
+            self._authorize(request)
+        except ApiError as exc:
+            return _error(exc)
+        return _json(models_body(self.model, self.started))
+
+    async def chat(self, request):
+        return await self._generate(request, "chat")
+
+    async def completions(self, request):
+        return await self._generate(request, "completion")
+
+    async def _generate(self, request, endpoint: Endpoint):
+        try:
+            self._authorize(request)
+            body = await _read_json(request)
+            parsed = await asyncio.to_thread(parse_request, endpoint, body, self.engine,
+                                             self.model)  # long prompts: tokenize off the loop
+            job = self._submit(parsed)
+        except ApiError as exc:
+            log.info("%s %s: %d %s", request.method, request.url.path, exc.status, exc.message)
+            return _error(exc)
+        if parsed.stream:
+            return _sse(self._stream(parsed, job), job)
+        return await self._whole(request, parsed, job)
+
+    def _authorize(self, request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 self.api_key):
+            raise ApiError(401, "the API key is missing or wrong; send the server's key as "
+                           "`Authorization: Bearer <key>`.", code="invalid_api_key")
+
+    def _submit(self, parsed: GenerationRequest) -> Job:
+        job = Job(parsed.prompt, parsed.sampling, parsed.max_tokens, parsed.stop,
+                  asyncio.get_running_loop(), name=f"{parsed.endpoint} {parsed.id}")
+        try:
+            self.scheduler.submit(job)
+        except QueueFull:
+            raise ApiError(503, f"the server is busy (its queue of {self.scheduler.max_waiting} "
+                           "waiting requests is full); retry shortly.", code="queue_full",
+                           kind="server_error") from None
+        return job
+
+    async def _stream(self, parsed: GenerationRequest, job: Job) -> AsyncIterator[str]:
+        """SSE events of one job; closing this generator (the client left) cancels the job
+        (and so does JobStream, in case it never started)."""
+        strip = LeadingSpaceFilter(parsed.endpoint == "chat")
+        try:
+            if parsed.endpoint == "chat":
+                yield _event(chunk_body(parsed, self.model, None, role=True))
+            async for kind, value in _batches(job):
+                if kind == "idle":
+                    yield ": waiting\n\n"  # an SSE comment: keeps proxies from timing out
+                elif kind == "piece" and (text := strip.push(value)):
+                    yield _event(chunk_body(parsed, self.model, text))
+                elif kind == "error":
+                    yield _event(_generation_failed(value).body())
+                elif kind == "done":
+                    yield _event(chunk_body(parsed, self.model, None, finish_reason(value)))
+                    if parsed.include_usage:
+                        yield _event(usage_chunk_body(parsed, self.model, value))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+
+    async def _whole(self, request, parsed: GenerationRequest, job: Job):
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        strip, pieces = LeadingSpaceFilter(parsed.endpoint == "chat"), []
+        try:
+            async for kind, value in _batches(job):
+                if kind == "piece":
+                    pieces.append(strip.push(value))
+                elif kind == "error":
+                    return _error(_generation_failed(value))
+                elif kind == "done":
+                    return _json(response_body(parsed, self.model, "".join(pieces), value))
+        finally:
+            watcher.cancel()
+            job.cancel()
+
+
+async def _batches(job: Job) -> AsyncIterator[tuple[str, object]]:
+    """The job's events, ending with "done" or "error". Pieces already queued are joined into
+    one (one chunk instead of many when the stream lags behind the model); ("idle", None)
+    comes every KEEPALIVE_S while nothing else does."""
+    while True:
+        try:
+            kind, value = await asyncio.wait_for(job.events.get(), KEEPALIVE_S)
+        except asyncio.TimeoutError:
+            yield "idle", None
+            continue
+        pieces = [value] if kind == "piece" else []
+        while kind == "piece" and not job.events.empty():
+            kind, value = job.events.get_nowait()
+            if kind == "piece":
+                pieces.append(value)
+        if pieces:
+            yield "piece", "".join(pieces)
+        if kind != "piece":
+            yield kind, value
+            return
+
+
+async def _http_error(request, exc):
+    """Starlette's own refusals (no such path, wrong method) in OpenAI's error shape."""
+    return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: "
+                           f"{exc.detail}; see GET /v1/models, POST /v1/chat/completions and "
+                           "POST /v1/completions."))
+
+
+async def _cancel_on_disconnect(request, job: Job) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
+def _generation_failed(exc: Exception) -> ApiError:
+    if isinstance(exc, UserError):
+        return ApiError(400, str(exc))
+    return ApiError(500, f"generation failed: {exc}", kind="server_error")
+
+
+async def _read_json(request) -> object:
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB.",
+                       code="request_too_large")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB.",
+                       code="request_too_large")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON.") from None
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _json(body: dict, status: int = 200):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status)
+
+
+def _error(exc: ApiError):
+    response = _json(exc.body(), exc.status)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    if exc.status == 503:
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+def _sse(events: AsyncIterator[str], job: Job):
+    return _job_stream_class()(events, job)
+
+
+@functools.cache
+def _job_stream_class():
+    from starlette.responses import StreamingResponse
+
+    class JobStream(StreamingResponse):
+        """Server-sent events that cancel their job however the response ends, also when the
+        client leaves before the first event (then the event generator never starts)."""
+
+        def __init__(self, events: AsyncIterator[str], job: Job) -> None:
+            super().__init__(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            self.job = job
+
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.job.cancel()
+
+    return JobStream
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: any free port).
+
+    Raises:
+        UserError: if the port is out of range or the address cannot be used.
+    """
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is invalid; use 1 to 65535 (0 picks a free port).")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose "
+                        "another --port or --host.") from None
+    return sock
+
+
+def serve(options: ServerOptions) -> None:
+    """Load the variant and serve it until interrupted.
+
+    Raises:
+        UserError: for a bad port or address, a variant that cannot be loaded, or a missing
+            Starlette/uvicorn.
+    """
+    _, uvicorn = import_server_stack()
+    if options.max_queue < 0:
+        raise UserError(f"--max-queue {options.max_queue} is invalid; use 0 or more.")
+    sock = listen(options.host, options.port)
+    from .generation import Engine
+
+    engine = Engine.from_variant(options.variant, provider=options.provider,
+                                 max_seq_len=options.max_seq_len,
+                                 graph_capture=options.graph_capture,
+                                 graph_cache=options.graph_cache)
+    app = create_app(engine, options.api_key, options.max_queue, options.token_delay)
+    host, port = sock.getsockname()[:2]
+    log.info("serving %s (%s, context %d) at http://%s:%d/v1%s", engine.name,
+                engine.runner.provider, engine.context_len, _url_host(host), port,
+                " (API key required)" if options.api_key else "")
+    if not options.api_key and not _is_loopback(host):
+        log.warning("no --api-key: anyone who can reach %s:%d can use the model", host, port)
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=30)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(host).is_loopback
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

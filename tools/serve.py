@@ -1,0 +1,66 @@
+"""Serve a Llama 2 variant over the OpenAI API (/v1/models, /v1/chat/completions,
+/v1/completions), so the `openai` client, curl and OpenAI-compatible tools can use it.
+
+    python tools/serve.py                        # http://127.0.0.1:8000/v1, demo or first ready
+    python tools/serve.py --variant 7B_FT_float16 --provider cuda --api-key "$KEY"
+
+It binds 127.0.0.1 unless --host says otherwise. With --api-key (or LLAMA2_ONNX_API_KEY) every
+request needs `Authorization: Bearer KEY`. Needs `pip install -e .[serve]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llama2_onnx.cli import add_engine_args, check_engine_flags, run_main  # noqa: E402
+from llama2_onnx.errors import UserError  # noqa: E402
+from llama2_onnx.server import API_KEY_ENV, ServerOptions, serve  # noqa: E402
+from llama2_onnx.variants import resolve_variant  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one `error:` line and exit code 2, through run_main
+        raise UserError(message)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this computer only; "
+                        "0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any)")
+    parser.add_argument("--api-key", "--api_key", default=None,
+                        help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
+    parser.add_argument("--max-queue", "--max_queue", type=int, default=32,
+                        help="requests that may wait for the engine; more get 503 (default 32)")
+    add_engine_args(parser)
+    parser.add_argument("--token_delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    check_engine_flags(args)
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if key is not None and not key.strip():
+        raise UserError("--api-key is empty; give a key, or leave the flag out for no key.")
+    return ServerOptions(variant=resolve_variant(args.variant, ROOT), provider=args.provider,
+                         host=args.host, port=args.port, max_seq_len=args.max_seq_len,
+                         api_key=key, max_queue=args.max_queue,
+                         graph_capture=args.graph_capture, graph_cache=not args.no_graph_cache,
+                         token_delay=args.token_delay)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    run_main(lambda: serve(options_from_args(parse_args())))
+
+
+if __name__ == "__main__":
+    main()
