@@ -16,8 +16,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llama2_onnx import require_core_packages  # noqa: E402
+
+require_core_packages()
+
 from llama2_onnx.chat_ui import AppOptions, build_app, check_port, launch  # noqa: E402
-from llama2_onnx.cli import add_engine_args, run_main  # noqa: E402
+from llama2_onnx.cli import add_engine_args, run_main, spell_both  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                          ROOT)),
                         help=argparse.SUPPRESS)
     parser.add_argument("--token_delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return spell_both(parser).parse_args(argv)
 
 
 def serve(args: argparse.Namespace) -> None:

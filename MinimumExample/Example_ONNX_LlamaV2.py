@@ -15,6 +15,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llama2_onnx import require_core_packages  # noqa: E402
+
+require_core_packages()
+
 from llama2_onnx.chat_format import complete_tokens, dialog_tokens  # noqa: E402
 from llama2_onnx.cli import (  # noqa: E402
     add_engine_args,
@@ -24,6 +28,7 @@ from llama2_onnx.cli import (  # noqa: E402
     open_engine_from_args,
     run_main,
     sampling_from_args,
+    spell_both,
 )
 from llama2_onnx.errors import UserError  # noqa: E402
 from llama2_onnx.generation import check_max_new_tokens  # noqa: E402
@@ -44,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer_path", help="original-style: tokenizer.model")
     add_engine_args(parser)
     add_sampling_args(parser)
-    return parser.parse_args(argv)
+    return spell_both(parser).parse_args(argv)
 
 
 def print_variants() -> None:

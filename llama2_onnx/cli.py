@@ -26,6 +26,28 @@ def run_main(func: Callable[[], int | None]) -> None:
     raise SystemExit(code or 0)
 
 
+def spell_both(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Accept every long flag with dashes and with underscores (`--max-seq-len` and
+    `--max_seq_len`, as the original Llama-2-Onnx example spelled them); `--help` shows the
+    dashed form only. Applies to subcommands too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                spell_both(sub)
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs:
+            continue
+        shorts = [o for o in action.option_strings if not o.startswith("--")]
+        canonical = "--" + longs[0][2:].replace("_", "-")
+        action.option_strings = shorts + [canonical]
+        for option in longs:
+            for spelling in (option, "--" + option[2:].replace("_", "-"),
+                             "--" + option[2:].replace("-", "_")):
+                parser._option_string_actions[spelling] = action
+    return parser
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", help="variant name (a folder in the repository) or path; "
                         "default: the first ready variant, else the demo variant")
@@ -109,7 +131,7 @@ def _open_explicit_files(args: argparse.Namespace):
 
     graph = Path(args.onnx_file)
     if not graph.is_file():
-        raise UserError(f"--onnx_file {graph} does not exist.")
+        raise UserError(f"--onnx_file {graph} does not exist{_slot_hint(graph)}.")
     folder = graph.parent.parent
     tokenizer = Path(args.tokenizer_path or folder / "tokenizer.model")
     if (folder / "config.json").exists():
@@ -123,3 +145,16 @@ def _open_explicit_files(args: argparse.Namespace):
         raise UserError("--embedding_file is required with an original-format --onnx_file.")
     return load_legacy_engine(Engine, graph, Path(args.embedding_file), tokenizer,
                               provider=args.provider, max_seq_len=args.max_seq_len)
+
+
+def _slot_hint(path: Path) -> str:
+    """'; <slot> is <state>: <what to run>' when `path` lies in a variant slot of the checkout."""
+    from .variants import REPO_ROOT, slot_names, variant_state
+
+    parts = path.resolve().relative_to(REPO_ROOT).parts if path.resolve().is_relative_to(
+        REPO_ROOT) else path.parts
+    if parts and parts[0] in slot_names(REPO_ROOT):
+        state = variant_state(REPO_ROOT / parts[0])
+        if not state.ready:
+            return f"; {parts[0]} is {state.state}: {state.hint}"
+    return ""

@@ -14,7 +14,7 @@ import onnx
 from . import __version__, safetensors_io
 from .checkpoints import Source, open_source
 from .config import NP_DTYPES, Config
-from .errors import UserError, VerificationError
+from .errors import CheckpointError, UserError, VerificationError
 from .files import check_not_lfs_pointer, write_manifest
 from .graph import ExternalDataWriter, build_model, n_graph_tensors
 from .resources import GiB, free_host_memory, require
@@ -110,6 +110,10 @@ def _os_error(exc: OSError, out: Path) -> UserError:
 
 
 def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
+    for flag, folder in (("--hf", req.hf), ("--meta", req.meta)):
+        if folder is not None and not Path(folder).is_dir():
+            raise CheckpointError(f"{flag} {folder} does not exist or is not a folder; pass the "
+                                  "checkpoint folder (it holds config.json or params.json).")
     tokenizer_path = _find_tokenizer(req)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     source = open_source(hf=req.hf, meta=req.meta, vocab_size=tokenizer.n_words)

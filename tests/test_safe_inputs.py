@@ -312,3 +312,47 @@ def test_valid_files_still_run(variant):
                       "--max_gen_len", "4")
     assert run.returncode == 0, run.stderr
     assert np.isfinite(len(run.stdout))
+
+
+def test_missing_core_packages_are_one_sentence():
+    """`-S` hides site-packages, as running the example with a Python outside the venv does."""
+    run = subprocess.run([sys.executable, "-S", str(EXAMPLE), "--prompt", "hi"],
+                         capture_output=True, text=True, timeout=60)
+    assert_refused(run, "pip install -e .")
+
+
+@pytest.mark.parametrize("script", ["MinimumExample/Example_ONNX_LlamaV2.py", "ChatApp/app.py",
+                                    "tools/export_and_publish.py", "tools/evaluate.py",
+                                    "tools/serve.py"])
+def test_flags_take_both_spellings_and_help_shows_one(script):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("entry", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser_help = subprocess.run([sys.executable, str(ROOT / script), "--help"],
+                                 capture_output=True, text=True, timeout=60).stdout
+    long_flags = {w.strip("[],") for w in parser_help.split() if w.startswith(("--", "[--"))}
+    assert long_flags and not any("_" in flag for flag in long_flags), long_flags
+    if script.startswith("MinimumExample"):
+        dashed = module.parse_args(["--max-gen-len", "7", "--top-p", "0.5", "--max-seq-len", "9"])
+        underscored = module.parse_args(["--max_gen_len", "7", "--top_p", "0.5",
+                                         "--max_seq_len", "9"])
+        assert vars(dashed) == vars(underscored)
+        assert dashed.max_gen_len == 7 and dashed.max_seq_len == 9
+
+
+def test_missing_checkpoint_folder_is_named_not_the_tokenizer(tmp_path):
+    run = export_cli("--hf", str(tmp_path / "nope"), "--precision", "float16", "--variant", "v",
+                     "--out", str(tmp_path))
+    assert_refused(run, "--hf", "nope")
+    assert "tokenizer" not in run.stderr
+
+
+def test_unpublished_slot_says_its_state_for_variant_and_onnx_file():
+    for args in (["--variant", "7B_FT_float16"],
+                 ["--onnx_file", "7B_FT_float16/ONNX/LlamaV2_7B_FT_float16.onnx"]):
+        run = subprocess.run([sys.executable, str(EXAMPLE), *args, "--prompt", "hi"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert_refused(run, "7B_FT_float16", "not published")
+        assert "neither a folder nor a slot" not in run.stderr

@@ -4,7 +4,7 @@
     python tools/evaluate.py --variant 7B_int4 --text wiki.test.raw --provider cuda
 
 The text is tokenized as one document (BOS first) and scored in sliding windows of the
-variant's context (or --max_seq_len), each starting half a window after the previous one, so
+variant's context (or --max-seq-len), each starting half a window after the previous one, so
 every token after the first is predicted once with at least half a window of context.
 """
 
@@ -19,7 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llama2_onnx.cli import run_main  # noqa: E402
+from llama2_onnx import require_core_packages  # noqa: E402
+
+require_core_packages()
+
+from llama2_onnx.cli import run_main, spell_both  # noqa: E402
 from llama2_onnx.errors import UserError  # noqa: E402
 from llama2_onnx.session import PROVIDER_CHOICES  # noqa: E402
 
@@ -33,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto")
     parser.add_argument("--max_seq_len", type=int, help="window (default: the context)")
-    return parser.parse_args()
+    return spell_both(parser).parse_args()
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -17,7 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llama2_onnx.cli import run_main  # noqa: E402
+from llama2_onnx import require_core_packages  # noqa: E402
+
+require_core_packages()
+
+from llama2_onnx.cli import run_main, spell_both  # noqa: E402
 from llama2_onnx.commands import export_command, publish_command, verify_command  # noqa: E402
 
 
@@ -51,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_publish_args(publish, required=True)
     verify = sub.add_parser("verify", help="check a variant's files against its manifest")
     verify.add_argument("variant", help="variant name or folder")
-    return parser.parse_args(argv)
+    return spell_both(parser).parse_args(argv)
 
 
 def add_publish_args(parser: argparse.ArgumentParser, required: bool) -> None:

@@ -31,13 +31,20 @@ SHAPES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
-    parser.add_argument("--format", choices=("hf", "meta"), default="hf")
+    sizes = ", ".join(f"{name} ({config.n_params() / 1e9:.2f} B parameters, "
+                      f"{config.n_params() * 2 / 1e9:.1f} GB in float16)"
+                      for name, config in SHAPES.items())
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small",
+                        help=f"model shape (default small): {sizes}")
+    parser.add_argument("--format", choices=("hf", "meta"), default="hf",
+                        help="hf: config.json + safetensors; meta: params.json + "
+                        "consolidated.NN.pth (default hf)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                         help="stored dtype (Hugging Face format only; Meta is bfloat16)")
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shards", type=int, default=2, help="number of weight files "
+                        "(default 2; Hugging Face shards come with model.safetensors.index.json)")
+    parser.add_argument("--seed", type=int, default=0, help="weights' seed (default 0)")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write")
     args = parser.parse_args()
     config = SHAPES[args.shape]
     if args.format == "hf":

@@ -19,7 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llama2_onnx.cli import add_engine_args, check_engine_flags, run_main  # noqa: E402
+from llama2_onnx import require_core_packages  # noqa: E402
+
+require_core_packages()
+
+from llama2_onnx.cli import add_engine_args, check_engine_flags, run_main, spell_both  # noqa: E402
 from llama2_onnx.errors import UserError  # noqa: E402
 from llama2_onnx.server import API_KEY_ENV, ServerOptions, serve  # noqa: E402
 from llama2_onnx.variants import resolve_variant  # noqa: E402
@@ -42,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="requests that may wait for the engine; more get 503 (default 32)")
     add_engine_args(parser)
     parser.add_argument("--token_delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return spell_both(parser).parse_args(argv)
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
