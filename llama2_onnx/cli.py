@@ -126,8 +126,8 @@ def open_engine_from_args(args: argparse.Namespace, root: Path):
 def _open_explicit_files(args: argparse.Namespace):
     """--onnx_file/--embedding_file/--tokenizer_path, as the original example took them."""
     from .generation import Engine
-    from .legacy import load_legacy_engine
-    from .loading import open_engine
+    from .legacy import load_legacy
+    from .loading import open_files
 
     graph = Path(args.onnx_file)
     if not graph.is_file():
@@ -137,14 +137,14 @@ def _open_explicit_files(args: argparse.Namespace):
     if (folder / "config.json").exists():
         embeddings = Path(args.embedding_file or folder / "embeddings.safetensors")
         config = Config.load(folder / "config.json")
-        return open_engine(Engine, graph, embeddings, tokenizer, config,
-                           provider=args.provider, max_seq_len=args.max_seq_len,
-                           graph_capture=args.graph_capture,
-                           graph_cache=not args.no_graph_cache)
+        return Engine.from_parts(open_files(
+            graph, embeddings, tokenizer, config, provider=args.provider,
+            max_seq_len=args.max_seq_len, graph_capture=args.graph_capture,
+            graph_cache=not args.no_graph_cache))
     if not args.embedding_file:
         raise UserError("--embedding_file is required with an original-format --onnx_file.")
-    return load_legacy_engine(Engine, graph, Path(args.embedding_file), tokenizer,
-                              provider=args.provider, max_seq_len=args.max_seq_len)
+    return Engine.from_parts(load_legacy(graph, Path(args.embedding_file), tokenizer,
+                                         provider=args.provider, max_seq_len=args.max_seq_len))
 
 
 def _slot_hint(path: Path) -> str:

@@ -11,8 +11,10 @@ from typing import Protocol
 import numpy as np
 
 from .config import Config
-from .errors import GenerationError, VariantError
+from .errors import GenerationError
+from .loading import load_variant
 from .sampling import REPETITION_WINDOW, SamplingSettings, make_rng, sample_token
+from .session import EngineParts
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -108,11 +110,17 @@ class Engine:
         `prefill_chunk`: longest prefill run (a power of two; prompts run in chunks of fixed
         lengths seen once at load); None: whole prompts at once; "auto": the provider's default.
         """
-        from .loading import load_engine
+        return cls.from_parts(load_variant(
+            Path(path), provider=provider, max_seq_len=max_seq_len, check_files=check_files,
+            verify=verify, graph_capture=graph_capture, graph_cache=graph_cache,
+            prefill_chunk=prefill_chunk))
 
-        return load_engine(cls, Path(path), provider=provider, max_seq_len=max_seq_len,
-                           check_files=check_files, verify=verify, graph_capture=graph_capture,
-                           graph_cache=graph_cache, prefill_chunk=prefill_chunk)
+    @classmethod
+    def from_parts(cls, parts: EngineParts) -> Engine:
+        """An engine over parts opened by loading.load_variant / open_files / legacy."""
+        engine = cls(parts.runner, parts.tokenizer, parts.embeddings, parts.config, parts.name)
+        engine.notes = list(parts.notes)
+        return engine
 
     @property
     def context_len(self) -> int:
@@ -253,10 +261,3 @@ class _StopFilter:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
-
-
-def check_vocab(tokenizer: Tokenizer, config: Config, tokenizer_path: Path) -> None:
-    if tokenizer.n_words != config.vocab_size:
-        raise VariantError(
-            f"the tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model "
-            f"expects {config.vocab_size}; use the tokenizer.model that belongs to this variant.")

@@ -15,45 +15,13 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .errors import UserError
-from .files import published_files
+from .errors import PublishError
 
 HUB_URL = "https://huggingface.co"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
-# A URL inside free text (an error message, git's stderr): scheme, user info, the rest up to
-# a space or quote, then its query and fragment, which are where tokens hide.
-_URL_IN_TEXT = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/@'\"`<>]*@)?"
-                          r"(?P<rest>[^\s?#'\"`<>]*)(?P<query>\?[^\s#'\"`<>]*)?"
-                          r"(?P<fragment>#[^\s'\"`<>]*)?")
-# An scp-like git URL in free text (user@host:path), then its query and fragment.
-_SCP_IN_TEXT = re.compile(r"(?P<rest>[\w.-]+@[\w.-]+:[^\s?#'\"`<>]*)(?P<query>\?[^\s#'\"`<>]*)?"
-                          r"(?P<fragment>#[^\s'\"`<>]*)?")
 CREDENTIAL_FIX = ("remove them from the URL and let git get them from a credential helper or "
                   "SSH (or, for the Hub, `hf auth login` / HF_TOKEN).")
-
-
-def mask_secrets(text: str) -> str:
-    """`text` with the user info, query and fragment of every URL in it replaced by `***`.
-
-    Every message that shows a URL (ours, or git's stderr echoed in one) goes through this.
-    """
-    def mask(match: re.Match) -> str:
-        groups = match.groupdict()
-        return (groups.get("scheme", "") + ("***@" if groups.get("userinfo") else "")
-                + match["rest"] + ("?***" if match["query"] else "")
-                + ("#***" if match["fragment"] else ""))
-    return _SCP_IN_TEXT.sub(mask, _URL_IN_TEXT.sub(mask, text))
-
-
-class PublishError(UserError):
-    """A publish that cannot go ahead: bad remote URL, failed push or upload, unusable repo.
-
-    Its message is shown with URL secrets masked, whatever it quotes.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(mask_secrets(message))
 
 
 def url_secret(url: str) -> str:
@@ -188,33 +156,6 @@ def parse_repo_id(repo: str) -> str:
         raise PublishError(f"{repo!r} is not a Hugging Face repository id; pass it as "
                            "`owner/name`, e.g. `my-org/Llama-2-7b-chat-onnx`.")
     return repo_id
-
-
-def hub_upload(variant_dir: Path, repo_id: str, token: str | None = None,
-               api: object | None = None) -> tuple[str, list[str]]:
-    """Upload a verified variant folder to a Hugging Face model repository.
-
-    Args:
-        variant_dir: the variant folder (checked against its manifest first).
-        repo_id: `owner/name`; the repository is created if missing.
-        token: passed to huggingface_hub only; None lets it use `hf auth login` / HF_TOKEN.
-        api: an `HfApi`-like object (tests inject a fake); default `HfApi()`.
-    Returns:
-        The repository's git URL, `https://huggingface.co/<repo_id>`, for .gitmodules, and the
-        files of the folder that were left out because the manifest does not list them.
-    Raises:
-        VariantError: the folder does not match its manifest.
-        PublishError: bad repo id, huggingface_hub missing, or the upload failed.
-    """
-    from .publish import ensure_gitattributes, require_verified
-
-    variant_dir = Path(variant_dir).resolve()
-    repo_id = parse_repo_id(repo_id)
-    require_verified(variant_dir)
-    ensure_gitattributes(variant_dir)
-    files, left_out = published_files(variant_dir)
-    url, _ = upload_to_hub(variant_dir, repo_id, files, token=token, api=api)
-    return url, left_out
 
 
 def upload_to_hub(variant_dir: Path, repo_id: str, files: list[str], message: str | None = None,

@@ -17,10 +17,11 @@ import onnxruntime as ort
 from .config import Config
 from .errors import UserError, VariantError
 from .files import check_not_lfs_pointer
-from .session import create_session, resolve_provider
+from .session import EngineParts, create_session, resolve_provider
 from .tokenizer import Tokenizer
 
 LEGACY_INPUTS = {"x", "attn_mask", "k_cache", "v_cache", "pos"}
+LEGACY_CONTEXT = 2048  # the original release's graphs had a 2048-token attention mask
 NP_FROM_ORT = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
 
 
@@ -76,7 +77,7 @@ class LegacyRuntime:
         meta = {i.name: i for i in session.get_inputs()}
         self.dtype = NP_FROM_ORT[meta["x"].type]
         mask_len = meta["attn_mask"].shape[-1]
-        self.max_len = mask_len if isinstance(mask_len, int) else 2048
+        self.max_len = mask_len if isinstance(mask_len, int) else LEGACY_CONTEXT
         _, self.n_layers, _, self.n_heads, self.head_dim = meta["k_cache"].shape
         self.dim = meta["x"].shape[-1]
         self.cache_len = min(cache_len or self.max_len, self.max_len)
@@ -104,15 +105,15 @@ def legacy_config(runtime: LegacyRuntime, vocab_size: int) -> Config:
                   provenance={"format": "original Llama-2-Onnx"})
 
 
-def load_legacy_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path: Path,
-                       provider: str = "auto", max_seq_len: int | None = None):
+def load_legacy(graph: Path, embeddings: Path, tokenizer_path: Path, provider: str = "auto",
+                max_seq_len: int | None = None) -> EngineParts:
     """Open an original-format graph with its embeddings.pth and tokenizer.model."""
     for p in (graph, Path(str(graph) + ".data"), embeddings, tokenizer_path):
         check_not_lfs_pointer(p)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     table = load_pth_embeddings(embeddings)
     provider = resolve_provider(provider)
-    session, _ = create_session(graph, provider, cache_len=max_seq_len or 2048)
+    session, _ = create_session(graph, provider, cache_len=max_seq_len or LEGACY_CONTEXT)
     if not is_legacy_session(session):
         raise VariantError(f"{graph} has neither our graph contract nor the original "
                            "Llama-2-Onnx inputs (x, attn_mask, k_cache, v_cache, pos).")
@@ -121,4 +122,4 @@ def load_legacy_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path
         raise VariantError(f"{embeddings} has shape {table.shape} but the tokenizer and graph "
                            f"need ({tokenizer.n_words}, {runtime.dim}); use the matching files.")
     config = legacy_config(runtime, tokenizer.n_words)
-    return engine_cls(runtime, tokenizer, table.astype(runtime.dtype), config, name=graph.stem)
+    return EngineParts(runtime, tokenizer, table.astype(runtime.dtype), config, graph.stem)

@@ -12,8 +12,8 @@ from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
 from .files import check_not_lfs_pointer, read_manifest
 from .resources import GiB, free_cuda_memory, free_host_memory, require
-from .session import Runtime, create_session, resolve_provider
-from .tokenizer import Tokenizer
+from .session import EngineParts, Runtime, create_session, resolve_provider
+from .tokenizer import Tokenizer, check_vocab
 
 
 def check_folder(path: Path) -> None:
@@ -28,26 +28,27 @@ def check_folder(path: Path) -> None:
                            f"(in {name}) from the repository root.")
 
 
-def load_engine(engine_cls, path: Path, provider: str = "auto", max_seq_len: int | None = None,
-                check_files: bool = True, verify: bool = False, graph_capture: bool | str = "auto",
-                graph_cache: bool = True, prefill_chunk: int | str | None = "auto"):
-    """Build an Engine from a variant folder; see Engine.from_variant."""
+def load_variant(path: Path, provider: str = "auto", max_seq_len: int | None = None,
+                 check_files: bool = True, verify: bool = False,
+                 graph_capture: bool | str = "auto", graph_cache: bool = True,
+                 prefill_chunk: int | str | None = "auto") -> EngineParts:
+    """Open a variant folder (our format or the original one); see Engine.from_variant."""
     check_folder(path)
     if not (path / "config.json").exists():
-        from .legacy import find_legacy_files, load_legacy_engine
+        from .legacy import find_legacy_files, load_legacy
 
         files = find_legacy_files(path)
         if files is None:
             raise VariantError(f"{path} holds neither config.json nor an original Llama-2-Onnx "
                                "graph (ONNX/*.onnx with embeddings.pth); is it a variant folder?")
-        return load_legacy_engine(engine_cls, *files, provider=provider, max_seq_len=max_seq_len)
+        return load_legacy(*files, provider=provider, max_seq_len=max_seq_len)
     check_not_lfs_pointer(path / "config.json")
     if check_files or verify:
         problems = manifest_problems(path, sha256=verify)
         if problems:
             raise VariantError(problems[0])
     config = Config.load(path / "config.json")
-    return open_engine(engine_cls, find_graph(path), path / "embeddings.safetensors",
+    return open_files(find_graph(path), path / "embeddings.safetensors",
                        path / "tokenizer.model", config, provider=provider,
                        max_seq_len=max_seq_len, graph_capture=graph_capture,
                        graph_cache=graph_cache, name=path.name, verify=verify,
@@ -129,13 +130,12 @@ def context_length(config: Config, max_seq_len: int | None) -> int:
     return max_seq_len
 
 
-def open_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path: Path, config: Config,
-                provider: str = "auto", max_seq_len: int | None = None,
-                graph_capture: bool | str = "auto", graph_cache: bool = True, name: str = "",
-                verify: bool = False, prefill_chunk: int | str | None = "auto"):
-    """Open explicit files of our graph contract (the CLI's --onnx_file style)."""
-    from .generation import check_vocab
-
+def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Config,
+               provider: str = "auto", max_seq_len: int | None = None,
+               graph_capture: bool | str = "auto", graph_cache: bool = True, name: str = "",
+               verify: bool = False, prefill_chunk: int | str | None = "auto") -> EngineParts:
+    """Open explicit files of our graph contract (a variant folder's, or the CLI's
+    --onnx_file style)."""
     for p in (graph, Path(str(graph) + ".data")):
         check_not_lfs_pointer(p)
     tokenizer = Tokenizer.from_file(tokenizer_path)
@@ -157,9 +157,7 @@ def open_engine(engine_cls, graph: Path, embeddings: Path, tokenizer_path: Path,
     runtime = Runtime(session, config, provider, cache_len, graph_capture, max_chunk=chunk or None)
     if runtime.max_chunk is not None:
         runtime.warm_up()
-    engine = engine_cls(runtime, tokenizer, table, config, name=name or graph.stem)
-    engine.notes = notes
-    return engine
+    return EngineParts(runtime, tokenizer, table, config, name or graph.stem, notes)
 
 
 def kv_cache_bytes(config: Config, cache_len: int) -> int:

@@ -505,3 +505,28 @@ def human_size(n_bytes: int) -> str:
             break
         size, unit = size / 1000, bigger
     return f"{size:.1f} {unit}"
+
+
+def hub_upload(variant_dir: Path, repo_id: str, token: str | None = None,
+               api: object | None = None) -> tuple[str, list[str]]:
+    """Upload a verified variant folder to a Hugging Face model repository.
+
+    Args:
+        variant_dir: the variant folder (checked against its manifest first).
+        repo_id: `owner/name`; the repository is created if missing.
+        token: passed to huggingface_hub only; None lets it use `hf auth login` / HF_TOKEN.
+        api: an `HfApi`-like object (tests inject a fake); default `HfApi()`.
+    Returns:
+        The repository's git URL, `https://huggingface.co/<repo_id>`, for .gitmodules, and the
+        files of the folder that were left out because the manifest does not list them.
+    Raises:
+        VariantError: the folder does not match its manifest.
+        PublishError: bad repo id, huggingface_hub missing, or the upload failed.
+    """
+    variant_dir = Path(variant_dir).resolve()
+    repo_id = parse_repo_id(repo_id)
+    require_verified(variant_dir)
+    ensure_gitattributes(variant_dir)
+    files, left_out = published_files(variant_dir)
+    url, _ = upload_to_hub(variant_dir, repo_id, files, token=token, api=api)
+    return url, left_out

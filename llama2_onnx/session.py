@@ -9,7 +9,9 @@ so rewinding the cache (a new chat turn that shares a prefix) costs nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -17,6 +19,9 @@ import onnxruntime as ort
 from . import graph_cache
 from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 PROVIDERS = {"dml": "DmlExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}
@@ -131,6 +136,19 @@ def _open(path: Path, so: ort.SessionOptions, providers: list) -> ort.InferenceS
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise VariantError(f"ONNX Runtime cannot load {path} ({first}); check the files with "
                            "`python tools/export_and_publish.py verify <variant>`.") from None
+
+
+@dataclass
+class EngineParts:
+    """What an Engine is built from: the runner that holds the KV cache (Runtime, or the
+    original format's LegacyRuntime) and the host-side parts read from the variant's files."""
+
+    runner: Any
+    tokenizer: Tokenizer
+    embeddings: np.ndarray
+    config: Config
+    name: str
+    notes: list[str] = field(default_factory=list)
 
 
 class Runtime:

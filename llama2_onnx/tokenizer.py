@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import GenerationError, VariantError
+
+if TYPE_CHECKING:
+    from .config import Config
 from .files import check_not_lfs_pointer
 
 
@@ -86,3 +90,11 @@ class StreamDecoder:
         prefix, text = self._decoded()
         self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix):]
+
+
+def check_vocab(tokenizer: Tokenizer, config: Config, tokenizer_path: Path) -> None:
+    """Raise VariantError unless the tokenizer has the model's vocabulary size."""
+    if tokenizer.n_words != config.vocab_size:
+        raise VariantError(
+            f"the tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model "
+            f"expects {config.vocab_size}; use the tokenizer.model that belongs to this variant.")

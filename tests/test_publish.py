@@ -14,12 +14,13 @@ import pytest
 from llama2_onnx.config import Config
 from llama2_onnx.errors import VariantError
 from llama2_onnx.files import is_lfs_pointer, sha256_file, write_manifest
-from llama2_onnx.hub import PublishError, hub_upload, parse_repo_id, resolve_relative_url
+from llama2_onnx.hub import PublishError, parse_repo_id, resolve_relative_url
 from llama2_onnx.publish import (
     FALLBACK_IDENTITY,
     SLOTS,
     TABLE_END,
     TABLE_START,
+    hub_upload,
     human_size,
     publish_variant,
     verify_variant,

@@ -20,9 +20,9 @@ import test_publish
 from conftest import ROOT
 from test_publish import NAME, FakeApi, bare, git, make_variant
 
+from llama2_onnx.errors import PublishError, mask_secrets
 from llama2_onnx.files import published_files
-from llama2_onnx.hub import PublishError, hub_upload, mask_secrets
-from llama2_onnx.publish import publish_variant
+from llama2_onnx.publish import hub_upload, publish_variant
 
 # test_publish's fixtures: a distribution repository, and git isolated from the user's config.
 dist, isolated_git = test_publish.dist, test_publish.isolated_git
