@@ -47,9 +47,10 @@ activations, norms, rotary tables, KV cache and the embedding table are float16.
   no type listed for zero points (its kernel also refuses the g_idx and bias inputs), hence
   symmetric codes with the implicit zero point 8 and only the A, B, scales inputs.
 - Scales share A's type on every provider, so one graph has one activation type. float16 it is:
-  CUDA's GroupQueryAttention needs it, and on the CPU (2 cores, 110M-class model) the float16
-  int4 graph decodes at 341 tokens/s against 391 for a float32-activation copy, a 13 % gap that
-  does not pay for a second graph per variant; float32 variants decode at 94 there.
+  CUDA's GroupQueryAttention needs it, and on the CPU (2 cores, 110M-class model, before the
+  q/k/v fusion) the float16 int4 graph decoded at 341 tokens/s against 391 for a float32-
+  activation copy (119/207 against 134/217 in a busier moment), a 5-13 % gap that does not pay
+  for a second graph per variant; float32 variants decoded at 94 there.
 - accuracy_level 4 lets the CPU kernel quantize activations to int8 per block and use integer
   dot products (211 -> 341 tokens/s; perplexity unchanged within 0.1 %); GPU kernels ignore it.
 """

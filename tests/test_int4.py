@@ -119,6 +119,10 @@ def test_int4_export_passes_its_verification(make_variant, fmt, gqa):
     model = onnx.load(str(next((folder / "ONNX").glob("*.onnx"))), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
     assert "MatMulNBits" in ops and "MatMul" not in ops
+    # DirectML's MatMulNBits lists no zero-point type and refuses g_idx and bias: A, B, scales.
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert all(len(n.input) == 3 and n.domain == "com.microsoft" for n in nbits)
+    assert len(nbits) == 4 * 2 + 1  # qkv, o, w1|w3, w2 per layer, and the output projection
     scales = [t for t in model.graph.initializer if t.name.endswith("_scales")]
     assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
     inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}

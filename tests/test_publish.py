@@ -459,7 +459,8 @@ def test_user_flow_without_git_lfs_install_leaves_pointers(tmp_path: Path, dist:
 def test_slots_name_their_export_command() -> None:
     assert [s.name for s in SLOTS] == [
         "7B_float16", "7B_FT_float16", "13B_float16", "13B_FT_float16",
-        "7B_float32", "7B_FT_float32", "13B_float32", "13B_FT_float32"]
+        "7B_float32", "7B_FT_float32", "13B_float32", "13B_FT_float32",
+        "7B_int4", "7B_FT_int4", "13B_int4", "13B_FT_int4"]
     for slot in SLOTS:
         size, *chat, precision = slot.name.split("_")
         meta = f"llama-2-{size.lower()}" + ("-chat" if chat else "")
