@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from test_publish import bare, dist, git, gitlink, isolated_git
 
 from llama2_onnx.config import Config
-from llama2_onnx.files import sha256_file
+from llama2_onnx.files import sha256_file, write_manifest
 
 __all__ = ["dist", "isolated_git"]  # fixtures shared with test_publish
 TOOL = [sys.executable, str(ROOT / "tools" / "export_and_publish.py")]
@@ -100,3 +101,35 @@ def test_export_with_publish(tmp_path, dist, make_checkpoint, tokenizer_path):
     assert git("log", "-1", "--format=%s", cwd=dist).startswith("Publish tiny_meta at ")
     lonely = tool(*args, "--force", "--remote", f"file://{remote}", cwd=tmp_path)
     assert lonely.returncode == 2 and "--publish" in lonely.stderr
+
+
+
+def test_publish_again_after_a_change_moves_the_pin(tmp_path, dist, make_checkpoint,
+                                                    tokenizer_path):
+    ok(tool(*export_args(make_checkpoint("hf"), "hf", tokenizer_path, dist, "tiny"), cwd=dist))
+    remote = bare(tmp_path, "tiny")
+    ok(tool("publish", "--variant", "tiny", "--remote", "../tiny.git", cwd=dist))
+    first = gitlink(dist, "tiny")
+    card = dist / "tiny" / "README.md"
+    card.write_text(card.read_text() + "\nEvaluated on the test set.\n")
+    write_manifest(dist / "tiny", "tiny")  # as a re-export would
+    ok(tool("publish", "--variant", "tiny", "--remote", "../tiny.git", cwd=dist))
+    second = gitlink(dist, "tiny")
+    assert second != first and second == git("rev-parse", "main", cwd=remote)
+    assert git("rev-parse", "HEAD~1:tiny", cwd=dist) == first
+    assert f"published at `{second[:12]}`" in (dist / "README.md").read_text()
+
+
+@pytest.mark.xfail(reason="export --force replaces the published variant's .git, so the push "
+                   "of the new export is rejected as not a fast-forward (issue 9 keeps .git)")
+def test_export_force_publish_over_a_published_variant(tmp_path, dist, make_checkpoint,
+                                                       tokenizer_path):
+    remote = bare(tmp_path, "tiny")
+    checkpoint = make_checkpoint("hf")
+    ok(tool(*export_args(checkpoint, "hf", tokenizer_path, dist, "tiny"), "--publish",
+            "--remote", "../tiny.git", cwd=dist))
+    first = gitlink(dist, "tiny")
+    ok(tool(*export_args(checkpoint, "hf", tokenizer_path, dist, "tiny", "float16"), "--force",
+            "--publish", "--remote", "../tiny.git", cwd=dist))
+    assert gitlink(dist, "tiny") == git("rev-parse", "main", cwd=remote) != first
+    assert git("rev-list", "--count", "main", cwd=remote) == "2"
