@@ -14,7 +14,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import Config
-from .rope import rotary_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -30,9 +29,15 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(config: Config, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (length, head_dim // 2) for positions 0..length-1."""
-    cos, sin = rotary_cos_sin(config.head_dim, config.rope_theta, length)
-    return torch.from_numpy(cos).float(), torch.from_numpy(sin).float()
+    """cos and sin of shape (length, head_dim // 2) for positions 0..length-1.
+
+    Pair i of position p turns by the angle p * theta^(-2i/head_dim). Computed here rather than
+    taken from rope.py, which feeds the graph: the exporter's check must not share its tables.
+    """
+    half = config.head_dim // 2
+    inv_freq = config.rope_theta ** (-torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Rotary position embedding tables, shared by the graph builder and the PyTorch reference."""
+"""Rotary position embedding tables for the graph (the PyTorch reference computes its own)."""
 
 from __future__ import annotations
 

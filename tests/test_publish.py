@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import create_autospec
 
 import numpy as np
 import pytest
@@ -345,30 +346,32 @@ def test_corrupted_variant_is_not_published(tmp_path: Path, dist: Path) -> None:
 # ---------------------------------------------------------------------------- Hugging Face
 
 
-class FakeApi:
-    """Records the calls publish makes to huggingface_hub.HfApi."""
+def fake_api(error: Exception | None = None):
+    """A stand-in for huggingface_hub.HfApi built from its real signatures (an autospec): a
+    call with an argument HfApi does not take fails here as it would against the Hub.
+    `calls(api)` lists (method, args, kwargs) in call order."""
+    from huggingface_hub import HfApi
 
-    def __init__(self, error: Exception | None = None) -> None:
-        self.calls: list[tuple[str, tuple, dict]] = []
-        self.error = error
+    api = create_autospec(HfApi, instance=True, spec_set=True)
+    if error is not None:
+        api.create_repo.side_effect = error
+    else:
+        api.create_repo.side_effect = lambda repo_id, **_: f"https://huggingface.co/{repo_id}"
+    api.upload_folder.return_value = SimpleNamespace(
+        oid="ab" * 20, commit_url="https://huggingface.co/x/commit")
+    return api
 
-    def create_repo(self, *args: object, **kwargs: object) -> str:
-        self.calls.append(("create_repo", args, kwargs))
-        if self.error:
-            raise self.error
-        return f"https://huggingface.co/{args[0]}"
 
-    def upload_folder(self, **kwargs: object) -> SimpleNamespace:
-        self.calls.append(("upload_folder", (), kwargs))
-        return SimpleNamespace(oid="ab" * 20, commit_url="https://huggingface.co/x/commit")
+def calls(api) -> list[tuple[str, tuple, dict]]:
+    return [(name, args, kwargs) for name, args, kwargs in api.mock_calls]
 
 
 def test_hub_mode_registers_the_upload_commit(dist: Path) -> None:
     make_variant(dist / NAME)
-    api = FakeApi()
+    api = fake_api()
     result = publish_variant(dist / NAME, "me/llama-2-7b-chat-onnx", hub=True, api=api,
                              message="Upload 7B chat")
-    (create, args, kwargs), (upload, _, up) = api.calls
+    (create, args, kwargs), (upload, _, up) = calls(api)
     assert (create, args) == ("create_repo", ("me/llama-2-7b-chat-onnx",))
     assert kwargs["repo_type"] == "model" and kwargs["exist_ok"] is True
     assert upload == "upload_folder" and up["folder_path"] == str((dist / NAME).resolve())
@@ -383,12 +386,12 @@ def test_hub_mode_registers_the_upload_commit(dist: Path) -> None:
 
 def test_hub_upload_passes_token_but_writes_it_nowhere(dist: Path) -> None:
     make_variant(dist / NAME)
-    api = FakeApi()
+    api = fake_api()
     url, left_out = hub_upload(dist / NAME, "https://huggingface.co/me/model", token="hf_SECRET",
                                api=api)
     assert url == "https://huggingface.co/me/model" and left_out == []
-    assert all(kwargs["token"] == "hf_SECRET" for _, _, kwargs in api.calls)
-    publish_variant(dist / NAME, "me/model", hub=True, api=FakeApi())
+    assert all(kwargs["token"] == "hf_SECRET" for _, _, kwargs in calls(api))
+    publish_variant(dist / NAME, "me/model", hub=True, api=fake_api())
     texts = [dist / ".gitmodules", dist / ".git" / "config", dist / "README.md",
              *(p for p in (dist / NAME).rglob("*") if p.is_file())]
     assert not any(b"hf_SECRET" in p.read_bytes() for p in texts)
@@ -398,7 +401,7 @@ def test_hub_upload_failure_leaves_dist_unchanged(dist: Path) -> None:
     make_variant(dist / NAME)
     head = git("rev-parse", "HEAD", cwd=dist)
     with pytest.raises(PublishError, match="hf auth login"):
-        publish_variant(dist / NAME, "me/model", hub=True, api=FakeApi(OSError("401")))
+        publish_variant(dist / NAME, "me/model", hub=True, api=fake_api(OSError("401")))
     assert git("rev-parse", "HEAD", cwd=dist) == head and not (dist / ".gitmodules").exists()
 
 
@@ -406,7 +409,7 @@ def test_hub_mode_replaces_plain_files_tracked_in_dist(dist: Path) -> None:
     make_variant(dist / NAME)
     git("add", NAME, cwd=dist)
     git(*IDENTITY, "commit", "-q", "-m", "variant as plain files", cwd=dist)
-    publish_variant(dist / NAME, "me/model", hub=True, api=FakeApi())
+    publish_variant(dist / NAME, "me/model", hub=True, api=fake_api())
     assert git("ls-files", "--", NAME, cwd=dist) == NAME
     assert git("ls-tree", "HEAD", NAME, cwd=dist).split()[:3] == ["160000", "commit", "ab" * 20]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import test_publish
 from conftest import ROOT
-from test_publish import NAME, FakeApi, bare, git, make_variant
+from test_publish import NAME, bare, calls, fake_api, git, make_variant
 
 from llama2_onnx.errors import PublishError, mask_secrets
 from llama2_onnx.files import published_files
@@ -132,9 +132,9 @@ def test_cli_names_left_out_files_in_one_warning_line(tmp_path: Path, dist: Path
 def test_hub_upload_sends_exactly_the_manifest(dist: Path) -> None:
     make_variant(dist / NAME)
     add_strays(dist / NAME)
-    api = FakeApi()
+    api = fake_api()
     url, left_out = hub_upload(dist / NAME, "me/model", api=api)
-    (_, _, upload), = [call for call in api.calls if call[0] == "upload_folder"]
+    (_, _, upload), = [call for call in calls(api) if call[0] == "upload_folder"]
     folder_files = {p.relative_to(dist / NAME).as_posix() for p in (dist / NAME).rglob("*")
                     if p.is_file() and ".git" not in p.parts}
     sent = {rel for rel in folder_files
@@ -147,7 +147,7 @@ def test_hub_upload_sends_exactly_the_manifest(dist: Path) -> None:
 def test_hub_publish_returns_the_warning(dist: Path) -> None:
     make_variant(dist / NAME)
     add_strays(dist / NAME)
-    result = publish_variant(dist / NAME, "me/model", hub=True, api=FakeApi())
+    result = publish_variant(dist / NAME, "me/model", hub=True, api=fake_api())
     assert result.left_out == tuple(sorted(STRAYS)) and ".env" in result.warning
 
 
@@ -173,7 +173,7 @@ def test_url_with_credentials_is_refused_and_masked(tmp_path: Path, dist: Path,
     assert SECRET not in str(info.value) and "***" in str(info.value)
     assert snapshot(dist) == before and not (dist / NAME / ".git").exists()
     with pytest.raises(PublishError, match="credential helper") as info:
-        publish_variant(dist / NAME, url, hub=True, api=FakeApi())  # --hub URL too
+        publish_variant(dist / NAME, url, hub=True, api=fake_api())  # --hub URL too
     assert SECRET not in str(info.value) and snapshot(dist) == before
 
 

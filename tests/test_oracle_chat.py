@@ -1,0 +1,127 @@
+"""A warm chat turn equals a cold one: after KV reuse through the chat session, the prompt is
+Meta's format of the conversation, and its logits and greedy answer are those of a fresh engine
+given the whole conversation at once; the same after regenerate, remove-last-turn and clipping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llama2_onnx.chat_session import (
+    ChatSettings,
+    Conversation,
+    EnginePool,
+    regenerate,
+    remove_last,
+    respond,
+)
+from llama2_onnx.generation import Engine
+from llama2_onnx.sampling import SamplingSettings
+
+GREEDY = SamplingSettings(temperature=0)
+SETTINGS = ChatSettings(system="be brief", sampling=GREEDY, max_new_tokens=8)
+
+
+class Warm:
+    """A chat engine pool whose engine records every prefill: the tokens asked for, how many
+    were actually computed, and the logits returned."""
+
+    def __init__(self, variant: str) -> None:
+        self.variant, self.prefills, self.generated = variant, [], {}
+        self.last_computed = 0
+        self.pool = EnginePool(self._load)
+
+    def _load(self, variant: str) -> Engine:
+        engine = Engine.from_variant(variant, provider="cpu")
+        prefill = engine.prefill
+
+        def recording(tokens):
+            logits = prefill(tokens)
+            self.prefills.append((list(tokens), engine.last_prefill_count, np.array(logits)))
+            return logits
+
+        engine.prefill = recording
+        return engine
+
+
+@pytest.fixture()
+def warm(make_variant) -> Warm:
+    return Warm(str(make_variant("hf", "float32", True, chat=True)))
+
+
+def expected_prompt(tokenizer, conv: Conversation, system: str, generated: dict) -> list[int]:
+    """The tokens the model should see for the last exchange of `conv`: Meta's chat format
+    (restated here: system folded into the first kept user message, `<s>[INST] q [/INST] a </s>`
+    per exchange, `<s>[INST] q [/INST]` last), where an answer whose generated ids are not how
+    Meta's format would tokenize its text keeps the generated ids followed by EOS (what the
+    model produced, so the cached keys and values stay valid)."""
+    kept, last = conv.exchanges[conv.start:-1], conv.exchanges[-1].user
+    bos, eos, encode = tokenizer.bos_id, tokenizer.eos_id, tokenizer.sp.EncodeAsIds
+    ids: list[int] = []
+    for index, exchange in enumerate(kept):
+        question = exchange.user
+        if index == 0 and system:
+            question = f"<<SYS>>\n{system}\n<</SYS>>\n\n{question}"
+        head = [bos] + encode(f"[INST] {question.strip()} [/INST]")
+        full = [bos] + encode(f"[INST] {question.strip()} [/INST] {exchange.answer.strip()} ")
+        made = generated[id(exchange)]
+        canonical = full[:len(head)] == head and full[len(head):len(head) + len(made)] == made
+        ids += full + [eos] if canonical else head + made + [eos]
+    question = f"<<SYS>>\n{system}\n<</SYS>>\n\n{last}" if system and not kept else last
+    return ids + [bos] + encode(f"[INST] {question.strip()} [/INST]")
+
+
+def send(warm: Warm, conv: Conversation, user: str, settings: ChatSettings = SETTINGS,
+         again: bool = False) -> None:
+    """One turn (or a regenerate) through the chat session, checked against a cold engine."""
+    for _ in (regenerate(warm.pool, conv, settings) if again
+              else respond(warm.pool, conv, user, settings)):
+        pass
+    engine = warm.pool.get(warm.variant).engine
+    warm.generated[id(conv.exchanges[-1])] = list(engine.last_stats.tokens)
+    prompt, warm.last_computed, logits = warm.prefills[-1]
+    assert prompt == expected_prompt(engine.tokenizer, conv, settings.system, warm.generated)
+    cold = Engine.from_variant(warm.variant, provider="cpu")
+    np.testing.assert_allclose(logits, cold.prefill(prompt), atol=1e-5, rtol=0)
+    cold.reset()
+    answer = "".join(cold.generate(prompt, settings.sampling, settings.max_new_tokens))
+    assert conv.exchanges[-1].answer == answer
+
+
+def test_warm_turns_equal_cold_turns(warm):
+    conv = Conversation(variant=warm.variant)
+    for i, user in enumerate(["the cat sat on the mat", "and the dog ran far", "she was home"]):
+        send(warm, conv, user)
+        prompt = warm.prefills[-1][0]
+        if i:
+            assert warm.last_computed < len(prompt) // 2, "the cache was not reused"
+    assert all(exchange.answer.strip() for exchange in conv.exchanges)
+
+
+def test_regenerate_equals_a_cold_turn(warm):
+    conv = Conversation(variant=warm.variant)
+    send(warm, conv, "the cat sat")
+    send(warm, conv, "the dog ran home")
+    send(warm, conv, "", again=True)
+    assert conv.exchanges[-1].user == "the dog ran home"
+    assert warm.last_computed == 1 and len(conv.exchanges) == 2
+
+
+def test_remove_last_turn_then_a_new_turn_equals_a_cold_turn(warm):
+    conv = Conversation(variant=warm.variant)
+    send(warm, conv, "the cat sat")
+    send(warm, conv, "the dog ran home")
+    remove_last(conv)
+    send(warm, conv, "he was far away")
+    assert len(conv.exchanges) == 2 and warm.last_computed < len(warm.prefills[-1][0])
+
+
+def test_clipped_history_equals_a_cold_turn_on_what_is_kept(warm):
+    conv = Conversation(variant=warm.variant)
+    settings = ChatSettings(system="be kind", sampling=GREEDY, max_new_tokens=8,
+                            max_history_tokens=70)
+    for word in "sat ran was far home tree".split():
+        send(warm, conv, f"the cat {word}", settings)
+    assert conv.start > 1, "the history was never clipped"
+    send(warm, conv, "the sun", settings)  # a warm turn after clipping reuses the new cache
+    assert warm.last_computed < len(warm.prefills[-1][0]) // 2
