@@ -88,11 +88,12 @@ DEFAULT_PREFILL_CHUNK = {"cuda": 1024}
 
 
 def default_graph_capture(provider: str, config: Config) -> bool:
-    """CUDA replays the decode step as a captured CUDA graph unless attention runs on the CPU
-    (float32). Shown token-identical over a 4,608-token chat with sampling, regenerate, removed
-    turns and clipping (tools/graph_capture_check.py); DirectML's capture is not yet shown
-    equal, so it stays opt-in there."""
-    return provider == "cuda" and config.dtype != "float32"
+    """CUDA replays the decode step as a captured CUDA graph (float16 and int4 variants;
+    float32 ones never run on CUDA, see provider_for). Shown token-identical over a
+    4,608-token chat with sampling, regenerate, removed turns and clipping
+    (tools/graph_capture_check.py); DirectML's capture is not yet shown equal, so it stays
+    opt-in there."""
+    return provider == "cuda"
 
 
 def load_embeddings(path: Path, config: Config) -> np.ndarray:
@@ -111,13 +112,21 @@ def load_embeddings(path: Path, config: Config) -> np.ndarray:
 
 
 def provider_for(config: Config, requested: str) -> str:
-    """The provider to run `config` on. ONNX Runtime's CUDA GroupQueryAttention exists for
-    float16 only (OperatorKernels.md): on CUDA a float32 graph runs attention on the CPU and
-    keeps the cache in host memory (see Runtime). `auto` therefore keeps float32 variants on
-    the CPU; `--provider cuda` still runs them, matrix products on the GPU."""
+    """The one rule for where a variant runs. ONNX Runtime's CUDA GroupQueryAttention exists
+    for float16 only (OperatorKernels.md), so a float32 graph on CUDA would run attention on
+    the CPU; measured on an H100 that split gives wrong logits from the second decode step, so
+    float32 variants run on the CPU: `auto` picks it, `--provider cuda` is refused.
+
+    Raises:
+        UserError for `--provider cuda` with a float32 variant.
+    """
     provider = resolve_provider(requested)
-    if provider == "cuda" and config.dtype == "float32" and requested == "auto":
-        return "cpu"
+    if provider == "cuda" and config.dtype == "float32":
+        if requested == "auto":
+            return "cpu"
+        raise UserError("float32 variants run on the CPU (ONNX Runtime has no float32 CUDA "
+                        "attention kernel); use a float16 or int4 variant with --provider cuda, "
+                        "or --provider cpu.")
     return provider
 
 
@@ -144,9 +153,6 @@ def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Conf
     provider = provider_for(config, provider)
     if graph_capture == "auto":
         graph_capture = default_graph_capture(provider, config)
-    if graph_capture and provider == "cuda" and config.dtype == "float32":
-        raise UserError("--graph_capture needs every node on the GPU, but float32 attention runs "
-                        "on the CPU under CUDA; use a float16 variant or drop --graph_capture.")
     cache_len = context_length(config, max_seq_len)
     check_memory(graph, config, provider, cache_len)
     session, notes = create_session(graph, provider, cache_len, graph_capture,
@@ -176,7 +182,7 @@ def check_memory(graph: Path, config: Config, provider: str, cache_len: int) -> 
     kv = kv_cache_bytes(config, cache_len)
     fix = "pass a smaller --max_seq_len" if kv > weights else "use a smaller variant"
     one_layer = kv // (2 * config.n_layers)  # the zeroed host buffer each cache starts from
-    kv_on_host = provider == "cpu" or (provider == "cuda" and config.dtype == "float32")
+    kv_on_host = provider == "cpu"
     host = (weights if provider == "cpu" else 0) + (kv if kv_on_host else one_layer)
     require(f"this variant with a {cache_len}-token context (weights "
             f"{weights / GiB:.1f} GiB + KV cache {kv / GiB:.1f} GiB)", host, free_host_memory(),

@@ -213,11 +213,7 @@ class Runtime:
     def _bind_caches(self) -> list[ort.OrtValue]:
         c = self.config
         zeros = np.zeros((1, c.n_kv_heads, self.cache_len, c.head_dim), self.dtype)
-        # The cache lives where attention runs. ONNX Runtime's CUDA GroupQueryAttention is
-        # float16-only, so a float32 graph on CUDA runs attention on the CPU: its cache stays
-        # in host memory, bound in place there (moving it per step through the device gave
-        # wrong tokens in our H100 test), and only q/k/v and attention outputs cross.
-        device = "cpu" if self.provider == "cuda" and c.dtype == "float32" else self.device
+        device = self.device  # where attention runs (float32 never runs on CUDA: provider_for)
         caches = []
         for i in range(c.n_layers):
             for kind in ("key", "value"):

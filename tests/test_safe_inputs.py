@@ -356,3 +356,16 @@ def test_unpublished_slot_says_its_state_for_variant_and_onnx_file():
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert_refused(run, "7B_FT_float16", "not published")
         assert "neither a folder nor a slot" not in run.stderr
+
+
+def test_float32_variants_are_refused_on_cuda(monkeypatch):
+    """The rule itself (this machine may have no CUDA): float32 never runs on CUDA, where its
+    attention would split between host and device and give wrong logits."""
+    from llama2_onnx import loading
+    from llama2_onnx.config import Config
+
+    monkeypatch.setattr(loading, "resolve_provider", lambda name: "cuda")
+    with pytest.raises(UserError, match="float32 variants run on the CPU"):
+        loading.provider_for(Config(dim=64, n_heads=4, dtype="float32"), "cuda")
+    assert loading.provider_for(Config(dim=64, n_heads=4, dtype="float32"), "auto") == "cpu"
+    assert loading.provider_for(Config(dim=64, n_heads=4, dtype="float16"), "cuda") == "cuda"
