@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import UserError
+from .layout import CONFIG, EMBEDDINGS, TOKENIZER
 from .sampling import SamplingSettings
 from .session import PROVIDER_CHOICES
 
@@ -133,10 +134,10 @@ def _open_explicit_files(args: argparse.Namespace):
     if not graph.is_file():
         raise UserError(f"--onnx_file {graph} does not exist{_slot_hint(graph)}.")
     folder = graph.parent.parent
-    tokenizer = Path(args.tokenizer_path or folder / "tokenizer.model")
-    if (folder / "config.json").exists():
-        embeddings = Path(args.embedding_file or folder / "embeddings.safetensors")
-        config = Config.load(folder / "config.json")
+    tokenizer = Path(args.tokenizer_path or folder / TOKENIZER)
+    if (folder / CONFIG).exists():
+        embeddings = Path(args.embedding_file or folder / EMBEDDINGS)
+        config = Config.load(folder / CONFIG)
         return Engine.from_parts(open_files(
             graph, embeddings, tokenizer, config, provider=args.provider,
             max_seq_len=args.max_seq_len, graph_capture=args.graph_capture,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .export import ExportRequest, export_variant
+from .layout import CONFIG
 from .variants import check_variant_name
 
 
@@ -34,7 +35,7 @@ def publish_command(args: argparse.Namespace, root: Path) -> int:
     folder = args.variant if args.variant.is_absolute() or args.variant.exists() \
         else root / args.variant
     check_variant_name(folder.resolve().name)  # it becomes the submodule's path
-    if not (folder / "config.json").is_file():
+    if not (folder / CONFIG).is_file():
         raise UserError(f"{folder} is not an exported variant folder (no config.json); export "
                         "it first with `tools/export_and_publish.py export`.")
     _publish(folder, args)

@@ -17,6 +17,18 @@ from .config import NP_DTYPES, Config
 from .errors import CheckpointError, UserError, VerificationError
 from .files import check_not_lfs_pointer, write_manifest
 from .graph import ExternalDataWriter, build_model, n_graph_tensors
+from .layout import (
+    CACHE_DIR,
+    CONFIG,
+    EMBEDDINGS,
+    GITATTRIBUTES,
+    GITIGNORE,
+    GRAPH_DIR,
+    README,
+    TOKENIZER,
+    data_path,
+    graph_name,
+)
 from .resources import GiB, free_host_memory, require
 from .staging import (
     check_replaceable,
@@ -51,10 +63,6 @@ class ExportRequest:
     skip_verify: bool = False
     progress: bool = True
     lfs: bool = True  # False: no .gitattributes (a variant committed to a plain repo: the demo)
-
-
-def onnx_name(variant: str) -> str:
-    return f"LlamaV2_{variant}.onnx"
 
 
 def export_variant(req: ExportRequest) -> Path:
@@ -154,7 +162,7 @@ def _find_tokenizer(req: ExportRequest) -> Path:
         path = Path(req.tokenizer)
     else:
         folder = Path(req.hf or req.meta or ".")
-        candidates = [folder / "tokenizer.model", folder.parent / "tokenizer.model"]
+        candidates = [folder / TOKENIZER, folder.parent / TOKENIZER]
         path = next((p for p in candidates if p.is_file()), candidates[0])
     if not path.is_file():
         raise UserError(f"tokenizer {path} does not exist; pass --tokenizer PATH to the "
@@ -177,25 +185,25 @@ def _check_disk(folder: Path, config: Config) -> None:
 
 def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: Config,
                    req: ExportRequest) -> None:
-    (folder / "ONNX").mkdir(parents=True)
-    graph_path = folder / "ONNX" / onnx_name(req.variant)
+    (folder / GRAPH_DIR).mkdir(parents=True)
+    graph_path = folder / GRAPH_DIR / graph_name(req.variant)
     with _Progress(config, enabled=req.progress) as progress:
-        writer = ExternalDataWriter(graph_path.with_name(graph_path.name + ".data"),
+        writer = ExternalDataWriter(data_path(graph_path),
                                     on_write=progress.update)
         try:
             model = build_model(config, source.read, writer)
         finally:
             writer.close()
         onnx.save_model(model, str(graph_path))
-        _write_embeddings(folder / "embeddings.safetensors", source, config)
+        _write_embeddings(folder / EMBEDDINGS, source, config)
         itemsize = np.dtype(NP_DTYPES[config.dtype]).itemsize
         progress.update("tok_embeddings.weight", config.vocab_size * config.dim * itemsize)
-    shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
-    config.save(folder / "config.json")
-    (folder / "README.md").write_text(variant_readme(req.variant, config), encoding="utf-8")
+    shutil.copyfile(tokenizer_path, folder / TOKENIZER)
+    config.save(folder / CONFIG)
+    (folder / README).write_text(variant_readme(req.variant, config), encoding="utf-8")
     if req.lfs:
-        (folder / ".gitattributes").write_text(gitattributes(), encoding="utf-8")
-    (folder / ".gitignore").write_text("ONNX/.cache/\n", encoding="utf-8")
+        (folder / GITATTRIBUTES).write_text(gitattributes(), encoding="utf-8")
+    (folder / GITIGNORE).write_text(f"{GRAPH_DIR}/{CACHE_DIR}/\n", encoding="utf-8")
     write_manifest(folder, req.variant)
 
 

@@ -10,12 +10,20 @@ from pathlib import Path, PurePosixPath
 
 from .config import write_text_atomic
 from .errors import VariantError
+from .layout import (
+    CACHE_DIR,
+    CONFIG,
+    EMBEDDINGS,
+    GRAPH_DIR,
+    MANIFEST,
+    TOKENIZER,
+    data_path,
+    graphs,
+)
 
-MANIFEST = "manifest.json"
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 # Files every variant of our format has besides its graph (ONNX/<name>.onnx and .onnx.data).
-REQUIRED_FILES = ("config.json", "tokenizer.model", "embeddings.safetensors")
-CACHE_PART = ".cache"  # ONNX/.cache: the optimized-graph cache, never part of the variant
+REQUIRED_FILES = (CONFIG, TOKENIZER, EMBEDDINGS)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -61,7 +69,7 @@ def write_manifest(folder: Path, name: str) -> dict:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if rel == MANIFEST or rel.startswith(".git/") or f"/{CACHE_PART}/" in f"/{rel}":
+        if rel == MANIFEST or rel.startswith(".git/") or f"/{CACHE_DIR}/" in f"/{rel}":
             continue
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {"variant": name, "files": files}
@@ -110,19 +118,21 @@ def _manifest_shape_problem(manifest: object) -> str:
 def variant_file_problems(folder: Path, listed: dict) -> list[str]:
     """What a complete manifest must list: every required file, the one graph and its data,
     and every file in ONNX/ (the optimized-graph cache aside)."""
-    graphs = sorted((folder / "ONNX").glob("*.onnx")) if (folder / "ONNX").is_dir() else []
-    if len(graphs) > 1:
-        names = ", ".join(g.name for g in graphs)
-        return [f"{folder / 'ONNX'} holds {len(graphs)} graphs ({names}) but a variant has "
+    found = graphs(folder)
+    if len(found) > 1:
+        names = ", ".join(g.name for g in found)
+        return [f"{folder / GRAPH_DIR} holds {len(found)} graphs ({names}) but a variant has "
                 "exactly one; remove the extra one or fetch the variant again."]
-    graph = [f"ONNX/{graphs[0].name}", f"ONNX/{graphs[0].name}.data"] if graphs else []
-    present = [p.relative_to(folder).as_posix() for p in (folder / "ONNX").rglob("*")
-               if p.is_file() and CACHE_PART not in p.relative_to(folder).parts] if graphs else []
+    graph = [p.relative_to(folder).as_posix() for p in (found[0], data_path(found[0]))
+             ] if found else []
+    present = [p.relative_to(folder).as_posix() for p in (folder / GRAPH_DIR).rglob("*")
+               if p.is_file() and CACHE_DIR not in p.relative_to(folder).parts] if found else []
     problems = [f"{folder / MANIFEST} does not list {rel}; the manifest is incomplete: "
                 "re-export or fetch the variant again." for rel in
                 dict.fromkeys([*REQUIRED_FILES, *graph, *present]) if rel not in listed]
-    if not graphs and not any(rel.endswith(".onnx") for rel in listed):
-        problems.append(f"{folder / 'ONNX'} has no .onnx graph; re-export or fetch the variant.")
+    if not found and not any(rel.endswith(".onnx") for rel in listed):
+        problems.append(f"{folder / GRAPH_DIR} has no .onnx graph; re-export or fetch the "
+                        "variant.")
     return problems
 
 
@@ -175,7 +185,7 @@ def published_files(folder: Path) -> tuple[list[str], list[str]]:
     others = []
     for top, dirs, names in os.walk(folder):
         here = Path(top).relative_to(folder)
-        dirs[:] = [d for d in dirs if d != CACHE_PART and (here.parts or d != ".git")]
+        dirs[:] = [d for d in dirs if d != CACHE_DIR and (here.parts or d != ".git")]
         others += [rel for name in names if (rel := (here / name).as_posix()) not in listed
                    and rel != ".git"]  # a submodule's .git is a file pointing to its repository
     return listed, sorted(others)

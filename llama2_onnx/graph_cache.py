@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from .files import sha256_file
+from .layout import CACHE_DIR, data_path
 
-CACHE_DIR = ".cache"
 KEY_VERSION = 2
 _SAMPLES, _BLOCK = 256, 1 << 16
 
@@ -75,15 +75,15 @@ def plan(graph: Path, key: dict[str, Any] | None, verify: bool = False) -> Cache
     """
     if key is None:
         return CachePlan(graph, graph)
-    onnx_path, data_path, record_path = paths(graph, key["provider"])
-    if _matches(onnx_path, data_path, record_path, key, verify):
+    onnx_path, cached_data, record_path = paths(graph, key["provider"])
+    if _matches(onnx_path, cached_data, record_path, key, verify):
         return CachePlan(graph, onnx_path, key=key)
     folder = onnx_path.parent
     if not _writable(folder):
         return CachePlan(graph, graph, notes=[
             f"{graph.parent} is read-only, so the optimized graph is not cached; every start "
             "optimizes it again (copy the variant somewhere writable to avoid that)."])
-    needed = 2 * sum(p.stat().st_size for p in (graph, Path(f"{graph}.data")) if p.exists())
+    needed = 2 * sum(p.stat().st_size for p in (graph, data_path(graph)) if p.exists())
     if shutil.disk_usage(graph.parent).free < needed + (1 << 30):
         return CachePlan(graph, graph, notes=[
             f"not enough free disk in {graph.parent} to cache the optimized graph "
@@ -97,11 +97,11 @@ def record(plan_: CachePlan) -> None:
     check it. Without both files (ONNX Runtime wrote nothing) nothing is recorded."""
     if plan_.write_to is None or plan_.key is None:
         return
-    onnx_path, data_path, record_path = paths(plan_.graph, plan_.key["provider"])
+    onnx_path, cached_data, record_path = paths(plan_.graph, plan_.key["provider"])
     if not onnx_path.is_file():
         return
     files = {}
-    for label, path in (("onnx", onnx_path), ("data", data_path)):
+    for label, path in (("onnx", onnx_path), ("data", cached_data)):
         if path.is_file():
             files[label] = {"size": path.stat().st_size, "sample": sampled_sha256(path),
                             "sha256": sha256_file(path)}
@@ -115,13 +115,13 @@ def forget(graph: Path, provider: str) -> None:
     paths(graph, provider)[2].unlink(missing_ok=True)
 
 
-def _matches(onnx_path: Path, data_path: Path, record_path: Path, key: dict[str, Any],
+def _matches(onnx_path: Path, cached_data: Path, record_path: Path, key: dict[str, Any],
              verify: bool) -> bool:
     try:
         saved = json.loads(record_path.read_text(encoding="utf-8"))
         if saved["key"] != key or "onnx" not in saved["files"]:
             return False
-        for label, path in (("onnx", onnx_path), ("data", data_path)):
+        for label, path in (("onnx", onnx_path), ("data", cached_data)):
             entry = saved["files"].get(label)
             if entry is None:
                 if path.exists():

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from .config import Config
 from .errors import UserError, VariantError
 from .files import check_not_lfs_pointer
+from .layout import LEGACY_EMBEDDINGS, TOKENIZER, data_path, graphs
 from .session import EngineParts, create_session, resolve_provider
 from .tokenizer import Tokenizer
 
@@ -34,13 +35,13 @@ def find_legacy_files(folder: Path) -> tuple[Path, Path, Path] | None:
 
     The original repository kept tokenizer.model at its root, beside the variant folders.
     """
-    graphs = sorted((folder / "ONNX").glob("*.onnx")) if (folder / "ONNX").is_dir() else []
-    embeddings = folder / "embeddings.pth"
-    if not graphs or not embeddings.exists():
+    found = graphs(folder)
+    embeddings = folder / LEGACY_EMBEDDINGS
+    if not found or not embeddings.exists():
         return None
-    tokenizer = next((p for p in (folder / "tokenizer.model", folder.parent / "tokenizer.model")
-                      if p.exists()), folder / "tokenizer.model")
-    return graphs[0], embeddings, tokenizer
+    tokenizer = next((p for p in (folder / TOKENIZER, folder.parent / TOKENIZER)
+                      if p.exists()), folder / TOKENIZER)
+    return found[0], embeddings, tokenizer
 
 
 def load_pth_embeddings(path: Path) -> np.ndarray:
@@ -108,7 +109,7 @@ def legacy_config(runtime: LegacyRuntime, vocab_size: int) -> Config:
 def load_legacy(graph: Path, embeddings: Path, tokenizer_path: Path, provider: str = "auto",
                 max_seq_len: int | None = None) -> EngineParts:
     """Open an original-format graph with its embeddings.pth and tokenizer.model."""
-    for p in (graph, Path(str(graph) + ".data"), embeddings, tokenizer_path):
+    for p in (graph, data_path(graph), embeddings, tokenizer_path):
         check_not_lfs_pointer(p)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     table = load_pth_embeddings(embeddings)

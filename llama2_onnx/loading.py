@@ -11,6 +11,7 @@ from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
 from .files import check_not_lfs_pointer, read_manifest
+from .layout import CONFIG, EMBEDDINGS, GRAPH_DIR, TOKENIZER, data_path, graphs
 from .resources import GiB, free_cuda_memory, free_host_memory, require
 from .session import EngineParts, Runtime, create_session, resolve_provider
 from .tokenizer import Tokenizer, check_vocab
@@ -34,7 +35,7 @@ def load_variant(path: Path, provider: str = "auto", max_seq_len: int | None = N
                  prefill_chunk: int | str | None = "auto") -> EngineParts:
     """Open a variant folder (our format or the original one); see Engine.from_variant."""
     check_folder(path)
-    if not (path / "config.json").exists():
+    if not (path / CONFIG).exists():
         from .legacy import find_legacy_files, load_legacy
 
         files = find_legacy_files(path)
@@ -42,27 +43,26 @@ def load_variant(path: Path, provider: str = "auto", max_seq_len: int | None = N
             raise VariantError(f"{path} holds neither config.json nor an original Llama-2-Onnx "
                                "graph (ONNX/*.onnx with embeddings.pth); is it a variant folder?")
         return load_legacy(*files, provider=provider, max_seq_len=max_seq_len)
-    check_not_lfs_pointer(path / "config.json")
+    check_not_lfs_pointer(path / CONFIG)
     if check_files or verify:
         problems = manifest_problems(path, sha256=verify)
         if problems:
             raise VariantError(problems[0])
-    config = Config.load(path / "config.json")
-    return open_files(find_graph(path), path / "embeddings.safetensors",
-                       path / "tokenizer.model", config, provider=provider,
-                       max_seq_len=max_seq_len, graph_capture=graph_capture,
-                       graph_cache=graph_cache, name=path.name, verify=verify,
-                       prefill_chunk=prefill_chunk)
+    config = Config.load(path / CONFIG)
+    return open_files(find_graph(path), path / EMBEDDINGS, path / TOKENIZER, config,
+                      provider=provider, max_seq_len=max_seq_len, graph_capture=graph_capture,
+                      graph_cache=graph_cache, name=path.name, verify=verify,
+                      prefill_chunk=prefill_chunk)
 
 
 def find_graph(path: Path) -> Path:
     """The one ONNX/*.onnx graph of a variant folder."""
-    graphs = sorted((path / "ONNX").glob("*.onnx")) if (path / "ONNX").is_dir() else []
-    if len(graphs) != 1:
-        found = "no .onnx graph" if not graphs else f"{len(graphs)} graphs"
-        raise VariantError(f"{path / 'ONNX'} holds {found} but a variant has exactly one; "
+    found = graphs(path)
+    if len(found) != 1:
+        what = "no .onnx graph" if not found else f"{len(found)} graphs"
+        raise VariantError(f"{path / GRAPH_DIR} holds {what} but a variant has exactly one; "
                            "re-export or fetch the variant again.")
-    return graphs[0]
+    return found[0]
 
 
 def cache_source(graph: Path) -> dict | None:
@@ -74,7 +74,7 @@ def cache_source(graph: Path) -> dict | None:
     except VariantError:
         return None
     files = (manifest or {}).get("files", {})
-    rels = [p.relative_to(folder).as_posix() for p in (graph, Path(f"{graph}.data"))]
+    rels = [p.relative_to(folder).as_posix() for p in (graph, data_path(graph))]
     if rels[0] not in files:
         return None
     return {rel: files[rel] for rel in rels if rel in files}
@@ -145,7 +145,7 @@ def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Conf
                verify: bool = False, prefill_chunk: int | str | None = "auto") -> EngineParts:
     """Open explicit files of our graph contract (a variant folder's, or the CLI's
     --onnx_file style)."""
-    for p in (graph, Path(str(graph) + ".data")):
+    for p in (graph, data_path(graph)):
         check_not_lfs_pointer(p)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     check_vocab(tokenizer, config, tokenizer_path)
@@ -177,7 +177,7 @@ def check_memory(graph: Path, config: Config, provider: str, cache_len: int) -> 
     Raises:
         UserError when host memory (or a CUDA device's, where it can be read) is too small.
     """
-    data = Path(f"{graph}.data")
+    data = data_path(graph)
     weights = data.stat().st_size if data.exists() else graph.stat().st_size
     kv = kv_cache_bytes(config, cache_len)
     fix = "pass a smaller --max_seq_len" if kv > weights else "use a smaller variant"

@@ -22,7 +22,6 @@ from pathlib import Path
 from .config import write_text_atomic
 from .errors import VariantError
 from .files import (
-    MANIFEST,
     check_files,
     left_out_warning,
     published_files,
@@ -30,6 +29,7 @@ from .files import (
     sha256_file,
 )
 from .hub import PublishError, check_url, parse_repo_id, remote_urls, upload_to_hub
+from .layout import GITATTRIBUTES, MANIFEST
 from .slots import SLOTS
 from .variant_card import LFS_PATTERNS
 
@@ -262,7 +262,7 @@ def ensure_gitattributes(variant_dir: Path) -> bool:
     Returns:
         True when the file had to be changed.
     """
-    path = variant_dir / ".gitattributes"
+    path = variant_dir / GITATTRIBUTES
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     tracked = {line.split()[0] for line in text.splitlines()
                if line.strip() and "filter=lfs" in line.split()[1:]}
@@ -271,7 +271,7 @@ def ensure_gitattributes(variant_dir: Path) -> bool:
         return False
     sep = "" if not text or text.endswith("\n") else "\n"
     write_text_atomic(path, text + sep + "".join(f"{p} {LFS_ATTRS}\n" for p in missing))
-    _refresh_manifest_entry(variant_dir, ".gitattributes")
+    _refresh_manifest_entry(variant_dir, GITATTRIBUTES)
     return True
 
 

@@ -21,12 +21,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import Interrupted, UserError
-from .files import MANIFEST
+from .layout import CACHE_DIR, CONFIG, GRAPH_DIR, MANIFEST
 
 _LEFTOVER = re.compile(r"^\.(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*)\.(partial|old)-(?P<pid>\d+)$")
 # Kept when a variant folder is replaced: its git repository (published variants) and caches.
 _KEPT = (".git",)
-_IGNORED_PREFIXES = (".git/", "ONNX/.cache/")
+_IGNORED_PREFIXES = (".git/", f"{GRAPH_DIR}/{CACHE_DIR}/")
 EXPORTER_TAG = "llama2_onnx"
 
 
@@ -123,7 +123,7 @@ def _first_unlisted_file(folder: Path) -> str | None:
     saying the folder has no exporter's manifest; None when every file is accounted for."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
         listed = set(manifest["files"])
         exporter = str(config.get("provenance", {}).get("exporter", ""))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import VariantError
 from .files import check_files, is_lfs_pointer
+from .layout import CONFIG, GRAPH_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_VARIANT = "demo"
@@ -61,7 +62,7 @@ def variant_state(path: Path) -> VariantState:
         return VariantState(name, path, ABSENT, hint)
     if path.is_dir() and not any(p.name != ".git" for p in path.iterdir()):
         return VariantState(name, path, NOT_INITIALISED, f"run `{pull_command(name)}`")
-    if not (path / "config.json").exists():
+    if not (path / CONFIG).exists():
         from .legacy import find_legacy_files
 
         files = find_legacy_files(path)
@@ -71,7 +72,7 @@ def variant_state(path: Path) -> VariantState:
             return VariantState(name, path, NOT_PULLED, f"run `git lfs pull` in {name}")
         return VariantState(name, path, INCOMPLETE, "no config.json: re-export or fetch it")
     problems = check_files(path)
-    if any("Git LFS pointer" in p for p in problems) or is_lfs_pointer(path / "config.json"):
+    if any("Git LFS pointer" in p for p in problems) or is_lfs_pointer(path / CONFIG):
         return VariantState(name, path, NOT_PULLED, f"run `git lfs pull` in {name}")
     if problems:
         return VariantState(name, path, INCOMPLETE, problems[0])
@@ -95,7 +96,7 @@ def slot_names(root: Path) -> list[str]:
     names = list(SLOT_NAMES)
     declared = submodule_paths(root)
     for name in declared + sorted(p.name for p in root.iterdir() if p.is_dir()):
-        looks_like = (root / name / "config.json").exists() or (root / name / "ONNX").is_dir()
+        looks_like = (root / name / CONFIG).exists() or (root / name / GRAPH_DIR).is_dir()
         if name not in names and name != DEMO_VARIANT and (
                 name in declared or looks_like):
             names.append(name)

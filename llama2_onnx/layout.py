@@ -1,0 +1,42 @@
+"""A variant folder's layout: the one place its file names are spelled (see DESIGN.md).
+
+    <variant>/ONNX/LlamaV2_<variant>.onnx        graph         (GRAPH_DIR, graph_name)
+    <variant>/ONNX/LlamaV2_<variant>.onnx.data   its weights   (data_path)
+    <variant>/ONNX/.cache/                       optimized-graph cache, never published
+    <variant>/embeddings.safetensors             EMBEDDINGS
+    <variant>/tokenizer.model                    TOKENIZER
+    <variant>/config.json                        CONFIG
+    <variant>/manifest.json                      MANIFEST
+    <variant>/README.md, .gitattributes, .gitignore
+    (original format: embeddings.pth, tokenizer.model possibly one folder up)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG = "config.json"
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"
+EMBEDDINGS = "embeddings.safetensors"
+LEGACY_EMBEDDINGS = "embeddings.pth"
+GRAPH_DIR = "ONNX"
+CACHE_DIR = ".cache"
+README = "README.md"
+GITATTRIBUTES = ".gitattributes"
+GITIGNORE = ".gitignore"
+
+
+def graph_name(variant: str) -> str:
+    return f"LlamaV2_{variant}.onnx"
+
+
+def data_path(graph: Path) -> Path:
+    """The external-data file beside a graph."""
+    return Path(f"{graph}.data")
+
+
+def graphs(folder: Path) -> list[Path]:
+    """Every ONNX/*.onnx graph of a variant folder (a valid variant has exactly one)."""
+    graph_dir = Path(folder) / GRAPH_DIR
+    return sorted(graph_dir.glob("*.onnx")) if graph_dir.is_dir() else []
