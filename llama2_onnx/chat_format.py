@@ -131,37 +131,3 @@ def _check_roles(dialog: list[Message]) -> None:
                               "with a user message for the model to answer.")
 
 
-def clip_dialog(tokenizer: TextTokenizer, dialog: list[Message], max_tokens: int
-                ) -> list[Message]:
-    """Drop the oldest user/assistant exchanges until the dialog's tokens fit.
-
-    The system message and the last user message are always kept; the result is the longest
-    suffix of exchanges for which `len(dialog_tokens(...)) <= max_tokens`.
-
-    Args:
-        tokenizer: the variant's tokenizer.
-        dialog: as for `dialog_tokens`.
-        max_tokens: how many prompt tokens the context can take (leave room for the answer).
-
-    Returns:
-        The clipped dialog (the same messages, oldest exchanges removed).
-
-    Raises:
-        GenerationError: if the roles are out of order, or the system message and the last
-            user message alone need more than `max_tokens` tokens.
-    """
-    _check_roles(dialog)
-    system = dialog[:1] if dialog[0]["role"] == "system" else []
-    turns = dialog[len(system):]
-    pairs = _pairs([message["content"] for message in turns])
-    sizes = [len(_segment(tokenizer, user, answer)) for user, answer in pairs]
-    for index, (user, answer) in enumerate(pairs):
-        first = sizes[index]
-        if system:  # the system message merges into whichever exchange comes first
-            first = len(_segment(tokenizer, _with_system(system[0]["content"], user), answer))
-        total = first + sum(sizes[index + 1:])
-        if total <= max_tokens:
-            return system + turns[2 * index:]
-    with_system = " with the system prompt" if system else ""
-    raise GenerationError(f"the last message needs {total} tokens{with_system} but the context "
-                          f"allows {max_tokens}; shorten the message or start a new chat.")

@@ -110,8 +110,6 @@ class Conversation:
 class PromptFormat(Protocol):
     """How a variant turns a conversation into tokens (see the comment at the top)."""
 
-    stop: tuple[str, ...]
-
     def head(self, system: str) -> list[int]: ...
 
     def user_ids(self, user: str, system: str, first: bool) -> list[int]: ...
@@ -122,8 +120,6 @@ class PromptFormat(Protocol):
 
 class LlamaChatFormat:
     """Llama-2-chat exactly as Meta's reference formats dialogs."""
-
-    stop: tuple[str, ...] = ()
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -155,8 +151,6 @@ class LlamaChatFormat:
 
 class PlainTextFormat:
     """Base variants: the conversation is one document the model continues."""
-
-    stop: tuple[str, ...] = ()
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -313,7 +307,7 @@ def _answer(slot: LoadedEngine, conv: Conversation, settings: ChatSettings) -> I
     start = conv.start
     prompt = fit_history(fmt, conv, exchange.user, settings, engine.context_len)
     conv.status = "generating ..."
-    pieces = engine.generate(prompt, settings.sampling, settings.max_new_tokens, fmt.stop,
+    pieces = engine.generate(prompt, settings.sampling, settings.max_new_tokens, (),
                              should_stop=lambda: conv.stop_requested)
     try:
         for piece in pieces:

@@ -8,7 +8,6 @@ import pytest
 
 from llama2_onnx.chat_format import (
     Message,
-    clip_dialog,
     complete_tokens,
     dialog_segments,
     dialog_tokens,
@@ -126,42 +125,3 @@ def test_complete_tokens_is_bos_plus_text(tokenizer: Tokenizer) -> None:
     assert ids == [tokenizer.bos_id] + tokenizer.sp.EncodeAsIds("The cat sat")
     with pytest.raises(GenerationError, match="empty"):
         complete_tokens(tokenizer, "")
-
-
-def test_clip_keeps_everything_that_fits(tokenizer: Tokenizer) -> None:
-    dialog = DIALOGS["system multi"]
-    assert clip_dialog(tokenizer, dialog, len(dialog_tokens(tokenizer, dialog))) == dialog
-
-
-def _clip_by_trying(tokenizer: Tokenizer, dialog: list[Message], budget: int) -> list | None:
-    """Drop exchanges one at a time from the front, re-tokenizing the whole dialog each time."""
-    head = dialog[:1] if dialog[0]["role"] == "system" else []
-    turns = dialog[len(head):]
-    for start in range(0, len(turns), 2):
-        if len(dialog_tokens(tokenizer, head + turns[start:])) <= budget:
-            return head + turns[start:]
-    return None
-
-
-@pytest.mark.parametrize("system", [None, "You answer in one short sentence."])
-def test_clip_drops_oldest_exchanges_first(tokenizer: Tokenizer, system: str | None) -> None:
-    contents = [f"question {i} about the tree" if i % 2 == 0 else f"answer {i} is green"
-                for i in range(9)]
-    dialog = _chat(*contents, system=system)
-    for budget in range(1, len(dialog_tokens(tokenizer, dialog)) + 2):
-        expected = _clip_by_trying(tokenizer, dialog, budget)
-        if expected is None:
-            with pytest.raises(GenerationError, match=f"allows {budget};"):
-                clip_dialog(tokenizer, dialog, budget)
-            continue
-        clipped = clip_dialog(tokenizer, dialog, budget)
-        assert clipped == expected
-        assert clipped[-1] == dialog[-1] and (system is None or clipped[0] == dialog[0])
-
-
-def test_clip_refuses_a_message_that_cannot_fit(tokenizer: Tokenizer) -> None:
-    dialog = _chat("hi", "hello", "tell me about the sun and the moon", system="Be kind.")
-    alone = len(dialog_tokens(tokenizer, [dialog[0], dialog[-1]]))
-    assert clip_dialog(tokenizer, dialog, alone) == [dialog[0], dialog[-1]]
-    with pytest.raises(GenerationError, match=f"needs {alone} tokens.*allows {alone - 1}"):
-        clip_dialog(tokenizer, dialog, alone - 1)
