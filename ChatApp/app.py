@@ -46,7 +46,10 @@ def serve(args: argparse.Namespace) -> None:
     options = AppOptions(root=args.root, variant=args.variant, provider=args.provider,
                          max_seq_len=args.max_seq_len, graph_capture=args.graph_capture,
                          graph_cache=not args.no_graph_cache, token_delay=args.token_delay)
-    launch(build_app(options), host=args.host, port=args.port, share=args.share)
+    app = build_app(options)
+    print(f"Chat on http://{args.host}:{args.port} (Ctrl-C stops it; --share adds a public "
+          "link, off unless asked for).", flush=True)
+    launch(app, host=args.host, port=args.port, share=args.share)
 
 
 def main() -> None:

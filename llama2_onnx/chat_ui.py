@@ -29,7 +29,7 @@ from .chat_session import (
 )
 from .errors import UserError
 from .sampling import SamplingSettings
-from .variants import VariantState, list_variants, pull_command, resolve_variant
+from .variants import VariantState, describe, list_variants, pull_command, resolve_variant
 
 INSTALL_HINT = "the chat app needs Gradio; install it with `pip install -e .[chat]`."
 UPDATE_EVERY_S = 0.05  # the page is refreshed at most this often while an answer streams
@@ -218,6 +218,9 @@ def _chat_page(gr, handlers: ChatHandlers, choices: list[tuple[str, str]],
     """Lay out the chat and wire its events."""
     conv = gr.State(_fresh_conversation)  # called once per browser tab
     variant = gr.Dropdown(choices, value=choices[0][1], label="Variant", elem_id="variant")
+    root = handlers.options.root
+    about_text, context = describe(resolve_variant(choices[0][1], root))
+    about = gr.Markdown(about_text, elem_id="about")
     with gr.Accordion("Variants not ready yet", open=False):
         gr.Markdown(not_ready_help(not_ready))
     chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420,
@@ -232,7 +235,9 @@ def _chat_page(gr, handlers: ChatHandlers, choices: list[tuple[str, str]],
         remove = gr.Button("Remove last turn", elem_id="remove")
         clear = gr.Button("New conversation", elem_id="new")
     status = gr.Markdown("", elem_id="status")
-    controls = _settings_controls(gr)
+    controls = _settings_controls(gr, context or 4096)
+    variant.change(functools.partial(_about, root=root), [variant], [about, controls[-1]],
+                   queue=False)
     _wire(gr, handlers, conv, variant, chatbot, message, status, controls,
           dict(send=send, stop=stop, again=again, remove=remove, clear=clear))
 
@@ -241,7 +246,13 @@ def _fresh_conversation() -> Conversation:
     return Conversation()
 
 
-def _settings_controls(gr) -> list:
+def _about(variant: str, root: Path) -> tuple[str, int]:
+    """The description line of the chosen variant, and its context as the history budget."""
+    text, context = describe(resolve_variant(variant, root))
+    return text, context or 4096
+
+
+def _settings_controls(gr, history: int) -> list:
     with gr.Accordion("Settings", open=True):
         system = gr.Textbox(label="System prompt (chat variants; base variants continue it "
                             "as plain text)", lines=2, elem_id="system")
@@ -252,7 +263,7 @@ def _settings_controls(gr) -> list:
         with gr.Row():
             max_new = gr.Number(256, label="Max new tokens", precision=0, minimum=1,
                                 elem_id="max_new_tokens")
-            max_history = gr.Number(4096, label="Max history tokens (also limited by the "
+            max_history = gr.Number(history, label="Max history tokens (also limited by the "
                                     "context minus max new tokens)", precision=0, minimum=1,
                                     elem_id="max_history_tokens")
     return [system, temperature, top_p, max_new, max_history]
@@ -323,7 +334,7 @@ def launch(app, host: str = "127.0.0.1", port: int = 7860, share: bool = False) 
 
     app.queue(default_concurrency_limit=4)
     try:
-        app.launch(server_name=host, server_port=port, share=share, ssr_mode=False,
+        app.launch(server_name=host, server_port=port, share=share, ssr_mode=False, quiet=not share,
                    inbrowser=False, theme=_theme(gr), css=CSS,
                    app_kwargs={"middleware": [Middleware(ContentSecurityPolicy)]})
     except OSError as exc:  # Gradio's "Cannot find empty port", or an address it cannot bind

@@ -79,6 +79,28 @@ def variant_state(path: Path) -> VariantState:
     return VariantState(name, path, READY)
 
 
+def describe(path: Path) -> tuple[str, int | None]:
+    """One line saying what a variant is, and its context length (None if unreadable), read
+    from its config.json without loading the model."""
+    from .config import Config
+    from .errors import UserError
+    from .slots import SLOTS
+
+    path = Path(path)
+    try:
+        config = Config.load(path / CONFIG)
+    except UserError:
+        return f"{path.name}: original Llama-2-Onnx format", None
+    if path.name == DEMO_VARIANT:
+        what = ("the demo: a 4.5 M-parameter model this project trained on the King James "
+                "Bible; it writes KJV-style English and is not Llama 2")
+    else:
+        slot = next((s for s in SLOTS if s.name == path.name), None)
+        kind = "chat" if config.chat else "base (continues text)"
+        what = slot.description if slot else f"{path.name}: {kind}, {config.dtype}"
+    return f"{what}; context {config.max_seq_len} tokens.", config.max_seq_len
+
+
 def submodule_paths(root: Path) -> list[str]:
     """Paths of the submodules declared in `root/.gitmodules`."""
     parser = configparser.ConfigParser()

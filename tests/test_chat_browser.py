@@ -68,10 +68,12 @@ def stop_app(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     """The app as a user starts it on a fresh clone: no --variant, so the demo variant."""
-    proc, url = start_app(tmp_path_factory.mktemp("chat_app"), "--provider", "cpu",
-                          "--token_delay", TOKEN_DELAY)
+    folder = tmp_path_factory.mktemp("chat_app")
+    proc, url = start_app(folder, "--provider", "cpu", "--token_delay", TOKEN_DELAY)
     yield url
     stop_app(proc)
+    startup = (folder / "app.log").read_text()
+    assert "--share" in startup and "share=True" not in startup  # our flag, not Gradio's API
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,12 @@ def watch_answer(page) -> list[int]:
         lengths.append(len(shown[-1]) if shown else 0)
         time.sleep(0.03)
     return lengths
+
+
+def test_page_says_what_the_variant_is_and_sizes_history_to_its_context(tab, app_url):
+    assert "King James Bible" in tab.locator("#about").inner_text()
+    assert "not Llama 2" in tab.locator("#about").inner_text()
+    assert tab.locator("#max_history_tokens input").input_value() == "512"  # the demo's context
 
 
 def test_answer_streams_and_status_reports_speed(tab):
