@@ -214,11 +214,11 @@ def check_graph_matches(session, config: Config, graph: Path) -> None:
                 "vocab_size": config.vocab_size}
     for key, value in expected.items():
         if found[key] != value:
-            raise VariantError(f"{graph.parent.parent / 'config.json'} says {key}={value} but "
+            raise VariantError(f"{graph.parent.parent / CONFIG} says {key}={value} but "
                                f"the graph {graph.name} has {found[key]}; the config does not "
                                "belong to this graph: re-export or fetch the variant again.")
     limit = session.get_modelmeta().custom_metadata_map.get("max_seq_len")
     if limit is not None and int(limit) < config.max_seq_len:
-        raise VariantError(f"{graph.parent.parent / 'config.json'} says max_seq_len="
+        raise VariantError(f"{graph.parent.parent / CONFIG} says max_seq_len="
                            f"{config.max_seq_len} but the graph was built for {limit} tokens; "
                            "re-export the variant with --max-seq-len.")

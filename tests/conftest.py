@@ -88,3 +88,27 @@ def make_variant(tmp_path_factory, make_checkpoint, tokenizer_path):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def variant(make_variant, tmp_path) -> Path:
+    """A private copy of a float32 GQA tiny variant, without any optimized-graph cache, for
+    tests that change its files."""
+    import shutil
+
+    folder = tmp_path / "v"
+    shutil.copytree(make_variant("hf", "float32", True), folder,
+                    ignore=shutil.ignore_patterns(".cache"))
+    return folder
+
+
+def stop_process(proc) -> None:
+    """Terminate a server the test started (kill it if it does not stop within 10 s)."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

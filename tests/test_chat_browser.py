@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, stop_process
 from playwright import sync_api
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -56,13 +56,7 @@ def start_app(cwd: Path, *args: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError("the app did not serve within 60 s:\n" + (cwd / "app.log").read_text())
 
 
-def stop_app(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+stop_app = stop_process
 
 
 @pytest.fixture(scope="module")

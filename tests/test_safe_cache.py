@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import ROOT
 
 from llama2_onnx import graph_cache
 from llama2_onnx.generation import Engine
-
-
-@pytest.fixture
-def variant(make_variant, tmp_path) -> Path:
-    folder = tmp_path / "v"
-    shutil.copytree(make_variant("hf", "float32", True), folder,
-                    ignore=shutil.ignore_patterns(".cache"))
-    return folder
 
 
 def greedy(folder: Path, **kwargs) -> list[int]:

@@ -33,14 +33,6 @@ def verify_cli(folder: Path) -> subprocess.CompletedProcess:
                            "verify", str(folder)], capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
-def variant(make_variant, tmp_path) -> Path:
-    folder = tmp_path / "v"
-    shutil.copytree(make_variant("hf", "float32", True), folder,
-                    ignore=shutil.ignore_patterns(".cache"))
-    return folder
-
-
 def graph_of(folder: Path) -> Path:
     return next((folder / "ONNX").glob("*.onnx"))
 

@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import openai
 import pytest
+from conftest import stop_process
 
 from llama2_onnx.chat_format import Message, dialog_tokens
 from llama2_onnx.openai_api import ApiError, parse_request
-
-openai = pytest.importorskip("openai")
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE = ROOT / "tools" / "serve.py"
@@ -50,13 +50,7 @@ def start_server(tmp: Path, *args: str, env: dict | None = None
     raise AssertionError("the server did not start:\n" + log.read_text())
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+stop_server = stop_process
 
 
 @pytest.fixture(scope="module")
@@ -358,7 +352,7 @@ def test_flags_take_both_spellings():
 
 
 def test_kubernetes_manifest_agrees_with_itself_and_the_server():
-    yaml = pytest.importorskip("yaml")
+    import yaml
     cli = load_cli()
     docs = list(yaml.safe_load_all((ROOT / "tools" / "deploy" / "kubernetes.yaml").read_text()))
     deployment, service = sorted(docs, key=lambda d: d["kind"])
