@@ -214,26 +214,26 @@ def _write_embeddings(path: Path, source: Source, config: Config) -> None:
 
 
 class _Progress:
-    """A tqdm bar counting tensors and bytes, or nothing when disabled."""
+    """A tqdm bar counting the tensors written (its total is exact), with the bytes written so
+    far beside it; or nothing when disabled."""
 
     def __init__(self, config: Config, enabled: bool) -> None:
         self.enabled, self.bar = enabled, None
-        self.total = n_graph_tensors(config) + 1
-        self.count = 0
-        self.bytes = estimated_bytes(config)
+        self.total = n_graph_tensors(config) + 1  # the graph's tensors and the embedding table
+        self.bytes = 0
 
     def __enter__(self) -> _Progress:
         if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.bytes, unit="B", unit_scale=True, desc="export")
+            self.bar = tqdm(total=self.total, unit=" tensors", desc="export")
         return self
 
     def update(self, name: str, nbytes: int) -> None:
-        self.count += 1
+        self.bytes += nbytes
         if self.bar is not None:
-            self.bar.set_postfix_str(f"tensor {self.count}/{self.total}", refresh=False)
-            self.bar.update(nbytes)
+            self.bar.set_postfix_str(f"{self.bytes / 1e9:.2f} GB", refresh=False)
+            self.bar.update(1)
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:

@@ -361,3 +361,32 @@ def test_float32_variants_are_refused_on_cuda(monkeypatch):
         loading.provider_for(Config(dim=64, n_heads=4, dtype="float32"), "cuda")
     assert loading.provider_for(Config(dim=64, n_heads=4, dtype="float32"), "auto") == "cpu"
     assert loading.provider_for(Config(dim=64, n_heads=4, dtype="float16"), "cuda") == "cuda"
+
+
+@pytest.mark.parametrize("precision", ["float32", "int4"])
+def test_export_progress_total_matches_what_it_counts(tmp_path, make_checkpoint, tokenizer_path,
+                                                      monkeypatch, precision):
+    import types
+
+    from llama2_onnx.export import ExportRequest, export_variant
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **_):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix_str(self, *_a, **_k):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=Bar))
+    export_variant(ExportRequest(variant="v", precision=precision, hf=make_checkpoint("hf"),
+                                 tokenizer=tokenizer_path, out=tmp_path, skip_verify=True))
+    assert len(bars) == 1 and bars[0].n == bars[0].total > 10
