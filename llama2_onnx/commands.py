@@ -23,7 +23,8 @@ def export_command(args: argparse.Namespace, root: Path) -> int:
                             meta=args.meta, tokenizer=args.tokenizer, out=args.out,
                             max_seq_len=args.max_seq_len, chat=args.chat, force=args.force,
                             skip_verify=args.skip_verify, progress=not args.no_progress,
-                            lfs=not args.no_lfs)
+                            lfs=not args.no_lfs,
+                            on_verified=lambda report: print(report.summary(), flush=True))
     folder = export_variant(request)
     print(f"exported {folder}")
     if args.publish:

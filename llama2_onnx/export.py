@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import errno
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class ExportRequest:
     skip_verify: bool = False
     progress: bool = True
     lfs: bool = True  # False: no .gitattributes (a variant committed to a plain repo: the demo)
+    on_verified: Callable[[VerifyReport], None] | None = None  # gets the verification report
 
 
 def export_variant(req: ExportRequest) -> Path:
@@ -90,7 +92,9 @@ def export_variant(req: ExportRequest) -> Path:
         try:
             _write_variant(staging, source, tokenizer_path, config, req)
             if not req.skip_verify:
-                print(verify_variant_against(staging, source).summary())
+                report = verify_variant_against(staging, source)
+                if req.on_verified is not None:
+                    req.on_verified(report)
             move_into_place(staging, final)
         except OSError as exc:
             raise _os_error(exc, final.parent) from None
