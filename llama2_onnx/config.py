@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import ConfigError
+from .files import write_text_atomic
 
 # Bumped whenever graph input/output names, shapes or meanings change (see DESIGN.md).
 CONTRACT_VERSION = 1
@@ -204,10 +204,3 @@ class Config:
 
     def save(self, path: Path) -> None:
         write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -8,7 +8,6 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from .config import write_text_atomic
 from .errors import VariantError
 from .layout import (
     CACHE_DIR,
@@ -197,3 +196,10 @@ def left_out_warning(left_out: list[str]) -> str:
         return ""
     return (f"not published (not listed in {MANIFEST}, so left out): {', '.join(left_out)}; "
             "re-export the variant if one of them belongs in it.")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

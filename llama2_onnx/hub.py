@@ -19,7 +19,7 @@ from .errors import PublishError
 
 HUB_URL = "https://huggingface.co"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-_SHA = re.compile(r"^[0-9a-f]{40}$")
+GIT_SHA = re.compile(r"^[0-9a-f]{40}$")  # a commit id, from git or from the Hub
 CREDENTIAL_FIX = ("remove them from the URL and let git get them from a credential helper or "
                   "SSH (or, for the Hub, `hf auth login` / HF_TOKEN).")
 
@@ -191,7 +191,7 @@ def upload_to_hub(variant_dir: Path, repo_id: str, files: list[str], message: st
                            "to the Hub, log in with `hf auth login` (or set HF_TOKEN) with write "
                            "access to that repository, and publish again.") from exc
     oid = getattr(info, "oid", None)
-    if not isinstance(oid, str) or not _SHA.match(oid):
+    if not isinstance(oid, str) or not GIT_SHA.match(oid):
         raise PublishError(f"the upload to {repo_id} returned no commit id ({oid!r}); update "
                            "huggingface_hub with `pip install -U huggingface_hub`.")
     return f"{HUB_URL}/{repo_id}", oid

@@ -40,3 +40,8 @@ def graphs(folder: Path) -> list[Path]:
     """Every ONNX/*.onnx graph of a variant folder (a valid variant has exactly one)."""
     graph_dir = Path(folder) / GRAPH_DIR
     return sorted(graph_dir.glob("*.onnx")) if graph_dir.is_dir() else []
+
+
+def pull_command(name: str) -> str:
+    """The commands that fetch a published variant's submodule and its LFS files."""
+    return f"git submodule init {name} && git submodule update && (cd {name} && git lfs pull)"

@@ -11,7 +11,7 @@ from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
 from .files import check_not_lfs_pointer, read_manifest
-from .layout import CONFIG, EMBEDDINGS, GRAPH_DIR, TOKENIZER, data_path, graphs
+from .layout import CONFIG, EMBEDDINGS, GRAPH_DIR, TOKENIZER, data_path, graphs, pull_command
 from .resources import GiB, free_cuda_memory, free_host_memory, require
 from .session import EngineParts, Runtime, create_session, resolve_provider
 from .tokenizer import Tokenizer, check_vocab
@@ -23,10 +23,8 @@ def check_folder(path: Path) -> None:
         raise VariantError(f"variant folder {path} does not exist; list the variants with "
                            "`python MinimumExample/Example_ONNX_LlamaV2.py --list`.")
     if path.is_dir() and not any(p.name != ".git" for p in path.iterdir()):
-        name = path.name
-        raise VariantError(f"{path} is empty: its submodule is not initialised; run `git "
-                           f"submodule init {name} && git submodule update && git lfs pull` "
-                           f"(in {name}) from the repository root.")
+        raise VariantError(f"{path} is empty: its submodule is not initialised; run "
+                           f"`{pull_command(path.name)}` from the repository root.")
 
 
 def load_variant(path: Path, provider: str = "auto", max_seq_len: int | None = None,

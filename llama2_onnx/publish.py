@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import write_text_atomic
 from .errors import VariantError
 from .files import (
     check_files,
@@ -27,23 +25,22 @@ from .files import (
     published_files,
     read_manifest,
     sha256_file,
+    write_text_atomic,
 )
-from .hub import PublishError, check_url, parse_repo_id, remote_urls, upload_to_hub
+from .hub import GIT_SHA, PublishError, check_url, parse_repo_id, remote_urls, upload_to_hub
 from .layout import GITATTRIBUTES, MANIFEST
 from .slots import SLOTS
-from .variant_card import LFS_PATTERNS
+from .variant_card import LFS_ATTRS, LFS_PATTERNS
 
 BRANCH = "main"
 GITMODULES = ".gitmodules"
 README = "README.md"
 TABLE_START = "<!-- variants:start -->"
 TABLE_END = "<!-- variants:end -->"
-LFS_ATTRS = "filter=lfs diff=lfs merge=lfs -text"
 # Files in a variant folder that are never published (runtime caches, interrupted writes).
 EXCLUDED = (".cache/", "*.tmp", "*.partial-*")
 FALLBACK_IDENTITY = {"user.name": "llama2-onnx publisher",
                      "user.email": "publisher@llama2-onnx.invalid"}
-_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -331,7 +328,7 @@ def register_submodule(dist: Path, path: str, url: str, sha: str,
         PublishError: bad URL or sha, or uncommitted changes to .gitmodules / README.md.
     """
     check_url(url)
-    if not _SHA.match(sha):
+    if not GIT_SHA.match(sha):
         raise PublishError(f"{sha!r} is not a full commit id; publish again.")
     _require_clean(dist)
     head = _git_out("rev-parse", "-q", "--verify", "HEAD", cwd=dist, check=False) or None

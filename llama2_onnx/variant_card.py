@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from .config import Config
 
+LFS_ATTRS = "filter=lfs diff=lfs merge=lfs -text"  # the attributes of an LFS-tracked pattern
 LFS_PATTERNS = ("*.onnx", "*.onnx.data", "*.safetensors", "*.model")
 
 
 def gitattributes() -> str:
-    lines = [f"{p} filter=lfs diff=lfs merge=lfs -text" for p in LFS_PATTERNS]
+    lines = [f"{p} {LFS_ATTRS}" for p in LFS_PATTERNS]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import VariantError
 from .files import check_files, is_lfs_pointer
-from .layout import CONFIG, GRAPH_DIR
+from .layout import CONFIG, GRAPH_DIR, pull_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_VARIANT = "demo"
@@ -46,10 +46,6 @@ def check_variant_name(name: str) -> str:
         raise VariantError(f"variant name {name!r} is not allowed; use letters, digits, '_', "
                            "'-' and '.' only, not starting with '.' or '-' (e.g. 7B_FT_float16).")
     return name
-
-
-def pull_command(name: str) -> str:
-    return f"git submodule init {name} && git submodule update && (cd {name} && git lfs pull)"
 
 
 def variant_state(path: Path) -> VariantState:

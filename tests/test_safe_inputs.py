@@ -390,3 +390,11 @@ def test_export_progress_total_matches_what_it_counts(tmp_path, make_checkpoint,
     export_variant(ExportRequest(variant="v", precision=precision, hf=make_checkpoint("hf"),
                                  tokenizer=tokenizer_path, out=tmp_path, skip_verify=True))
     assert len(bars) == 1 and bars[0].n == bars[0].total > 10
+
+
+def test_context_full_and_ignored_system_are_said(variant):
+    run = run_example("--variant", str(variant), "--prompt", "the cat", "--temperature", "0",
+                      "--max_gen_len", "500", "--max_seq_len", "12", "--system", "be brief")
+    assert run.returncode == 0, run.stderr
+    assert "context (12 tokens) is full" in run.stderr
+    assert "--system is ignored" in run.stderr

@@ -19,14 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama2_onnx.chat_session import (  # noqa: E402
-    ChatSettings,
-    Conversation,
-    EnginePool,
-    regenerate,
-    remove_last,
-    respond,
-)
+from llama2_onnx import chat_session as chat  # noqa: E402
 from llama2_onnx.generation import Engine  # noqa: E402
 from llama2_onnx.sampling import SamplingSettings  # noqa: E402
 
@@ -49,15 +42,15 @@ def script(turns: int) -> list[tuple[str, str, SamplingSettings]]:
 
 
 def play(engine: Engine, steps, max_new_tokens: int, history: int) -> tuple[list, int]:
-    pool = EnginePool(lambda _: engine)
-    conv, answers, total = Conversation(variant="v"), [], 0
+    pool = chat.EnginePool(lambda _: engine)
+    conv, answers, total = chat.Conversation(variant="v"), [], 0
     for action, user, sampling in steps:
-        settings = ChatSettings(sampling=sampling, max_new_tokens=max_new_tokens,
+        settings = chat.ChatSettings(sampling=sampling, max_new_tokens=max_new_tokens,
                                 max_history_tokens=history)
         if action == "remove":
-            remove_last(conv)
+            chat.remove_last(conv)
             continue
-        run = respond(pool, conv, user, settings) if action == "respond" else regenerate(
+        run = chat.respond(pool, conv, user, settings) if action == "respond" else chat.regenerate(
             pool, conv, settings)
         for _ in run:
             pass
