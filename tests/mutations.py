@@ -57,11 +57,12 @@ MUTATIONS = [
          "            arr = meta_to_half_split(arr, self.config.n_kv_heads)\n", ""),)),
     Mutation("republish_keeps_old_pin", "republishing keeps the submodule's old pin", (
         ("llama2_onnx/publish.py", "    if old:\n        _git_out(\"update-index\", \"--force",
-         "    if old and not old.startswith(\"160000\"):\n"
-         "        _git_out(\"update-index\", \"--force"),
+         '    pinned = _git_out("ls-files", "-s", "--", path, cwd=dist, env=env)'
+         '.startswith("160000")\n'
+         "    if old and not pinned:\n        _git_out(\"update-index\", \"--force"),
         ("llama2_onnx/publish.py",
          '    _git_out("update-index", "--add", "--cacheinfo", f"160000,',
-         '    if not old.startswith("160000"):\n'
+         "    if not pinned:\n"
          '        _git_out("update-index", "--add", "--cacheinfo", f"160000,'))),
     Mutation("top_p_off_by_one", "top-p keeps one token more than the nucleus", (
         ("llama2_onnx/sampling.py",
