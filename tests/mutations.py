@@ -120,7 +120,7 @@ def run_tests(repo: Path, tests: list[str], timeout: int) -> tuple[list[str], st
         return ["(timed out)"], f"timed out after {timeout} s"
     lines = proc.stdout.splitlines()
     failed = sorted({m.group(2) for line in lines
-                     if (m := re.match(r"^(FAILED|ERROR) (\S+)", line))})
+                     if (m := re.match(r"^(FAILED|ERROR) (.+?)(?: - .*)?$", line))})
     return failed, (lines[-1] if lines else proc.stderr.strip()[-300:])
 
 
