@@ -45,8 +45,8 @@ MUTATIONS = [
         ("llama2_onnx/synthetic.py", "split = w.reshape(n_heads, 2, rows // n_heads // 2, cols)",
          "split = w.reshape(n_heads, rows // n_heads // 2, 2, cols)"))),
     Mutation("chat_prefill_late", "a new chat turn's pre-fill written one position late", (
-        ("llama2_onnx/generation.py", "logits = self.runner.run(self.embeddings[new], keep)",
-         "logits = self.runner.run(self.embeddings[new], keep + (keep > 0))"),)),
+        ("llama2_onnx/generation.py", "logits = self.runner.run(self.embeddings[tokens[a:b]], a)",
+         "logits = self.runner.run(self.embeddings[tokens[a:b]], a + (keep > 0))"),)),
     Mutation("decode_kv_late", "decode writes the KV cache one position late", (
         ("llama2_onnx/session.py", 'self.step["seqlens_k"][0] = start',
          'self.step["seqlens_k"][0] = start + 1'),
@@ -79,8 +79,9 @@ MUTATIONS = [
         ("llama2_onnx/chat_format.py", "return tokenizer.encode(text, bos=True, eos=True)",
          "return tokenizer.encode(text, bos=True, eos=False)"),)),
     Mutation("weight_untransposed", "the attention output weight wo left untransposed", (
-        ("llama2_onnx/graph.py", 'LINEAR_SUFFIXES = ("wq", "wk", "wv", "wo", ',
-         'LINEAR_SUFFIXES = ("wq", "wk", "wv", '),)),
+        ("llama2_onnx/graph.py", 'self.writer.add(name + "_t", array.T.astype(self.dtype))',
+         'self.writer.add(name + "_t", (array if name.endswith("wo.weight") else array.T)'
+         '.astype(self.dtype))'),)),
     Mutation("manifest_size_only", "the manifest check compares sizes only, never sha256", (
         ("llama2_onnx/files.py", 'elif sha256 and sha256_file(path) != entry["sha256"]:',
          'elif False and sha256_file(path) != entry["sha256"]:'),)),
