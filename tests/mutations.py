@@ -45,8 +45,8 @@ MUTATIONS = [
         ("llama2_onnx/synthetic.py", "split = w.reshape(n_heads, 2, rows // n_heads // 2, cols)",
          "split = w.reshape(n_heads, rows // n_heads // 2, 2, cols)"))),
     Mutation("chat_prefill_late", "a new chat turn's pre-fill written one position late", (
-        ("llama2_onnx/generation.py", "logits = self.runner.run(self.embeddings[new], keep)",
-         "logits = self.runner.run(self.embeddings[new], keep + (keep > 0))"),)),
+        ("llama2_onnx/generation.py", "logits = self.runner.run(self.embeddings[tokens[a:b]], a)",
+         "logits = self.runner.run(self.embeddings[tokens[a:b]], a + (keep > 0))"),)),
     Mutation("decode_kv_late", "decode writes the KV cache one position late", (
         ("llama2_onnx/session.py", 'self.step["seqlens_k"][0] = start',
          'self.step["seqlens_k"][0] = start + 1'),
@@ -57,11 +57,12 @@ MUTATIONS = [
          "            arr = meta_to_half_split(arr, self.config.n_kv_heads)\n", ""),)),
     Mutation("republish_keeps_old_pin", "republishing keeps the submodule's old pin", (
         ("llama2_onnx/publish.py", "    if old:\n        _git_out(\"update-index\", \"--force",
-         "    if old and not old.startswith(\"160000\"):\n"
-         "        _git_out(\"update-index\", \"--force"),
+         '    pinned = _git_out("ls-files", "-s", "--", path, cwd=dist, env=env)'
+         '.startswith("160000")\n'
+         "    if old and not pinned:\n        _git_out(\"update-index\", \"--force"),
         ("llama2_onnx/publish.py",
          '    _git_out("update-index", "--add", "--cacheinfo", f"160000,',
-         '    if not old.startswith("160000"):\n'
+         "    if not pinned:\n"
          '        _git_out("update-index", "--add", "--cacheinfo", f"160000,'))),
     Mutation("top_p_off_by_one", "top-p keeps one token more than the nucleus", (
         ("llama2_onnx/sampling.py",
@@ -78,8 +79,9 @@ MUTATIONS = [
         ("llama2_onnx/chat_format.py", "return tokenizer.encode(text, bos=True, eos=True)",
          "return tokenizer.encode(text, bos=True, eos=False)"),)),
     Mutation("weight_untransposed", "the attention output weight wo left untransposed", (
-        ("llama2_onnx/graph.py", 'LINEAR_SUFFIXES = ("wq", "wk", "wv", "wo", ',
-         'LINEAR_SUFFIXES = ("wq", "wk", "wv", '),)),
+        ("llama2_onnx/graph.py", 'self.writer.add(name + "_t", array.T.astype(self.dtype))',
+         'self.writer.add(name + "_t", (array if name.endswith("wo.weight") else array.T)'
+         '.astype(self.dtype))'),)),
     Mutation("manifest_size_only", "the manifest check compares sizes only, never sha256", (
         ("llama2_onnx/files.py", 'elif sha256 and sha256_file(path) != entry["sha256"]:',
          'elif False and sha256_file(path) != entry["sha256"]:'),)),
@@ -119,7 +121,7 @@ def run_tests(repo: Path, tests: list[str], timeout: int) -> tuple[list[str], st
         return ["(timed out)"], f"timed out after {timeout} s"
     lines = proc.stdout.splitlines()
     failed = sorted({m.group(2) for line in lines
-                     if (m := re.match(r"^(FAILED|ERROR) (\S+)", line))})
+                     if (m := re.match(r"^(FAILED|ERROR) (.+?)(?: - .*)?$", line))})
     return failed, (lines[-1] if lines else proc.stderr.strip()[-300:])
 
 

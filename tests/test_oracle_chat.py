@@ -4,13 +4,18 @@ given the whole conversation at once; the same after regenerate, remove-last-tur
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import numpy as np
 import pytest
+from conftest import WORDS, tiny_config
 
 from llama2_onnx.chat_session import (
     ChatSettings,
     Conversation,
     EnginePool,
+    Exchange,
     regenerate,
     remove_last,
     respond,
@@ -44,9 +49,33 @@ class Warm:
         return engine
 
 
+@pytest.fixture(scope="module")
+def chat_variant(tmp_path_factory) -> Path:
+    """A tiny chat variant whose tokenizer keeps whitespace as written, as Llama 2's does
+    (identity normalization, no collapsing of spaces), so every space of the format counts."""
+    import sentencepiece as spm
+
+    from llama2_onnx.export import ExportRequest, export_variant
+    from llama2_onnx.synthetic import write_hf
+
+    folder = tmp_path_factory.mktemp("chat_oracle")
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(2000)]
+    (folder / "corpus.txt").write_text("\n".join(lines + ["[INST] <<SYS>> <</SYS>> [/INST]"] * 5))
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"),
+        vocab_size=320, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        num_threads=1, minloglevel=2)
+    checkpoint = write_hf(folder / "hf", tiny_config(320, gqa=True), seed=21)
+    return export_variant(ExportRequest(variant="chat", precision="float32", hf=checkpoint,
+                                        tokenizer=folder / "tokenizer.model", out=folder,
+                                        chat=True, progress=False))
+
+
 @pytest.fixture()
-def warm(make_variant) -> Warm:
-    return Warm(str(make_variant("hf", "float32", True, chat=True)))
+def warm(chat_variant) -> Warm:
+    return Warm(str(chat_variant))
 
 
 def expected_prompt(tokenizer, conv: Conversation, system: str, generated: dict) -> list[int]:
@@ -90,9 +119,10 @@ def send(warm: Warm, conv: Conversation, user: str, settings: ChatSettings = SET
 
 def test_warm_turns_equal_cold_turns(warm):
     conv = Conversation(variant=warm.variant)
-    for i, user in enumerate(["the cat sat on the mat", "and the dog ran far", "she was home"]):
+    for i, user in enumerate(["the cat sat", "the dog ran", "she was home"]):
         send(warm, conv, user)
         prompt = warm.prefills[-1][0]
+        assert conv.start == 0, "the history was clipped: shorten the messages"
         if i:
             assert warm.last_computed < len(prompt) // 2, "the cache was not reused"
     assert all(exchange.answer.strip() for exchange in conv.exchanges)
@@ -124,4 +154,18 @@ def test_clipped_history_equals_a_cold_turn_on_what_is_kept(warm):
         send(warm, conv, f"the cat {word}", settings)
     assert conv.start > 1, "the history was never clipped"
     send(warm, conv, "the sun", settings)  # a warm turn after clipping reuses the new cache
+    assert warm.last_computed < len(warm.prefills[-1][0]) // 2
+
+
+def test_a_conversation_from_another_variant_is_metas_format(warm):
+    """Answers written with another variant are re-tokenized as Meta's format has them
+    (`[/INST] answer </s>`); the next turn's prompt, logits and answer then match a cold run."""
+    talk = [("the cat sat", "the dog ran far away")]
+    conv = Conversation(variant=warm.variant, ids_for="another variant",
+                        exchanges=[Exchange(user, answer) for user, answer in talk])
+    encode = warm.pool.get(warm.variant).engine.tokenizer.sp.EncodeAsIds
+    for exchange in conv.exchanges:
+        warm.generated[id(exchange)] = encode(exchange.answer)
+    send(warm, conv, "the sun")
+    send(warm, conv, "and the moon")
     assert warm.last_computed < len(warm.prefills[-1][0]) // 2

@@ -69,8 +69,8 @@ def kv_one_position_late(folder: Path) -> None:
     onnx.save(model, str(graph))
 
 
-DEFECTS = {"one layer perturbed": perturb_one_layer, "rotary sign flipped": flip_rotary_sign,
-           "KV position off by one": kv_one_position_late}
+DEFECTS = {"perturbed_layer": perturb_one_layer, "rotary_sign_flipped": flip_rotary_sign,
+           "kv_one_position_late": kv_one_position_late}
 
 
 @pytest.fixture()
