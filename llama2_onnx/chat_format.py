@@ -10,9 +10,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, TypedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
 
 from .errors import GenerationError
+
+if TYPE_CHECKING:
+    from .generation import Engine
+    from .tokenizer import Tokenizer
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -131,3 +137,92 @@ def _check_roles(dialog: list[Message]) -> None:
                               "with a user message for the model to answer.")
 
 
+# How a chat variant and a base variant turn a conversation into tokens (chat_session keeps the
+# conversation and its cache; the reasons are in its comment at the top).
+
+
+@dataclass
+class Exchange:
+    """One user message and its answer; `answer_ids` are the answer's tokens in the prompt."""
+
+    user: str
+    answer: str = ""
+    answer_ids: list[int] = field(default_factory=list)
+
+
+class PromptFormat(Protocol):
+    """How a variant turns a conversation into tokens (see chat_session's comment at the top)."""
+
+    def head(self, system: str) -> list[int]: ...
+
+    def user_ids(self, user: str, system: str, first: bool) -> list[int]: ...
+
+    def answer_ids(self, user: str, answer: str, generated: Sequence[int] | None = None
+                   ) -> list[int]: ...
+
+
+class LlamaChatFormat:
+    """Llama-2-chat exactly as Meta's reference formats dialogs."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def head(self, system: str) -> list[int]:
+        return []
+
+    def user_ids(self, user: str, system: str, first: bool) -> list[int]:
+        """`<s>[INST] user [/INST]`, with the system prompt merged in when `first`."""
+        before = [Message(role="system", content=system)] if system and first else []
+        return dialog_segments(self.tokenizer, before + [Message(role="user", content=user)])[0]
+
+    def answer_ids(self, user: str, answer: str, generated: Sequence[int] | None = None
+                   ) -> list[int]:
+        """Meta's tokens after the user segment (`answer </s>`) if they start with `generated`
+        (default: the answer re-encoded), else `generated` + EOS."""
+        if generated is None:
+            generated = self.tokenizer.encode(answer.strip(), bos=False)
+        generated = list(generated)
+        prompt = self.user_ids(user, "", first=False)
+        exchange = dialog_segments(self.tokenizer, [
+            Message(role="user", content=user), Message(role="assistant", content=answer),
+            Message(role="user", content="")])[0]
+        tail = exchange[len(prompt):]
+        if exchange[:len(prompt)] == prompt and tail[:len(generated)] == generated:
+            return tail
+        return generated + [self.tokenizer.eos_id]
+
+
+class PlainTextFormat:
+    """Base variants: the conversation is one document the model continues."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def head(self, system: str) -> list[int]:
+        text = self.tokenizer.encode(system, bos=False) if system.strip() else []
+        return [self.tokenizer.bos_id] + text
+
+    def user_ids(self, user: str, system: str, first: bool) -> list[int]:
+        return self.tokenizer.encode(user, bos=False)
+
+    def answer_ids(self, user: str, answer: str, generated: Sequence[int] | None = None
+                   ) -> list[int]:
+        if generated is None:
+            return self.tokenizer.encode(answer, bos=False)
+        return list(generated)
+
+
+def prompt_format(engine: Engine) -> PromptFormat:
+    """The format for this engine's variant: Llama-2-chat or plain text."""
+    if engine.config.chat:
+        return LlamaChatFormat(engine.tokenizer)
+    return PlainTextFormat(engine.tokenizer)
+
+
+def prompt_ids(fmt: PromptFormat, system: str, exchanges: Sequence[Exchange], user: str
+               ) -> list[int]:
+    """The prompt for `user` after `exchanges` (see chat_session's comment at the top)."""
+    ids = fmt.head(system)
+    for index, exchange in enumerate(exchanges):
+        ids += fmt.user_ids(exchange.user, system, first=index == 0) + exchange.answer_ids
+    return ids + fmt.user_ids(user, system, first=not exchanges)

@@ -23,8 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .chat_format import complete_tokens
-from .chat_session import Exchange, prompt_format, prompt_ids
+from .chat_format import Exchange, complete_tokens, prompt_format, prompt_ids
 from .errors import GenerationError
 from .sampling import SamplingSettings
 

@@ -14,10 +14,10 @@ import pytest
 import test_chat_session
 from conftest import ROOT
 
+from llama2_onnx.chat_format import Exchange
 from llama2_onnx.chat_session import (
     ChatSettings,
     Conversation,
-    Exchange,
     request_answer,
     request_stop,
     respond,

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from llama2_onnx.chat_format import Message, dialog_tokens
+from llama2_onnx.chat_format import Exchange, LlamaChatFormat, Message, dialog_tokens, prompt_ids
 from llama2_onnx.chat_session import (
     ChatSettings,
     Conversation,
     EnginePool,
-    Exchange,
-    LlamaChatFormat,
     fit_history,
     new_conversation,
-    prompt_ids,
     regenerate,
     remove_last,
     request_stop,

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import WORDS, tiny_config
 
+from llama2_onnx.chat_format import Exchange
 from llama2_onnx.chat_session import (
     ChatSettings,
     Conversation,
     EnginePool,
-    Exchange,
     regenerate,
     remove_last,
     respond,
