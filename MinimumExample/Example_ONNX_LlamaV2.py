@@ -24,7 +24,6 @@ from llama2_onnx.cli import (  # noqa: E402
     add_engine_args,
     add_sampling_args,
     check_engine_flags,
-    check_text,
     open_engine_from_args,
     run_main,
     sampling_from_args,
@@ -32,6 +31,7 @@ from llama2_onnx.cli import (  # noqa: E402
 )
 from llama2_onnx.errors import UserError  # noqa: E402
 from llama2_onnx.generation import check_max_new_tokens  # noqa: E402
+from llama2_onnx.tokenizer import check_text  # noqa: E402
 from llama2_onnx.variants import list_variants  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.prompt is None or not args.prompt.strip():
         raise UserError("the prompt is empty; pass some text with --prompt \"...\".")
     for flag in ("prompt", "system"):
-        check_text(getattr(args, flag), f"--{flag}")
+        check_text(getattr(args, flag) or "", f"--{flag}")
     check_max_new_tokens(args.max_gen_len, "--max_gen_len")
     check_engine_flags(args)
 

@@ -35,24 +35,10 @@ from typing import TYPE_CHECKING
 from .chat_format import Exchange, Message, PromptFormat, prompt_format, prompt_ids
 from .errors import GenerationError, UserError
 from .sampling import SamplingSettings
+from .tokenizer import check_text
 
 if TYPE_CHECKING:
     from .generation import Engine, GenerationStats
-
-
-def check_text(text: str, what: str) -> None:
-    """Refuse text that cannot be encoded (a lone surrogate such as "\\ud800" sent by a page).
-
-    Raises:
-        GenerationError: naming `what` and the position of the bad character.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise GenerationError(
-            f"{what} contains an invalid character at position {exc.start + 1} (a lone "
-            f"surrogate, U+{ord(text[exc.start]):04X}, which is not text); remove it or paste "
-            "the text again.") from None
 
 
 @dataclass

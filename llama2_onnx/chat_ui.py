@@ -19,7 +19,6 @@ from .chat_session import (
     ChatSettings,
     Conversation,
     EnginePool,
-    check_text,
     new_conversation,
     regenerate,
     remove_last,
@@ -29,6 +28,7 @@ from .chat_session import (
 )
 from .errors import UserError
 from .sampling import SamplingSettings
+from .tokenizer import check_text
 from .variants import VariantState, describe, list_variants, pull_command, resolve_variant
 
 INSTALL_HINT = "the chat app needs Gradio; install it with `pip install -e .[chat]`."

@@ -81,15 +81,6 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
-def check_text(value: str | None, flag: str) -> None:
-    """Refuse text that is not valid UTF-8 (undecodable bytes arrive as lone surrogates)."""
-    try:
-        (value or "").encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserError(f"{flag} is not valid UTF-8 text; pass it in UTF-8 (check the "
-                        "terminal's or file's encoding).") from None
-
-
 def check_engine_flags(args: argparse.Namespace) -> None:
     """Flags of add_engine_args that can be refused without loading anything."""
     if args.max_seq_len is not None and args.max_seq_len < 2:

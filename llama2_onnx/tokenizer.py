@@ -45,11 +45,7 @@ class Tokenizer:
         Raises:
             GenerationError when `text` holds lone surrogates (bytes that were not UTF-8).
         """
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise GenerationError(f"the text is not valid UTF-8 (character {exc.start + 1} is "
-                                  f"{text[exc.start]!r}); pass it as UTF-8 text.") from None
+        check_text(text, "the text")
         ids = self.sp.EncodeAsIds(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
@@ -98,3 +94,19 @@ def check_vocab(tokenizer: Tokenizer, config: Config, tokenizer_path: Path) -> N
         raise VariantError(
             f"the tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model "
             f"expects {config.vocab_size}; use the tokenizer.model that belongs to this variant.")
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that cannot be encoded: a lone surrogate, which is how Python carries bytes
+    that were not UTF-8 (a command-line argument) or what a page script can send ("\\ud800").
+
+    Raises:
+        GenerationError: naming `what` and the position of the bad character.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise GenerationError(
+            f"{what} contains an invalid character at position {exc.start + 1} (a lone "
+            f"surrogate, U+{ord(text[exc.start]):04X}, which is not UTF-8 text); remove it or "
+            "pass the text again as UTF-8.") from None
