@@ -102,18 +102,20 @@ class Engine:
     def from_variant(cls, path: Path, provider: str = "auto", max_seq_len: int | None = None,
                      check_files: bool = True, verify: bool = False,
                      graph_capture: bool | str = "auto", graph_cache: bool = True,
-                     prefill_chunk: int | str | None = "auto") -> Engine:
+                     prefill_chunk: int | str | None = "auto",
+                     profile: str | None = None) -> Engine:
         """Open a variant folder (our format or the original Llama-2-Onnx one).
 
         `graph_capture`: replay decode steps as a captured GPU graph; "auto": on CUDA for
         float16/int4 variants (see loading.default_graph_capture).
         `prefill_chunk`: longest prefill run (a power of two; prompts run in chunks of fixed
         lengths seen once at load); None: whole prompts at once; "auto": the provider's default.
+        `profile`: a file prefix for ONNX Runtime's profiler (tools/gpu_check.py).
         """
         return cls.from_parts(load_variant(
             Path(path), provider=provider, max_seq_len=max_seq_len, check_files=check_files,
             verify=verify, graph_capture=graph_capture, graph_cache=graph_cache,
-            prefill_chunk=prefill_chunk))
+            prefill_chunk=prefill_chunk, profile=profile))
 
     @classmethod
     def from_parts(cls, parts: EngineParts) -> Engine:

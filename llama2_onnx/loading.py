@@ -30,7 +30,8 @@ def check_folder(path: Path) -> None:
 def load_variant(path: Path, provider: str = "auto", max_seq_len: int | None = None,
                  check_files: bool = True, verify: bool = False,
                  graph_capture: bool | str = "auto", graph_cache: bool = True,
-                 prefill_chunk: int | str | None = "auto") -> EngineParts:
+                 prefill_chunk: int | str | None = "auto", profile: str | None = None
+                 ) -> EngineParts:
     """Open a variant folder (our format or the original one); see Engine.from_variant."""
     check_folder(path)
     if not (path / CONFIG).exists():
@@ -50,7 +51,7 @@ def load_variant(path: Path, provider: str = "auto", max_seq_len: int | None = N
     return open_files(find_graph(path), path / EMBEDDINGS, path / TOKENIZER, config,
                       provider=provider, max_seq_len=max_seq_len, graph_capture=graph_capture,
                       graph_cache=graph_cache, name=path.name, verify=verify,
-                      prefill_chunk=prefill_chunk)
+                      prefill_chunk=prefill_chunk, profile=profile)
 
 
 def find_graph(path: Path) -> Path:
@@ -140,7 +141,8 @@ def context_length(config: Config, max_seq_len: int | None) -> int:
 def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Config,
                provider: str = "auto", max_seq_len: int | None = None,
                graph_capture: bool | str = "auto", graph_cache: bool = True, name: str = "",
-               verify: bool = False, prefill_chunk: int | str | None = "auto") -> EngineParts:
+               verify: bool = False, prefill_chunk: int | str | None = "auto",
+               profile: str | None = None) -> EngineParts:
     """Open explicit files of our graph contract (a variant folder's, or the CLI's
     --onnx_file style)."""
     for p in (graph, data_path(graph)):
@@ -154,7 +156,7 @@ def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Conf
     cache_len = context_length(config, max_seq_len)
     check_memory(graph, config, provider, cache_len)
     session, notes = create_session(graph, provider, cache_len, graph_capture,
-                                    dtype=config.dtype, verify=verify,
+                                    dtype=config.dtype, verify=verify, profile=profile,
                                     source=cache_source(graph) if graph_cache else None)
     check_graph_matches(session, config, graph)
     chunk = DEFAULT_PREFILL_CHUNK.get(provider) if prefill_chunk == "auto" else prefill_chunk

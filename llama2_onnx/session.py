@@ -96,14 +96,15 @@ def session_options(provider: str, cache_len: int, graph_capture: bool = False
 
 
 def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bool = False,
-                   dtype: str = "float16", source: dict | None = None, verify: bool = False
-                   ) -> tuple[ort.InferenceSession, list[str]]:
+                   dtype: str = "float16", source: dict | None = None, verify: bool = False,
+                   profile: str | None = None) -> tuple[ort.InferenceSession, list[str]]:
     """Open the graph, reusing (or writing) the optimized graph cached beside it.
 
     Args:
         source: the manifest's entries (size, sha256) of the graph and its data file; the
             cache is keyed on them (see graph_cache). None: no cache.
         verify: check the cache's full sha256 before using it.
+        profile: write ONNX Runtime's profile to files starting with this prefix (no cache).
     Returns:
         The session and notes for the user (e.g. that a read-only folder is not cached).
     Raises:
@@ -114,7 +115,7 @@ def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bo
         "version": graph_cache.KEY_VERSION, "source": source, "onnxruntime": ort.__version__,
         "provider": provider, "cache_len": cache_len, "graph_capture": graph_capture,
         "dtype": dtype}
-    plan = graph_cache.plan(graph, key, verify)
+    plan = graph_cache.plan(graph, None if profile else key, verify)
     if plan.load_from != graph:
         try:
             return _open(plan.load_from, session_options(provider, cache_len, graph_capture),
@@ -123,6 +124,8 @@ def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bo
             graph_cache.forget(graph, provider)
             plan = graph_cache.plan(graph, key, verify)
     so = session_options(provider, cache_len, graph_capture)
+    if profile:
+        so.enable_profiling, so.profile_file_prefix = True, profile
     if plan.write_to is not None:
         so.optimized_model_filepath = str(plan.write_to)
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name",

@@ -308,3 +308,17 @@ def test_chunked_prefill_equals_whole_prefill(make_variant, gqa):
     assert texts[0] == texts[2] and texts[1] == texts[3]
     follow = prompt + texts[1] + whole.tokenizer.encode("and the sun", bos=False)
     np.testing.assert_allclose(chunked.prefill(follow), whole.prefill(follow), atol=1e-4)
+
+
+def test_gpu_check_tool_runs_a_profiled_engine_on_any_provider(make_variant, tmp_path):
+    import json
+
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--variant",
+                          str(make_variant("hf", "float32", True)), "--provider", "cpu",
+                          "--steps", "4", "--long-context", "96"], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["node_runs_by_provider"] and report["memcpy_bytes_total"] == 0
+    assert report["cache_addresses_unchanged"] and report["present_bound_to_past"]
+    assert "MatMul" in report["kernel_us_per_step_by_op"]

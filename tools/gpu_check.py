@@ -19,25 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama2_onnx.config import Config  # noqa: E402
 from llama2_onnx.generation import Engine  # noqa: E402
-from llama2_onnx.loading import load_embeddings  # noqa: E402
 from llama2_onnx.sampling import SamplingSettings  # noqa: E402
-from llama2_onnx.session import Runtime, provider_list, session_options  # noqa: E402
-from llama2_onnx.tokenizer import Tokenizer  # noqa: E402
 
 
 def profiled_engine(folder: Path, provider: str, cache_len: int, prefix: str) -> Engine:
-    import onnxruntime as ort
-
-    config = Config.load(folder / "config.json")
-    so = session_options(provider, cache_len)
-    so.enable_profiling, so.profile_file_prefix = True, prefix
-    graph = next((folder / "ONNX").glob("*.onnx"))
-    session = ort.InferenceSession(str(graph), so, providers=provider_list(provider))
-    runtime = Runtime(session, config, provider, cache_len)
-    table = load_embeddings(folder / "embeddings.safetensors", config)
-    return Engine(runtime, Tokenizer.from_file(folder / "tokenizer.model"), table, config)
+    """The variant with ONNX Runtime's profiler on; decode steps uncaptured so each node runs."""
+    return Engine.from_variant(folder, provider=provider, max_seq_len=cache_len,
+                               graph_capture=False, graph_cache=False, prefill_chunk=None,
+                               profile=prefix)
 
 
 def node_events(profile: Path) -> list[dict]:
