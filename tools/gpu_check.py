@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,8 +36,8 @@ def node_events(profile: Path) -> list[dict]:
     return [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
 
 
-def check(folder: Path, provider: str, steps: int) -> dict:
-    engine = profiled_engine(folder, provider, 512, "/tmp/gpu_check")
+def check(folder: Path, provider: str, steps: int, cache_len: int = 512) -> dict:
+    engine = profiled_engine(folder, provider, cache_len, str(Path(tempfile.gettempdir()) / "gpu_check"))
     addresses = [v.data_ptr() for v in engine.runner.caches]
     prompt = [engine.tokenizer.bos_id] + list(range(100, 131))
     list(engine.generate(prompt, SamplingSettings(temperature=0), steps, ignore_eos=True))
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--long-context", type=int, default=4096)
     args = parser.parse_args()
-    report = check(args.variant, args.provider, args.steps)
+    report = check(args.variant, args.provider, args.steps, min(512, args.long_context))
     start = time.perf_counter()
     long_fill = args.long_context - 4 * args.steps
     report["context"] = args.long_context
