@@ -37,7 +37,8 @@ def node_events(profile: Path) -> list[dict]:
 
 
 def check(folder: Path, provider: str, steps: int, cache_len: int = 512) -> dict:
-    engine = profiled_engine(folder, provider, cache_len, str(Path(tempfile.gettempdir()) / "gpu_check"))
+    prefix = str(Path(tempfile.gettempdir()) / "gpu_check")
+    engine = profiled_engine(folder, provider, cache_len, prefix)
     addresses = [v.data_ptr() for v in engine.runner.caches]
     prompt = [engine.tokenizer.bos_id] + list(range(100, 131))
     list(engine.generate(prompt, SamplingSettings(temperature=0), steps, ignore_eos=True))
