@@ -32,9 +32,17 @@ def export_command(args: argparse.Namespace, root: Path) -> int:
     return 0
 
 
+def variant_folder(arg: str, root: Path) -> Path:
+    """The folder `--variant` names, the same way for publish and verify: an existing folder
+    (absolute or relative to the current directory), else a variant name inside `root`."""
+    path = Path(arg)
+    if path.is_absolute() or path.exists():
+        return path
+    return root / check_variant_name(arg)
+
+
 def publish_command(args: argparse.Namespace, root: Path) -> int:
-    folder = args.variant if args.variant.is_absolute() or args.variant.exists() \
-        else root / args.variant
+    folder = variant_folder(str(args.variant), root)
     check_variant_name(folder.resolve().name)  # it becomes the submodule's path
     if not (folder / CONFIG).is_file():
         raise UserError(f"{folder} is not an exported variant folder (no config.json); export "
@@ -60,9 +68,9 @@ def verify_command(args: argparse.Namespace, root: Path) -> int:
     from .files import check_files
     from .loading import check_folder
 
-    folder = Path(args.variant)
-    if not folder.exists():
-        folder = root / args.variant
+    if (args.variant is None) == (args.variant_arg is None):
+        raise UserError("name the variant once: `verify --variant NAME_OR_FOLDER`.")
+    folder = variant_folder(args.variant or args.variant_arg, root)
     check_folder(folder)
     problems = check_files(folder, sha256=True)
     for problem in problems:

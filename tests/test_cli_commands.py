@@ -62,7 +62,7 @@ def test_verify_passes_a_good_variant_and_fails_a_corrupted_one(tmp_path, make_v
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 3] ^= 0x01  # same size, one bit: only the sha256 can tell
     data.write_bytes(bytes(raw))
-    failed = tool("verify", str(folder), cwd=tmp_path)
+    failed = tool("verify", "--variant", str(folder), cwd=tmp_path)  # as publish takes it
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert "FAIL" in failed.stdout and "sha256" in failed.stdout and data.name in failed.stdout
     missing = tool("verify", str(tmp_path / "absent"), cwd=tmp_path)

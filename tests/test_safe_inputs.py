@@ -398,3 +398,35 @@ def test_context_full_and_ignored_system_are_said(variant):
     assert run.returncode == 0, run.stderr
     assert "context (12 tokens) is full" in run.stderr
     assert "--system is ignored" in run.stderr
+
+
+@pytest.mark.parametrize("script", ["MinimumExample/Example_ONNX_LlamaV2.py", "ChatApp/app.py",
+                                    "tools/export_and_publish.py", "tools/evaluate.py",
+                                    "tools/serve.py", "tools/benchmark.py",
+                                    "tools/make_random_checkpoint.py"])
+def test_every_option_has_a_help_line(script, monkeypatch):
+    import argparse
+    import importlib.util
+
+    class Parsed(Exception):
+        pass
+
+    def grab(self, *args, **kwargs):
+        raise Parsed(self)
+
+    spec = importlib.util.spec_from_file_location("entry", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    entry = getattr(module, "parse_args", None) or module.main
+    with pytest.raises(Parsed) as caught:
+        entry()
+    bare, parsers = [], [("", caught.value.args[0])]
+    while parsers:
+        prefix, parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{prefix}{name} ", sub) for name, sub in action.choices.items()]
+            elif action.option_strings and action.dest != "help" and not action.help:
+                bare.append(prefix + action.option_strings[-1])
+    assert bare == []

@@ -425,8 +425,8 @@ def parse_args() -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="peak RSS, wall time and bytes of an export")
     src = export.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", type=Path)
-    src.add_argument("--meta", type=Path)
+    src.add_argument("--hf", type=Path, help="Hugging Face checkpoint folder")
+    src.add_argument("--meta", type=Path, help="Meta checkpoint folder (consolidated.NN.pth)")
     export.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: beside the "
                         "checkpoint)")
     export.add_argument("--precision", choices=("float32", "float16", "int4"),
@@ -455,10 +455,13 @@ def parse_args() -> argparse.Namespace:
     compare.add_argument("--variants", default="", help="comma-separated names or folders")
     compare.add_argument("--vocab-size", type=int, default=32000, help="for the random prompt")
     compare.add_argument("--genai", type=Path, help="an onnxruntime-genai model folder to add")
-    compare.add_argument("--provider", default="cpu")
-    compare.add_argument("--prompt-tokens", type=int, default=128)
-    compare.add_argument("--new-tokens", type=int, default=128)
-    compare.add_argument("--reps", type=int, default=3)
+    compare.add_argument("--provider", default="cpu", help="auto, cpu, cuda or dml (default cpu)")
+    compare.add_argument("--prompt-tokens", type=int, default=128,
+                         help="prompt length (default 128)")
+    compare.add_argument("--new-tokens", type=int, default=128,
+                         help="greedy tokens per run (default 128)")
+    compare.add_argument("--reps", type=int, default=3,
+                         help="alternating rounds; the median is reported (default 3)")
     serve = sub.add_parser("serve", help="requests/s, TTFT and tokens/s of tools/serve.py")
     serve.add_argument("--variant", default=None, help="variant name or folder (default: the "
                        "first ready variant, else the demo)")

@@ -35,7 +35,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variant", required=True, help="variant name or folder")
     parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file")
     parser.add_argument("--max-tokens", type=int, help="score only the first N tokens")
-    parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto")
+    parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto",
+                        help="execution provider (default auto: DirectML, then CUDA, then CPU)")
     parser.add_argument("--max_seq_len", type=int, help="window (default: the context)")
     return spell_both(parser).parse_args()
 

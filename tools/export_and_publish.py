@@ -5,7 +5,7 @@
     python tools/export_and_publish.py export --meta llama-2-7b-chat --tokenizer tokenizer.model \\
         --precision float16 --variant 7B_FT_float16 --chat
     python tools/export_and_publish.py publish --variant 7B_FT_float16 --remote ../7B_FT_float16.git
-    python tools/export_and_publish.py verify 7B_FT_float16
+    python tools/export_and_publish.py verify --variant 7B_FT_float16
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--meta", type=Path, help="Meta folder (params.json + consolidated.NN.pth)")
     export.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: beside the "
                         "checkpoint or in its parent folder)")
-    export.add_argument("--precision", choices=("float32", "float16", "int4"), required=True)
+    export.add_argument("--precision", choices=("float32", "float16", "int4"), required=True,
+                        help="weights of the variant: float32, float16 or int4 (4-bit weights)")
     export.add_argument("--block-size", type=int, help="int4 only: weights per quantization "
                         "block, 32 (default), 64 or 128")
     export.add_argument("--variant", required=True, help="variant name, e.g. 7B_FT_float16")
@@ -51,10 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "variant committed to a plain git repository, like the demo")
     add_publish_args(export, required=False)
     publish = sub.add_parser("publish", help="variant folder -> git+LFS repo and submodule")
-    publish.add_argument("--variant", type=Path, required=True, help="variant folder")
+    publish.add_argument("--variant", required=True,
+                         help="variant name (a folder in the repository) or folder")
     add_publish_args(publish, required=True)
     verify = sub.add_parser("verify", help="check a variant's files against its manifest")
-    verify.add_argument("variant", help="variant name or folder")
+    verify.add_argument("--variant", help="variant name (a folder in the repository) or folder")
+    verify.add_argument("variant_arg", nargs="?", metavar="VARIANT",
+                        help="the same, without --variant (as earlier versions took it)")
     return spell_both(parser).parse_args(argv)
 
 
