@@ -6,9 +6,9 @@
 
 Each mutation is a set of exact text replacements (each must match exactly once, so a mutation
 that no longer applies fails loudly instead of testing nothing). For each one the tracked and
-untracked (not ignored) files are copied to a temporary folder, the replacements applied there,
-and pytest run in the copy; the repository itself is never touched. A mutation that no test
-catches is a hole in the suite.
+untracked (not ignored) files are copied to a temporary folder, committed there as a repository
+of its own, the replacements applied, and pytest run in the copy; the repository itself is never
+touched. A mutation that no test catches is a hole in the suite.
 """
 
 from __future__ import annotations
@@ -97,6 +97,10 @@ def copy_repository(dest: Path) -> None:
         if source.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / rel)
+    # A repository of its own, unmutated, for the tests that clone the checkout they run in.
+    identity = ["-c", "user.name=mutations", "-c", "user.email=mutations@localhost"]
+    for command in (["init", "-q"], ["add", "-A"], [*identity, "commit", "-q", "-m", "copy"]):
+        subprocess.run(["git", *command], cwd=dest, capture_output=True, check=True)
 
 
 def apply(mutation: Mutation, repo: Path) -> None:
@@ -134,7 +138,7 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     args = parser.parse_args()
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
-    if args.list or not chosen:
+    if args.list or not (chosen or args.baseline):
         for m in MUTATIONS:
             print(f"{m.name:28} {m.what}")
         return
