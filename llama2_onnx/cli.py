@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import UserError
-from .layout import CONFIG, EMBEDDINGS, TOKENIZER
+from .layout import CONFIG, EMBEDDINGS, OURS, TOKENIZER, folder_format
 from .sampling import SamplingSettings
 from .session import PROVIDER_CHOICES
 
@@ -126,7 +126,7 @@ def _open_explicit_files(args: argparse.Namespace):
         raise UserError(f"--onnx_file {graph} does not exist{_slot_hint(graph)}.")
     folder = graph.parent.parent
     tokenizer = Path(args.tokenizer_path or folder / TOKENIZER)
-    if (folder / CONFIG).exists():
+    if folder_format(folder) == OURS:
         embeddings = Path(args.embedding_file or folder / EMBEDDINGS)
         config = Config.load(folder / CONFIG)
         return Engine.from_parts(open_files(

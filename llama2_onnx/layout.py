@@ -45,3 +45,35 @@ def graphs(folder: Path) -> list[Path]:
 def pull_command(name: str) -> str:
     """The commands that fetch a published variant's submodule and its LFS files."""
     return f"git submodule init {name} && git submodule update && (cd {name} && git lfs pull)"
+
+
+# What a folder holds, decided here only (variants' slot states, loading, the CLI's --onnx_file).
+ABSENT, EMPTY, OURS, LEGACY, UNKNOWN = "absent", "empty", "ours", "legacy", "unknown"
+
+
+def folder_format(folder: Path) -> str:
+    """From the file names alone: ABSENT, EMPTY (an uninitialised submodule: nothing but a
+    .git), OURS (config.json), LEGACY (the original release: ONNX/*.onnx and embeddings.pth)
+    or UNKNOWN."""
+    folder = Path(folder)
+    if not folder.exists():
+        return ABSENT
+    if folder.is_dir() and not any(p.name != ".git" for p in folder.iterdir()):
+        return EMPTY
+    if (folder / CONFIG).exists():
+        return OURS
+    return LEGACY if legacy_files(folder) else UNKNOWN
+
+
+def legacy_files(folder: Path) -> tuple[Path, Path, Path] | None:
+    """(graph, embeddings.pth, tokenizer.model) of an original-format folder, or None.
+
+    The original repository kept tokenizer.model at its root, beside the variant folders.
+    """
+    found = graphs(folder)
+    embeddings = Path(folder) / LEGACY_EMBEDDINGS
+    if not found or not embeddings.exists():
+        return None
+    tokenizer = next((p for p in (Path(folder) / TOKENIZER, Path(folder).parent / TOKENIZER)
+                      if p.exists()), Path(folder) / TOKENIZER)
+    return found[0], embeddings, tokenizer

@@ -17,7 +17,7 @@ import onnxruntime as ort
 from .config import Config
 from .errors import UserError, VariantError
 from .files import check_not_lfs_pointer
-from .layout import LEGACY_EMBEDDINGS, TOKENIZER, data_path, graphs
+from .layout import data_path
 from .session import EngineParts, create_session, resolve_provider
 from .tokenizer import Tokenizer
 
@@ -28,20 +28,6 @@ NP_FROM_ORT = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
 
 def is_legacy_session(session: ort.InferenceSession) -> bool:
     return {i.name for i in session.get_inputs()} == LEGACY_INPUTS
-
-
-def find_legacy_files(folder: Path) -> tuple[Path, Path, Path] | None:
-    """(graph, embeddings.pth, tokenizer.model) of an original-format folder, or None.
-
-    The original repository kept tokenizer.model at its root, beside the variant folders.
-    """
-    found = graphs(folder)
-    embeddings = folder / LEGACY_EMBEDDINGS
-    if not found or not embeddings.exists():
-        return None
-    tokenizer = next((p for p in (folder / TOKENIZER, folder.parent / TOKENIZER)
-                      if p.exists()), folder / TOKENIZER)
-    return found[0], embeddings, tokenizer
 
 
 def load_pth_embeddings(path: Path) -> np.ndarray:

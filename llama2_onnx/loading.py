@@ -11,7 +11,21 @@ from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
 from .files import check_not_lfs_pointer, read_manifest
-from .layout import CONFIG, EMBEDDINGS, GRAPH_DIR, TOKENIZER, data_path, graphs, pull_command
+from .layout import (
+    ABSENT,
+    CONFIG,
+    EMBEDDINGS,
+    EMPTY,
+    GRAPH_DIR,
+    LEGACY,
+    TOKENIZER,
+    UNKNOWN,
+    data_path,
+    folder_format,
+    graphs,
+    legacy_files,
+    pull_command,
+)
 from .resources import GiB, free_cuda_memory, free_host_memory, require
 from .session import EngineParts, Runtime, create_session, resolve_provider
 from .tokenizer import Tokenizer, check_vocab
@@ -19,10 +33,11 @@ from .tokenizer import Tokenizer, check_vocab
 
 def check_folder(path: Path) -> None:
     """Raise a VariantError naming the fix when `path` cannot hold a usable variant."""
-    if not path.exists():
+    kind = folder_format(path)
+    if kind == ABSENT:
         raise VariantError(f"variant folder {path} does not exist; list the variants with "
                            "`python MinimumExample/Example_ONNX_LlamaV2.py --list`.")
-    if path.is_dir() and not any(p.name != ".git" for p in path.iterdir()):
+    if kind == EMPTY:
         raise VariantError(f"{path} is empty: its submodule is not initialised; run "
                            f"`{pull_command(path.name)}` from the repository root.")
 
@@ -34,14 +49,14 @@ def load_variant(path: Path, provider: str = "auto", max_seq_len: int | None = N
                  ) -> EngineParts:
     """Open a variant folder (our format or the original one); see Engine.from_variant."""
     check_folder(path)
-    if not (path / CONFIG).exists():
-        from .legacy import find_legacy_files, load_legacy
+    kind = folder_format(path)
+    if kind == UNKNOWN:
+        raise VariantError(f"{path} holds neither config.json nor an original Llama-2-Onnx "
+                           "graph (ONNX/*.onnx with embeddings.pth); is it a variant folder?")
+    if kind == LEGACY:
+        from .legacy import load_legacy
 
-        files = find_legacy_files(path)
-        if files is None:
-            raise VariantError(f"{path} holds neither config.json nor an original Llama-2-Onnx "
-                               "graph (ONNX/*.onnx with embeddings.pth); is it a variant folder?")
-        return load_legacy(*files, provider=provider, max_seq_len=max_seq_len)
+        return load_legacy(*legacy_files(path), provider=provider, max_seq_len=max_seq_len)
     check_not_lfs_pointer(path / CONFIG)
     if check_files or verify:
         problems = manifest_problems(path, sha256=verify)

@@ -9,7 +9,17 @@ from pathlib import Path
 
 from .errors import VariantError
 from .files import check_files, is_lfs_pointer
-from .layout import CONFIG, GRAPH_DIR, pull_command
+from .layout import ABSENT as NO_FOLDER
+from .layout import (
+    CONFIG,
+    EMPTY,
+    GRAPH_DIR,
+    LEGACY,
+    UNKNOWN,
+    folder_format,
+    legacy_files,
+    pull_command,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_VARIANT = "demo"
@@ -51,22 +61,20 @@ def check_variant_name(name: str) -> str:
 def variant_state(path: Path) -> VariantState:
     """Classify one variant folder."""
     name = path.name
-    if not path.exists():
+    kind = folder_format(path)
+    if kind == NO_FOLDER:
         declared = name in submodule_paths(path.parent)
         hint = f"run `{pull_command(name)}`" if declared else (
             "not published in this distribution yet; README 'Exporting your own variant'")
         return VariantState(name, path, ABSENT, hint)
-    if path.is_dir() and not any(p.name != ".git" for p in path.iterdir()):
+    if kind == EMPTY:
         return VariantState(name, path, NOT_INITIALISED, f"run `{pull_command(name)}`")
-    if not (path / CONFIG).exists():
-        from .legacy import find_legacy_files
-
-        files = find_legacy_files(path)
-        if files and not any(is_lfs_pointer(p) for p in files):
-            return VariantState(name, path, READY, "original Llama-2-Onnx format")
-        if files:
-            return VariantState(name, path, NOT_PULLED, f"run `git lfs pull` in {name}")
+    if kind == UNKNOWN:
         return VariantState(name, path, INCOMPLETE, "no config.json: re-export or fetch it")
+    if kind == LEGACY:
+        if any(is_lfs_pointer(p) for p in legacy_files(path)):
+            return VariantState(name, path, NOT_PULLED, f"run `git lfs pull` in {name}")
+        return VariantState(name, path, READY, "original Llama-2-Onnx format")
     problems = check_files(path)
     if any("Git LFS pointer" in p for p in problems) or is_lfs_pointer(path / CONFIG):
         return VariantState(name, path, NOT_PULLED, f"run `git lfs pull` in {name}")
