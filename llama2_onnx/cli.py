@@ -49,6 +49,15 @@ def spell_both(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """--hf / --meta (exactly one) and --tokenizer: where an export reads its weights."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", type=Path, help="Hugging Face folder (config.json + safetensors)")
+    src.add_argument("--meta", type=Path, help="Meta folder (params.json + consolidated.NN.pth)")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: beside the "
+                        "checkpoint or in its parent folder)")
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", help="variant name (a folder in the repository) or path; "
                         "default: the first ready variant, else the demo variant")

@@ -33,6 +33,8 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llama2_onnx.cli import add_checkpoint_args  # noqa: E402
+
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
@@ -424,11 +426,7 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="peak RSS, wall time and bytes of an export")
-    src = export.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", type=Path, help="Hugging Face checkpoint folder")
-    src.add_argument("--meta", type=Path, help="Meta checkpoint folder (consolidated.NN.pth)")
-    export.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: beside the "
-                        "checkpoint)")
+    add_checkpoint_args(export)
     export.add_argument("--precision", choices=("float32", "float16", "int4"),
                         default="float16", help="variant precision (default float16)")
     export.add_argument("--block-size", type=int, help="int4 only (default 32)")

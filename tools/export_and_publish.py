@@ -21,7 +21,7 @@ from llama2_onnx import require_core_packages  # noqa: E402
 
 require_core_packages()
 
-from llama2_onnx.cli import run_main, spell_both  # noqa: E402
+from llama2_onnx.cli import add_checkpoint_args, run_main, spell_both  # noqa: E402
 from llama2_onnx.commands import export_command, publish_command, verify_command  # noqa: E402
 
 
@@ -31,11 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="checkpoint -> verified variant folder")
-    src = export.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", type=Path, help="Hugging Face folder (config.json + safetensors)")
-    src.add_argument("--meta", type=Path, help="Meta folder (params.json + consolidated.NN.pth)")
-    export.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: beside the "
-                        "checkpoint or in its parent folder)")
+    add_checkpoint_args(export)
     export.add_argument("--precision", choices=("float32", "float16", "int4"), required=True,
                         help="weights of the variant: float32, float16 or int4 (4-bit weights)")
     export.add_argument("--block-size", type=int, help="int4 only: weights per quantization "
