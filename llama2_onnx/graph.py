@@ -77,20 +77,6 @@ QUANTIZE_OUTPUT = INT4_QUANTIZES_OUTPUT
 ACCURACY_LEVEL = 4
 
 
-def input_names(config: Config) -> list[str]:
-    names = ["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"]
-    for i in range(config.n_layers):
-        names += [f"past_key.{i}", f"past_value.{i}"]
-    return names
-
-
-def output_names(config: Config) -> list[str]:
-    names = ["logits"]
-    for i in range(config.n_layers):
-        names += [f"present_key.{i}", f"present_value.{i}"]
-    return names
-
-
 class ExternalDataWriter:
     """Appends tensors to one .onnx.data file and returns initializers that point into it."""
 
