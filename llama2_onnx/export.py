@@ -32,6 +32,7 @@ from .layout import (
 )
 from .resources import GiB, free_host_memory, require
 from .staging import (
+    begin_staging,
     check_replaceable,
     move_into_place,
     remove_stale_leftovers,
@@ -82,13 +83,13 @@ def export_variant(req: ExportRequest) -> Path:
     if req.block_size is not None and req.precision != "int4":
         raise UserError("--block-size only applies to --precision int4.")
     protected = [REPO_ROOT, *(p for p in (req.hf, req.meta, req.tokenizer) if p is not None)]
+    remove_stale_leftovers(final.parent)  # first: a variant hidden by a killed export returns
     check_replaceable(final, req.force, protected)
     source, tokenizer_path, config = _open_inputs(req)
     _check_disk(final.parent, config)
-    remove_stale_leftovers(final.parent)
     staging = staging_path(final)
-    shutil.rmtree(staging, ignore_errors=True)
     with signals_as_interrupts():
+        begin_staging(staging)  # outside the try: a folder it refuses is not ours to remove
         try:
             _write_variant(staging, source, tokenizer_path, config, req)
             if not req.skip_verify:

@@ -15,6 +15,7 @@ from .layout import (
     EMBEDDINGS,
     GRAPH_DIR,
     MANIFEST,
+    STAGING_MARK,
     TOKENIZER,
     data_path,
     graphs,
@@ -68,7 +69,8 @@ def write_manifest(folder: Path, name: str) -> dict:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if rel == MANIFEST or rel.startswith(".git/") or f"/{CACHE_DIR}/" in f"/{rel}":
+        if rel in (MANIFEST, STAGING_MARK) or rel.startswith(".git/") or \
+                f"/{CACHE_DIR}/" in f"/{rel}":
             continue
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {"variant": name, "files": files}

@@ -25,6 +25,9 @@ CACHE_DIR = ".cache"
 README = "README.md"
 GITATTRIBUTES = ".gitattributes"
 GITIGNORE = ".gitignore"
+# Written first into an export's hidden staging folder and removed before it becomes the variant:
+# only folders carrying it are ever cleaned up as leftovers of an interrupted export.
+STAGING_MARK = ".llama2_onnx-staging"
 
 
 def graph_name(variant: str) -> str:

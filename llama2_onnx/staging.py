@@ -5,7 +5,8 @@
     <out>/<name>/                  appears only when complete (one rename)
     <out>/.<name>.old-<pid>/       the replaced folder, for the instant between two renames
 
-A later run removes `.partial-`/`.old-` folders whose process is gone (SIGKILL, power loss).
+A later run cleans up after an export whose process is gone (SIGKILL, power loss): it removes
+its marked `.partial-` folder and renames an `.old-` folder back (remove_stale_leftovers).
 """
 
 from __future__ import annotations
@@ -21,38 +22,65 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import Interrupted, UserError
-from .layout import CACHE_DIR, CONFIG, GRAPH_DIR, MANIFEST
+from .layout import CACHE_DIR, CONFIG, GRAPH_DIR, MANIFEST, STAGING_MARK
 
 _LEFTOVER = re.compile(r"^\.(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*)\.(partial|old)-(?P<pid>\d+)$")
 # Kept when a variant folder is replaced: its git repository (published variants) and caches.
 _KEPT = (".git",)
 _IGNORED_PREFIXES = (".git/", f"{GRAPH_DIR}/{CACHE_DIR}/")
 EXPORTER_TAG = "llama2_onnx"
+_HOLD: dict = {"active": False, "pending": None}  # see _signals_held
 
 
 def staging_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial-{os.getpid()}")
 
 
-def remove_stale_leftovers(folder: Path) -> list[Path]:
-    """Remove `.NAME.partial-PID` / `.NAME.old-PID` folders in `folder` whose PID is not
-    running. An `.old-` folder that still holds a `.git` repository is left alone.
+def begin_staging(staging: Path) -> None:
+    """Create the hidden staging folder with its mark (see layout.STAGING_MARK).
+
+    Raises:
+        UserError when a folder of that name exists without the mark (someone else's).
+    """
+    if staging.exists() or staging.is_symlink():
+        if not (staging / STAGING_MARK).is_file() or staging.is_symlink():
+            raise UserError(f"{staging} exists and was not made by this exporter; move it away "
+                            "and export again.")
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    (staging / STAGING_MARK).write_text(f"{os.getpid()}\n", encoding="utf-8")
+
+
+def remove_stale_leftovers(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Deal with what an export killed outright (SIGKILL, power loss) left in `folder`, once
+    its process is gone: a marked `.NAME.partial-PID` staging folder is removed; a
+    `.NAME.old-PID` folder (a replaced variant, between two renames) is renamed back to NAME
+    when NAME is missing, else removed if it is entirely the exporter's and holds no `.git`.
+    Anything else is left alone.
 
     Returns:
-        The folders removed.
+        (folders removed, folders restored).
     """
-    removed = []
+    removed, restored = [], []
     if not folder.is_dir():
-        return removed
-    for path in folder.iterdir():
+        return removed, restored
+    for path in sorted(folder.iterdir()):
         match = _LEFTOVER.match(path.name)
-        if not match or not path.is_dir() or path.is_symlink():
+        if not match or not path.is_dir() or path.is_symlink() or _pid_alive(int(match["pid"])):
             continue
-        if _pid_alive(int(match["pid"])) or (".old-" in path.name and (path / ".git").exists()):
+        if ".partial-" in path.name:
+            if (path / STAGING_MARK).is_file():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
             continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
+        final = folder / match["name"]
+        if not final.exists() and not final.is_symlink():
+            os.replace(path, final)
+            restored.append(final)
+        elif not (path / ".git").exists() and _first_unlisted_file(path) is None:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed, restored
 
 
 def _pid_alive(pid: int) -> bool:
@@ -69,15 +97,18 @@ def _pid_alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def signals_as_interrupts() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into `Interrupted` (a KeyboardInterrupt) while the block runs,
-    so `finally` clauses remove half-written files exactly as they do for Ctrl-C."""
+    """Turn SIGINT, SIGTERM and SIGHUP into `Interrupted` (a KeyboardInterrupt) while the block
+    runs, so `finally` clauses remove half-written files; `_signals_held` defers them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
     previous = {}
 
     def handler(signum, frame):
+        if _HOLD["active"]:
+            _HOLD["pending"] = signum
+            return
         raise Interrupted(signum)
 
     for name in names:
@@ -142,14 +173,35 @@ def _first_unlisted_file(folder: Path) -> str | None:
 
 
 def move_into_place(staging: Path, final: Path) -> None:
-    """Swap the finished `staging` folder in as `final`, keeping `final`'s `.git`."""
-    if not final.exists():
+    """Swap the finished `staging` folder in as `final`, keeping `final`'s `.git`.
+
+    SIGINT, SIGTERM and SIGHUP wait until the swap is done (they arrive right after it), so an
+    interruption never leaves `final` missing with the old variant hidden beside it; after a
+    SIGKILL in between, the next export renames the hidden folder back.
+    """
+    (staging / STAGING_MARK).unlink()
+    with _signals_held():
+        if not final.exists():
+            os.replace(staging, final)
+            return
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
         os.replace(staging, final)
-        return
-    trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-    os.replace(final, trash)
-    os.replace(staging, final)
-    for name in _KEPT:
-        if (trash / name).exists() or (trash / name).is_symlink():
-            os.replace(trash / name, final / name)
-    shutil.rmtree(trash, ignore_errors=True)
+        for name in _KEPT:
+            if (trash / name).exists() or (trash / name).is_symlink():
+                os.replace(trash / name, final / name)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """While the block runs, a signal caught by `signals_as_interrupts` is noted, not raised;
+    it is raised when the block ends. (Masking the signal would not do: another thread may
+    take a process-directed signal, and Python then runs the handler in the main thread.)"""
+    _HOLD["active"], _HOLD["pending"] = True, None
+    try:
+        yield
+    finally:
+        _HOLD["active"] = False
+    if _HOLD["pending"] is not None:
+        raise Interrupted(_HOLD["pending"])

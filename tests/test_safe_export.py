@@ -22,8 +22,10 @@ from conftest import ROOT
 
 from llama2_onnx.errors import UserError
 from llama2_onnx.export import ExportRequest, export_variant
+from llama2_onnx.layout import STAGING_MARK
 from llama2_onnx.variants import check_variant_name
 
+DEAD_PID = 2**22 + 12345  # above Linux's pid_max: never a running process
 BAD_NAMES = ["", ".", "..", "a/b", "../x", "-x", ".hidden", "a b", "x" * 101, "a\\b", "7B\n"]
 
 
@@ -199,12 +201,84 @@ def test_sigkill_partial_is_removed_by_the_next_export(tmp_path, hf_args):
         proc.kill()
     proc.communicate(timeout=120)
     assert not (tmp_path / "v").exists() or (tmp_path / "v" / "manifest.json").exists()
-    stale = tmp_path / f".v.partial-{2**22 + 12345}"  # a PID that cannot be running
+    stale = tmp_path / f".v.partial-{DEAD_PID}"  # what a killed export leaves: marked
     stale.mkdir()
+    (stale / STAGING_MARK).write_text("1\n")
     (stale / "big.data").write_bytes(b"\0" * 1000)
     run = export_cli(*hf_args, "--out", str(tmp_path), "--variant", "v", "--force")
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
+
+
+def test_lookalike_folders_of_others_are_never_removed(tmp_path, hf_args):
+    """Named like leftovers, but not marked or not entirely the exporter's: kept."""
+    partial = tmp_path / f".mine.partial-{DEAD_PID}"
+    partial.mkdir()
+    (partial / "thesis.tex").write_text("mine")
+    old = tmp_path / f".notes.old-{DEAD_PID}"
+    old.mkdir()
+    (old / "todo.txt").write_text("mine")
+    (tmp_path / "notes").mkdir()  # so the .old- folder is not "restored" either
+    before = tree_digest(tmp_path)
+    assert export_cli(*hf_args, "--out", str(tmp_path), "--variant", "v").returncode == 0
+    after = tree_digest(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("v/")} == before
+
+
+def test_staging_name_taken_by_someone_else_is_refused_and_kept(tmp_path, make_checkpoint,
+                                                               tokenizer_path):
+    import os
+
+    taken = tmp_path / f".v.partial-{os.getpid()}"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("mine")
+    request = ExportRequest(variant="v", precision="float32", hf=make_checkpoint("hf"),
+                            tokenizer=tokenizer_path, out=tmp_path, progress=False)
+    with pytest.raises(UserError, match="not made by this exporter"):
+        export_variant(request)
+    assert (taken / "mine.txt").read_text() == "mine" and not (tmp_path / "v").exists()
+
+
+def test_a_variant_hidden_by_a_killed_swap_comes_back(tmp_path, hf_args):
+    """SIGKILL between the two renames of --force leaves the old variant as .v.old-PID and no
+    v: the next export in that folder renames it back (and does not treat v as replaceable
+    without --force)."""
+    assert export_cli(*hf_args, "--out", str(tmp_path), "--variant", "v").returncode == 0
+    before = tree_digest(tmp_path / "v")
+    (tmp_path / "v").rename(tmp_path / f".v.old-{DEAD_PID}")
+    assert export_cli(*hf_args, "--out", str(tmp_path), "--variant", "w").returncode == 0
+    assert tree_digest(tmp_path / "v") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v", "w"]
+    again = export_cli(*hf_args, "--out", str(tmp_path), "--variant", "v")
+    assert_refused(again, "--force")
+
+
+def test_signals_wait_until_the_swap_is_done(tmp_path, monkeypatch):
+    """A SIGTERM arriving between the renames of --force is held until both are done."""
+    import os
+
+    from llama2_onnx import staging
+    from llama2_onnx.errors import Interrupted
+
+    final, new = tmp_path / "v", tmp_path / ".v.partial-1"
+    for folder, text in ((final, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "weights").write_text(text)
+    (final / ".git").mkdir()
+    (new / STAGING_MARK).write_text("1\n")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # lands right after the first rename
+        real_replace(src, dst)
+
+    monkeypatch.setattr(staging.os, "replace", replace)
+    with pytest.raises(Interrupted), staging.signals_as_interrupts():
+        staging.move_into_place(new, final)
+    assert (final / "weights").read_text() == "new" and (final / ".git").is_dir()
+    assert len(calls) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["v"]
 
 
 def test_leftovers_of_running_processes_are_kept(tmp_path, hf_args):
