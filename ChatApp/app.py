@@ -45,7 +45,7 @@ def serve(args: argparse.Namespace) -> None:
     check_port(args.port)  # before the model and Gradio load
     options = AppOptions(root=args.root, variant=args.variant, provider=args.provider,
                          max_seq_len=args.max_seq_len, graph_capture=args.graph_capture,
-                         graph_cache=not args.no_graph_cache, token_delay=args.token_delay)
+                         token_delay=args.token_delay)
     app = build_app(options)
     print(f"Chat on http://{args.host}:{args.port} (Ctrl-C stops it; --share adds a public "
           "link, off unless asked for).", flush=True)

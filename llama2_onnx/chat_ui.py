@@ -53,7 +53,6 @@ class AppOptions:
     provider: str = "auto"
     max_seq_len: int | None = None
     graph_capture: bool | str = "auto"
-    graph_cache: bool = True
     token_delay: float = 0.0  # seconds to wait per token; only for tests and demos
 
 
@@ -209,8 +208,7 @@ def _load(path: str, options: AppOptions):
 
     return Engine.from_variant(Path(path), provider=options.provider,
                                max_seq_len=options.max_seq_len,
-                               graph_capture=options.graph_capture,
-                               graph_cache=options.graph_cache)
+                               graph_capture=options.graph_capture)
 
 
 def _chat_page(gr, handlers: ChatHandlers, choices: list[tuple[str, str]],

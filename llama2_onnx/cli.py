@@ -65,9 +65,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="execution provider (auto: DirectML, then CUDA, then CPU)")
     parser.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None,
                         help="context length to allocate the KV cache for (default: the model's)")
-    parser.add_argument("--no_graph_cache", "--no-graph-cache", action="store_true",
-                        help="do not keep the optimized graph in the variant's ONNX/.cache "
-                        "(it saves the start-up optimization but holds a copy of the weights)")
     capture = parser.add_mutually_exclusive_group()
     capture.add_argument("--graph_capture", "--graph-capture", action="store_const", const=True,
                          default="auto",
@@ -119,8 +116,7 @@ def open_engine_from_args(args: argparse.Namespace, root: Path):
         path = resolve_variant(args.variant, root)
         engine = Engine.from_variant(path, provider=args.provider, max_seq_len=args.max_seq_len,
                                      verify=getattr(args, "verify", False),
-                                     graph_capture=args.graph_capture,
-                                     graph_cache=not args.no_graph_cache)
+                                     graph_capture=args.graph_capture)
     return engine, time.perf_counter() - start
 
 
@@ -140,8 +136,7 @@ def _open_explicit_files(args: argparse.Namespace):
         config = Config.load(folder / CONFIG)
         return Engine.from_parts(open_files(
             graph, embeddings, tokenizer, config, provider=args.provider,
-            max_seq_len=args.max_seq_len, graph_capture=args.graph_capture,
-            graph_cache=not args.no_graph_cache))
+            max_seq_len=args.max_seq_len, graph_capture=args.graph_capture))
     if not args.embedding_file:
         raise UserError("--embedding_file is required with an original-format --onnx_file.")
     return Engine.from_parts(load_legacy(graph, Path(args.embedding_file), tokenizer,

@@ -199,6 +199,7 @@ def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: C
             model = build_model(config, source.read, writer)
         finally:
             writer.close()
+        known = {data_path(graph_path).relative_to(folder).as_posix(): writer.sha256()}
         onnx.save_model(model, str(graph_path))
         _write_embeddings(folder / EMBEDDINGS, source, config)
         itemsize = np.dtype(NP_DTYPES[config.dtype]).itemsize
@@ -209,7 +210,7 @@ def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: C
     if req.lfs:
         (folder / GITATTRIBUTES).write_text(gitattributes(), encoding="utf-8")
     (folder / GITIGNORE).write_text(f"{GRAPH_DIR}/{CACHE_DIR}/\n", encoding="utf-8")
-    write_manifest(folder, req.variant)
+    write_manifest(folder, req.variant, known)
 
 
 def _write_embeddings(path: Path, source: Source, config: Config) -> None:
@@ -334,8 +335,7 @@ def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STE
     from .generation import Engine
     from .reference import Transformer
 
-    engine = Engine.from_variant(folder, provider=provider, check_files=False,
-                                 graph_cache=False)
+    engine = Engine.from_variant(folder, provider=provider, check_files=False)
     reference = load_reference(source, Transformer)
     steps = min(steps, engine.context_len // 2)  # short contexts: fewer steps, shorter prompt
     prompt = engine.tokenizer.encode(VERIFY_PROMPT)[:engine.context_len - steps]

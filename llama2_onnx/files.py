@@ -64,15 +64,21 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, name: str) -> dict:
-    """Record the size and sha256 of every file in `folder` (except the manifest itself)."""
+def write_manifest(folder: Path, name: str, known: dict[str, dict] | None = None) -> dict:
+    """Record the size and sha256 of every file in `folder` (except the manifest itself).
+
+    `known`: entries already computed while writing (relative path -> size and sha256),
+    used when the file still has that size instead of reading it back."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel in (MANIFEST, STAGING_MARK) or rel.startswith(".git/") or \
                 f"/{CACHE_DIR}/" in f"/{rel}":
             continue
-        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        size = path.stat().st_size
+        entry = (known or {}).get(rel)
+        files[rel] = entry if entry and entry["size"] == size else {
+            "size": size, "sha256": sha256_file(path)}
     manifest = {"variant": name, "files": files}
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest

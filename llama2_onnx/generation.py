@@ -101,7 +101,7 @@ class Engine:
     @classmethod
     def from_variant(cls, path: Path, provider: str = "auto", max_seq_len: int | None = None,
                      check_files: bool = True, verify: bool = False,
-                     graph_capture: bool | str = "auto", graph_cache: bool = True,
+                     graph_capture: bool | str = "auto",
                      prefill_chunk: int | str | None = "auto",
                      profile: str | None = None) -> Engine:
         """Open a variant folder (our format or the original Llama-2-Onnx one).
@@ -114,7 +114,7 @@ class Engine:
         """
         return cls.from_parts(load_variant(
             Path(path), provider=provider, max_seq_len=max_seq_len, check_files=check_files,
-            verify=verify, graph_capture=graph_capture, graph_cache=graph_cache,
+            verify=verify, graph_capture=graph_capture,
             prefill_chunk=prefill_chunk, profile=profile))
 
     @classmethod

@@ -57,7 +57,9 @@ activations, norms, rotary tables, KV cache and the embedding table are float16.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +67,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .config import INT4_QUANTIZES_OUTPUT, NP_DTYPES, Config
-from .quantize import quantize
+from .quantize import THREADS, quantize
 from .rope import rotary_cos_sin
 
 OPSET = 17
@@ -75,16 +77,25 @@ QUANTIZE_OUTPUT = INT4_QUANTIZES_OUTPUT
 # MatMulNBits' accuracy_level: 4 lets the CPU kernel multiply int8-quantized activations with
 # the 4-bit weights; CUDA and DirectML ignore it.
 ACCURACY_LEVEL = 4
+TRANSPOSE_ROWS = 64  # rows per band of a transposed copy (see transposed)
 
 
 class ExternalDataWriter:
-    """Appends tensors to one .onnx.data file and returns initializers that point into it."""
+    """Appends tensors to one .onnx.data file and returns initializers that point into it.
+
+    Writing and hashing (the manifest's sha256, so nobody reads the file back to hash it) run
+    on one background thread while the caller prepares the next tensor; at most one tensor
+    waits, which bounds the memory held to two tensors.
+    """
 
     def __init__(self, path: Path, on_write: Callable[[str, int], None] | None = None) -> None:
         self.path = Path(path)
         self.file = open(self.path, "wb")
         self.offset = 0
         self.on_write = on_write
+        self.digest = hashlib.sha256()
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: Future | None = None
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
         array = np.ascontiguousarray(array)
@@ -92,9 +103,7 @@ class ExternalDataWriter:
         # (Windows' allocation granularity); small ones only need 64-byte alignment.
         align = 65536 if array.nbytes >= (1 << 20) else 64
         pad = -self.offset % align
-        self.file.write(b"\0" * pad)
         self.offset += pad
-        self.file.write(memoryview(array).cast("B"))
         tensor = TensorProto(name=name, dims=array.shape,
                              data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
         tensor.data_location = TensorProto.EXTERNAL
@@ -102,13 +111,50 @@ class ExternalDataWriter:
                            ("length", str(array.nbytes))):
             tensor.external_data.add(key=key, value=value)
         self.offset += array.nbytes
+        self._wait()
+        self.pending = self.pool.submit(self._write, b"\0" * pad, array)
         if self.on_write:
             self.on_write(name, array.nbytes)
         return tensor
 
+    def _write(self, pad: bytes, array: np.ndarray) -> None:
+        data = memoryview(array).cast("B")
+        for chunk in (pad, data):
+            self.file.write(chunk)
+            self.digest.update(chunk)  # hashlib releases the GIL for large buffers
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()  # re-raises a failed write (a full disk) here
+            self.pending = None
+
+    def sha256(self) -> dict[str, int | str]:
+        """The manifest entry of the file written so far (after close)."""
+        return {"size": self.offset, "sha256": self.digest.hexdigest()}
+
     def close(self) -> None:
-        self.file.flush()
-        self.file.close()
+        try:
+            self._wait()
+        finally:
+            self.pool.shutdown()
+            self.file.close()
+
+
+def transposed(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """array.T as a C-contiguous `dtype` array. NumPy's own transposed copy streams one of the
+    two sides with a large stride (0.3 GB/s for a float16 4096 x 11008 matrix); copying 64 rows
+    at a time keeps both sides in cache, and the row bands copy on threads (NumPy releases the
+    GIL), which made the float16 export's transposes several times faster."""
+    rows, cols = array.shape
+    out = np.empty((cols, rows), dtype)
+
+    def band(start: int) -> None:
+        out[:, start:start + TRANSPOSE_ROWS] = array[start:start + TRANSPOSE_ROWS].T
+
+    starts = range(0, rows, TRANSPOSE_ROWS)
+    with ThreadPoolExecutor(max_workers=min(len(starts), THREADS)) as pool:
+        list(pool.map(band, starts))
+    return out
 
 
 class _GraphBuilder:
@@ -143,7 +189,7 @@ class _GraphBuilder:
         del parts
         if self.config.dtype == "int4" and (name != "output.weight" or self.quantize_output):
             return self.matmul_nbits(x, name, array, out)
-        self.initializers.append(self.writer.add(name + "_t", array.T.astype(self.dtype)))
+        self.initializers.append(self.writer.add(name + "_t", transposed(array, self.dtype)))
         self.node("MatMul", [x, name + "_t"], [out], out)
         return out
 

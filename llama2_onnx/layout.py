@@ -2,7 +2,7 @@
 
     <variant>/ONNX/LlamaV2_<variant>.onnx        graph         (GRAPH_DIR, graph_name)
     <variant>/ONNX/LlamaV2_<variant>.onnx.data   its weights   (data_path)
-    <variant>/ONNX/.cache/                       optimized-graph cache, never published
+    <variant>/ONNX/.cache/                       old optimized-graph cache; unused
     <variant>/embeddings.safetensors             EMBEDDINGS
     <variant>/tokenizer.model                    TOKENIZER
     <variant>/config.json                        CONFIG

@@ -100,7 +100,7 @@ def load_legacy(graph: Path, embeddings: Path, tokenizer_path: Path, provider: s
     tokenizer = Tokenizer.from_file(tokenizer_path)
     table = load_pth_embeddings(embeddings)
     provider = resolve_provider(provider)
-    session, _ = create_session(graph, provider, cache_len=max_seq_len or LEGACY_CONTEXT)
+    session = create_session(graph, provider, cache_len=max_seq_len or LEGACY_CONTEXT)
     if not is_legacy_session(session):
         raise VariantError(f"{graph} has neither our graph contract nor the original "
                            "Llama-2-Onnx inputs (x, attn_mask, k_cache, v_cache, pos).")

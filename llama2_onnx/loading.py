@@ -10,9 +10,11 @@ from . import safetensors_io
 from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
-from .files import check_not_lfs_pointer, read_manifest
+from .files import check_not_lfs_pointer
+from .graph_forms import form_for
 from .layout import (
     ABSENT,
+    CACHE_DIR,
     CONFIG,
     EMBEDDINGS,
     EMPTY,
@@ -44,7 +46,7 @@ def check_folder(path: Path) -> None:
 
 def load_variant(path: Path, provider: str = "auto", max_seq_len: int | None = None,
                  check_files: bool = True, verify: bool = False,
-                 graph_capture: bool | str = "auto", graph_cache: bool = True,
+                 graph_capture: bool | str = "auto",
                  prefill_chunk: int | str | None = "auto", profile: str | None = None
                  ) -> EngineParts:
     """Open a variant folder (our format or the original one); see Engine.from_variant."""
@@ -65,8 +67,7 @@ def load_variant(path: Path, provider: str = "auto", max_seq_len: int | None = N
     config = Config.load(path / CONFIG)
     return open_files(find_graph(path), path / EMBEDDINGS, path / TOKENIZER, config,
                       provider=provider, max_seq_len=max_seq_len, graph_capture=graph_capture,
-                      graph_cache=graph_cache, name=path.name, verify=verify,
-                      prefill_chunk=prefill_chunk, profile=profile)
+                      name=path.name, prefill_chunk=prefill_chunk, profile=profile)
 
 
 def find_graph(path: Path) -> Path:
@@ -77,21 +78,6 @@ def find_graph(path: Path) -> Path:
         raise VariantError(f"{path / GRAPH_DIR} holds {what} but a variant has exactly one; "
                            "re-export or fetch the variant again.")
     return found[0]
-
-
-def cache_source(graph: Path) -> dict | None:
-    """The manifest's entries for `graph` and its data file (what the optimized-graph cache
-    is keyed on), or None when the variant's manifest does not list them."""
-    folder = graph.parent.parent
-    try:
-        manifest = read_manifest(folder)
-    except VariantError:
-        return None
-    files = (manifest or {}).get("files", {})
-    rels = [p.relative_to(folder).as_posix() for p in (graph, data_path(graph))]
-    if rels[0] not in files:
-        return None
-    return {rel: files[rel] for rel in rels if rel in files}
 
 
 # Longest prefill chunk per provider (see Runtime.run): on CUDA every new input length costs
@@ -155,8 +141,8 @@ def context_length(config: Config, max_seq_len: int | None) -> int:
 
 def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Config,
                provider: str = "auto", max_seq_len: int | None = None,
-               graph_capture: bool | str = "auto", graph_cache: bool = True, name: str = "",
-               verify: bool = False, prefill_chunk: int | str | None = "auto",
+               graph_capture: bool | str = "auto", name: str = "",
+               prefill_chunk: int | str | None = "auto",
                profile: str | None = None) -> EngineParts:
     """Open explicit files of our graph contract (a variant folder's, or the CLI's
     --onnx_file style)."""
@@ -170,15 +156,26 @@ def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Conf
         graph_capture = default_graph_capture(provider, config)
     cache_len = context_length(config, max_seq_len)
     check_memory(graph, config, provider, cache_len)
-    session, notes = create_session(graph, provider, cache_len, graph_capture,
-                                    dtype=config.dtype, verify=verify, profile=profile,
-                                    source=cache_source(graph) if graph_cache else None)
+    session = create_session(graph, provider, cache_len, graph_capture, dtype=config.dtype,
+                             form=form_for(provider), profile=profile)
     check_graph_matches(session, config, graph)
     chunk = DEFAULT_PREFILL_CHUNK.get(provider) if prefill_chunk == "auto" else prefill_chunk
     runtime = Runtime(session, config, provider, cache_len, graph_capture, max_chunk=chunk or None)
     if runtime.max_chunk is not None:
         runtime.warm_up()
-    return EngineParts(runtime, tokenizer, table, config, name or graph.stem, notes)
+    return EngineParts(runtime, tokenizer, table, config, name or graph.stem,
+                       old_cache_notes(graph))
+
+
+def old_cache_notes(graph: Path) -> list[str]:
+    """Name the optimized copy of the weights that versions before this one kept in
+    ONNX/.cache (nothing reads it now; it is the user's to delete)."""
+    folder = graph.parent / CACHE_DIR
+    size = sum(p.stat().st_size for p in folder.glob("*") if p.is_file()) if folder.is_dir() else 0
+    if not size:
+        return []
+    return [f"{folder} holds {size / GiB:.1f} GiB that earlier versions cached and nothing uses "
+            "now; delete that folder to free the space."]
 
 
 def kv_cache_bytes(config: Config, cache_len: int) -> int:

@@ -60,7 +60,6 @@ class ServerOptions:
     api_key: str | None = None
     max_queue: int = 32
     graph_capture: bool | str = "auto"
-    graph_cache: bool = True
     token_delay: float = 0.0  # seconds per text piece; only for tests
 
 
@@ -339,8 +338,7 @@ def serve(options: ServerOptions) -> None:
 
     engine = Engine.from_variant(options.variant, provider=options.provider,
                                  max_seq_len=options.max_seq_len,
-                                 graph_capture=options.graph_capture,
-                                 graph_cache=options.graph_cache)
+                                 graph_capture=options.graph_capture)
     app = create_app(engine, options.api_key, options.max_queue, options.token_delay)
     host, port = sock.getsockname()[:2]
     log.info("serving %s (%s, context %d) at http://%s:%d/v1%s", engine.name,

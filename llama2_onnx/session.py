@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from google.protobuf.message import DecodeError
 
-from . import graph_cache
+from . import graph_forms
 from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 
@@ -96,50 +98,40 @@ def session_options(provider: str, cache_len: int, graph_capture: bool = False
 
 
 def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bool = False,
-                   dtype: str = "float16", source: dict | None = None, verify: bool = False,
-                   profile: str | None = None) -> tuple[ort.InferenceSession, list[str]]:
-    """Open the graph, reusing (or writing) the optimized graph cached beside it.
+                   dtype: str = "float16", form: str = graph_forms.EXPORTED,
+                   profile: str | None = None) -> ort.InferenceSession:
+    """Open the graph in the form `provider` runs (graph_forms), its weights read in place.
 
     Args:
-        source: the manifest's entries (size, sha256) of the graph and its data file; the
-            cache is keyed on them (see graph_cache). None: no cache.
-        verify: check the cache's full sha256 before using it.
-        profile: write ONNX Runtime's profile to files starting with this prefix (no cache).
-    Returns:
-        The session and notes for the user (e.g. that a read-only folder is not cached).
+        form: graph_forms.EXPORTED opens the file as it is; another form is derived from its
+            nodes in memory (the weights stay in the variant's data file).
+        profile: write ONNX Runtime's profile to files starting with this prefix.
     Raises:
         VariantError when ONNX Runtime cannot load the files.
     """
     providers = provider_list(provider, graph_capture=graph_capture, dtype=dtype)
-    key = None if source is None else {
-        "version": graph_cache.KEY_VERSION, "source": source, "onnxruntime": ort.__version__,
-        "provider": provider, "cache_len": cache_len, "graph_capture": graph_capture,
-        "dtype": dtype}
-    plan = graph_cache.plan(graph, None if profile else key, verify)
-    if plan.load_from != graph:
-        try:
-            return _open(plan.load_from, session_options(provider, cache_len, graph_capture),
-                         providers), plan.notes
-        except VariantError:  # a cache ONNX Runtime cannot read: rebuild it from the source
-            graph_cache.forget(graph, provider)
-            plan = graph_cache.plan(graph, key, verify)
     so = session_options(provider, cache_len, graph_capture)
     if profile:
         so.enable_profiling, so.profile_file_prefix = True, profile
-    if plan.write_to is not None:
-        so.optimized_model_filepath = str(plan.write_to)
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                    plan.write_to.name + ".data")
-        so.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    session = _open(graph, so, providers)
-    graph_cache.record(plan)
-    return session, plan.notes
-
-
-def _open(path: Path, so: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    if form == graph_forms.EXPORTED:
+        return _open(graph, str(graph), so, providers)
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        model = onnx.load(str(graph), load_external_data=False)
+        graph_forms.to_form(model, form)
+    except (OSError, ValueError, DecodeError) as exc:
+        raise VariantError(f"{graph} is not a graph of this exporter ({exc}); re-export the "
+                           "variant or check it with `python tools/export_and_publish.py "
+                           "verify <variant>`.") from None
+    # The derived graph names its weights by their place in the variant's data file.
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                str(graph.parent))
+    return _open(graph, model.SerializeToString(), so, providers)
+
+
+def _open(path: Path, model: str | bytes, so: ort.SessionOptions, providers: list
+          ) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, sess_options=so, providers=providers)
     except Exception as exc:  # ORT raises Fail, InvalidProtobuf, RuntimeException...
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise VariantError(f"ONNX Runtime cannot load {path} ({first}); check the files with "
@@ -165,7 +157,7 @@ class Runtime:
 
     def __init__(self, session: ort.InferenceSession, config: Config, provider: str,
                  cache_len: int, graph_capture: bool = False,
-                 max_chunk: int | None = None) -> None:
+                 max_chunk: int | None = None, by_address: bool | None = None) -> None:
         self.session, self.config, self.provider = session, config, provider
         self.cache_len = cache_len
         # Prefill runs in power-of-two chunks up to max_chunk (None: the whole input at once).
@@ -177,14 +169,17 @@ class Runtime:
         self.supports_continued_prefill = provider != "dml"
         self.dtype = NP_DTYPES[config.dtype]
         self.binding = session.io_binding()
-        self._keep: list[np.ndarray] = []  # host arrays that back CPU OrtValues
-        self.caches = self._bind_caches()
+        self._keep: list = []  # host arrays and device blocks that bound addresses point into
+        # On the CPU and CUDA the KV cache is one allocation, and so are a decode step's three
+        # inputs, their parts bound by address: one copy to the device per step instead of
+        # three, and a cache that takes exactly its size (as 64 buffers it grew ONNX Runtime's
+        # arena by 1 GiB more on a 7B). DirectML buffers have no addresses to offset, so there
+        # each part is its own OrtValue (`by_address` False; tests run that way on the CPU).
+        self.by_address = provider != "dml" if by_address is None else by_address
+        self.caches = self._bind_caches()  # the device address of each cache buffer
         self.logits = np.zeros((1, 1, config.vocab_size), np.float32)
         self.binding.bind_ortvalue_output("logits", self._value(self.logits, "cpu"))
-        self.step = {"inputs_embeds": np.zeros((1, 1, config.dim), self.dtype),
-                     "position_ids": np.zeros((1, 1), np.int64),
-                     "seqlens_k": np.zeros((1,), np.int32)}
-        self.step_values = {k: self._value(v, self.device) for k, v in self.step.items()}
+        self._step_buffers()
         self.total = np.zeros((), np.int32)
         self.total_value = self._value(self.total, "cpu")
         self.binding.bind_ortvalue_input("total_sequence_length", self.total_value)
@@ -213,19 +208,61 @@ class Runtime:
             return ort.OrtValue.ortvalue_from_numpy(array)
         return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
 
-    def _bind_caches(self) -> list[ort.OrtValue]:
+    def _bind_caches(self) -> list[int]:
         c = self.config
-        zeros = np.zeros((1, c.n_kv_heads, self.cache_len, c.head_dim), self.dtype)
-        device = self.device  # where attention runs (float32 never runs on CUDA: provider_for)
-        caches = []
-        for i in range(c.n_layers):
-            for kind in ("key", "value"):
-                host = zeros.copy() if device == "cpu" else zeros
-                value = self._value(host, device)
-                self.binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
-                self.binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
-                caches.append(value)
-        return caches
+        shape = (1, c.n_kv_heads, self.cache_len, c.head_dim)
+        names = [f"{kind}.{i}" for i in range(c.n_layers) for kind in ("key", "value")]
+        if not self.by_address:
+            zeros = np.zeros(shape, self.dtype)
+            # On the CPU an OrtValue points into its array: each buffer needs its own.
+            values = [self._value(zeros.copy() if self.device == "cpu" else zeros, self.device)
+                      for _ in names]
+            self._keep += values
+            for name, value in zip(names, values, strict=True):
+                self.binding.bind_ortvalue_input(f"past_{name}", value)
+                self.binding.bind_ortvalue_output(f"present_{name}", value)
+            return [v.data_ptr() for v in values]
+        # (2 * n_layers, 1, kv_heads, cache_len, head_dim): key.0, value.0, key.1, ...
+        block = self._value(np.zeros((len(names), *shape), self.dtype), self.device)
+        self._keep.append(block)
+        layer = int(np.prod(shape)) * np.dtype(self.dtype).itemsize
+        addresses = [block.data_ptr() + k * layer for k in range(len(names))]
+        for name, address in zip(names, addresses, strict=True):
+            for bind, kind in ((self.binding.bind_input, "past"),
+                               (self.binding.bind_output, "present")):
+                bind(f"{kind}_{name}", self.device, 0, self.dtype, shape, address)
+        return addresses
+
+    def _step_buffers(self) -> None:
+        """A decode step's inputs: views (self.step) into one host block, 256-byte aligned
+        like ONNX Runtime's own allocations, and where the device reads them."""
+        self.step_fields = {"inputs_embeds": ((1, 1, self.config.dim), self.dtype),
+                            "position_ids": ((1, 1), np.int64), "seqlens_k": ((1,), np.int32)}
+        self.step_offsets, size = {}, 0
+        for name, (shape, dtype) in self.step_fields.items():
+            self.step_offsets[name] = size
+            size += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 256) * 256
+        self.step_host = np.zeros(size, np.uint8)
+        self.step = {}
+        for name, (shape, dtype) in self.step_fields.items():
+            view = self.step_host[self.step_offsets[name]:].view(dtype)
+            self.step[name] = view[:int(np.prod(shape))].reshape(shape)
+        if self.by_address:
+            self.step_block, self.step_values = self._value(self.step_host, self.device), None
+        else:
+            self.step_block = None
+            self.step_values = {name: self._value(self.step[name], self.device)
+                                for name in self.step_fields}
+
+    def _bind_step_inputs(self) -> None:
+        if self.step_values is not None:
+            for name, value in self.step_values.items():
+                self.binding.bind_ortvalue_input(name, value)
+            return
+        base = self.step_block.data_ptr()
+        for name, (shape, dtype) in self.step_fields.items():
+            self.binding.bind_input(name, self.device, 0, dtype, shape,
+                                    base + self.step_offsets[name])
 
     def run(self, embeds: np.ndarray, start: int) -> np.ndarray:
         """Process `embeds` (seq, dim) at positions start..start+seq-1.
@@ -274,10 +311,12 @@ class Runtime:
         self.step["inputs_embeds"][0, 0] = embeds[0]
         self.step["position_ids"][0, 0] = start
         self.step["seqlens_k"][0] = start
-        if self.device != "cpu":  # on the CPU the OrtValues point into self.step already
-            for name, value in self.step_values.items():
-                value.update_inplace(self.step[name])
+        if self.device != "cpu":  # on the CPU the inputs are bound where self.step lives
+            if self.step_block is not None:
+                self.step_block.update_inplace(self.step_host)
+            else:
+                for name, value in self.step_values.items():
+                    value.update_inplace(self.step[name])
         if not self.step_bound:  # a prefill bound other inputs; decode steps reuse these
-            for name, value in self.step_values.items():
-                self.binding.bind_ortvalue_input(name, value)
+            self._bind_step_inputs()
             self.step_bound = True

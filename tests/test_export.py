@@ -17,6 +17,7 @@ from llama2_onnx.checkpoints import HFSource, MetaSource, open_source
 from llama2_onnx.config import Config
 from llama2_onnx.errors import ConfigError, UserError, VerificationError
 from llama2_onnx.export import ExportRequest, compare_with_reference, export_variant, load_reference
+from llama2_onnx.files import sha256_file
 from llama2_onnx.generation import Engine
 from llama2_onnx.reference import Transformer, greedy_tokens
 from llama2_onnx.sampling import SamplingSettings
@@ -85,10 +86,22 @@ def test_variant_folder_contents(make_variant):
     assert (config.dtype, config.n_kv_heads, config.provenance["format"]) == (
         "float16", 2, "huggingface")
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["files"][graph + ".data"]["size"] == (folder / graph).with_suffix(
-        ".onnx.data").stat().st_size
+    for rel, entry in manifest["files"].items():  # the data file's hash is taken while writing
+        assert entry == {"size": (folder / rel).stat().st_size,
+                         "sha256": sha256_file(folder / rel)}, rel
     assert "*.onnx.data filter=lfs" in (folder / ".gitattributes").read_text()
     assert not list(folder.parent.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 200), (129, 64), (64, 7), (300, 130)])
+def test_banded_transpose_equals_numpys(shape):
+    from llama2_onnx.graph import transposed
+
+    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for dtype in (np.float32, np.float16):
+        out = transposed(a, np.dtype(dtype))
+        assert out.flags.c_contiguous and out.dtype == dtype
+        np.testing.assert_array_equal(out, a.T.astype(dtype))
 
 
 def test_graph_uses_only_portable_operators(make_variant):

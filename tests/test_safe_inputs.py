@@ -53,7 +53,7 @@ def refresh_manifest(folder: Path) -> None:
 def assert_run_refused(folder: Path, *words: str) -> None:
     before = tree_digest(folder)
     run = run_example("--variant", str(folder), "--prompt", "the cat", "--temperature", "0",
-                      "--max_gen_len", "4", "--no_graph_cache")
+                      "--max_gen_len", "4")
     assert_refused(run, *words)
     assert tree_digest(folder) == before
 
@@ -246,7 +246,7 @@ def test_byte_flips_and_truncations_of_every_variant_file(variant):
                 path.write_bytes(bytes(raw))
                 args = ["--verify"]
             run = run_example("--variant", str(variant), "--prompt", "the", "--temperature",
-                              "0", "--max_gen_len", "2", "--no_graph_cache", *args)
+                              "0", "--max_gen_len", "2", *args)
             assert run.returncode == 2 and "Traceback" not in run.stderr, (path, mode, run)
             path.write_bytes(original)
 

@@ -69,7 +69,7 @@ def open_engine(args: argparse.Namespace):
     chunk = "auto" if args.prefill_chunk is None else (args.prefill_chunk or None)
     return Engine.from_variant(resolve_variant(args.variant, ROOT), provider=args.provider,
                                max_seq_len=args.max_seq_len, graph_capture=args.graph_capture,
-                               graph_cache=not args.no_graph_cache, prefill_chunk=chunk)
+                               prefill_chunk=chunk)
 
 
 def random_prompt(engine, length: int, seed: int = 0) -> list[int]:
@@ -180,7 +180,6 @@ def bench_load(args: argparse.Namespace) -> dict:
             return so
 
         session.session_options = options
-        args.no_graph_cache = True
         start = time.perf_counter()
         engine = open_engine(args)
         load_s = time.perf_counter() - start
@@ -484,8 +483,6 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                          "(default: the provider's default, on for CUDA float16)")
     capture.add_argument("--no-graph-capture", "--no_graph_capture", action="store_const",
                          const=False, dest="graph_capture", help="no graph capture")
-    parser.add_argument("--no-graph-cache", "--no_graph_cache", action="store_true",
-                        help="do not read or write the optimized-graph cache")
     parser.add_argument("--prefill-chunk", "--prefill_chunk", type=int, default=None,
                         help="longest prefill chunk (power of two); 0: whole prompts; default: "
                         "the provider's")

@@ -49,13 +49,13 @@ prepare() { ours; genai; }
 bench() {
   for p in $precisions; do
     v="$work/ours_$p"
-    $py tools/benchmark.py run --variant "$v" --provider cuda --no-graph-cache --reps 3 \
+    $py tools/benchmark.py run --variant "$v" --provider cuda --reps 3 \
       --compare-genai "$work/genai_$p" | tee "$out/run_${p}_default.json"
-    $py tools/benchmark.py run --variant "$v" --provider cuda --no-graph-cache --reps 3 \
+    $py tools/benchmark.py run --variant "$v" --provider cuda --reps 3 \
       --no-graph-capture | tee "$out/run_${p}_no_capture.json"
-    $py tools/benchmark.py ttft --variant "$v" --provider cuda --no-graph-cache \
+    $py tools/benchmark.py ttft --variant "$v" --provider cuda \
       | tee "$out/ttft_${p}_chunked.json"
-    $py tools/benchmark.py ttft --variant "$v" --provider cuda --no-graph-cache \
+    $py tools/benchmark.py ttft --variant "$v" --provider cuda \
       --prefill-chunk 0 | tee "$out/ttft_${p}_whole.json"
   done
 }

@@ -27,7 +27,7 @@ from llama2_onnx.sampling import SamplingSettings  # noqa: E402
 def profiled_engine(folder: Path, provider: str, cache_len: int, prefix: str) -> Engine:
     """The variant with ONNX Runtime's profiler on; decode steps uncaptured so each node runs."""
     return Engine.from_variant(folder, provider=provider, max_seq_len=cache_len,
-                               graph_capture=False, graph_cache=False, prefill_chunk=None,
+                               graph_capture=False, prefill_chunk=None,
                                profile=prefix)
 
 
@@ -39,7 +39,7 @@ def node_events(profile: Path) -> list[dict]:
 def check(folder: Path, provider: str, steps: int, cache_len: int = 512) -> dict:
     prefix = str(Path(tempfile.gettempdir()) / "gpu_check")
     engine = profiled_engine(folder, provider, cache_len, prefix)
-    addresses = [v.data_ptr() for v in engine.runner.caches]
+    addresses = list(engine.runner.caches)
     prompt = [engine.tokenizer.bos_id] + list(range(100, 131))
     list(engine.generate(prompt, SamplingSettings(temperature=0), steps, ignore_eos=True))
     profile = Path(engine.runner.session.end_profiling())
@@ -57,16 +57,17 @@ def check(folder: Path, provider: str, steps: int, cache_len: int = 512) -> dict
         "memcpy_bytes_total": moved, "memcpy_bytes_per_step": moved / (steps + 1),
         "kernel_us_per_step_by_op": {k: round(v / (steps + 1), 1)
                                      for k, v in op_us.most_common()},
-        "cache_devices": sorted({v.device_name() for v in engine.runner.caches}),
-        "cache_addresses_unchanged": addresses == [v.data_ptr() for v in engine.runner.caches],
+        "cache_devices": sorted({o.device_name() for o in
+                                 engine.runner.binding.get_outputs()[:-1]}),
+        "cache_addresses_unchanged": addresses == [
+            o.data_ptr() for o in engine.runner.binding.get_outputs()[:-1]],
         "present_bound_to_past": [o.data_ptr() for o in engine.runner.binding.get_outputs()[:-1]]
         == addresses,
     }
 
 
 def decode_speed(folder: Path, provider: str, cache_len: int, fill: int, steps: int) -> float:
-    engine = Engine.from_variant(folder, provider=provider, max_seq_len=cache_len,
-                                 graph_cache=False)
+    engine = Engine.from_variant(folder, provider=provider, max_seq_len=cache_len)
     prompt = [engine.tokenizer.bos_id] + [100 + i % 1000 for i in range(fill - 1)]
     list(engine.generate(prompt, SamplingSettings(temperature=0), steps, ignore_eos=True))
     return round(engine.last_stats.decode_tok_s, 1)

@@ -73,8 +73,7 @@ def main() -> None:
     results = {}
     for capture in (False, True):
         engine = Engine.from_variant(args.variant, provider=args.provider,
-                                     max_seq_len=args.max_seq_len, graph_capture=capture,
-                                     graph_cache=False)
+                                     max_seq_len=args.max_seq_len, graph_capture=capture)
         start = time.perf_counter()
         results[capture] = play(engine, steps, args.max_new_tokens, args.max_seq_len)
         results[capture] += (round(time.perf_counter() - start, 1),)

@@ -57,7 +57,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
     return ServerOptions(variant=resolve_variant(args.variant, ROOT), provider=args.provider,
                          host=args.host, port=args.port, max_seq_len=args.max_seq_len,
                          api_key=key, max_queue=args.max_queue,
-                         graph_capture=args.graph_capture, graph_cache=not args.no_graph_cache,
+                         graph_capture=args.graph_capture,
                          token_delay=args.token_delay)
 
 

@@ -1,0 +1,93 @@
+"""The form each provider runs (graph_forms): same numbers as the exported graph, nothing
+written beside the variant, and the old optimized-graph cache named, never deleted."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from test_safe_export import tree_digest
+
+from llama2_onnx import graph_forms
+from llama2_onnx.errors import VariantError
+from llama2_onnx.generation import Engine
+from llama2_onnx.session import Runtime, create_session
+
+
+def graph_of(folder):
+    return next((folder / "ONNX").glob("*.onnx"))
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16", "int4"])
+def test_packed_form_drops_three_nodes_per_layer_and_keeps_the_weights(make_variant, precision):
+    exported = onnx.load(str(graph_of(make_variant("hf", precision, True))),
+                         load_external_data=False)
+    packed = onnx.ModelProto()
+    packed.CopyFrom(exported)
+    layers = ops(exported).count("GroupQueryAttention")
+    assert graph_forms.to_form(packed, graph_forms.PACKED) == layers
+    assert len(packed.graph.node) == len(exported.graph.node) - 3 * layers
+    assert "RotaryEmbedding" not in ops(packed)
+    for node in packed.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            assert node.input[1:3] == ["", ""] and node.input[7:] == ["cos_cache", "sin_cache"]
+    # Every weight still points into the variant's data file, at the same place.
+    kept = {t.name: list(t.external_data) for t in packed.graph.initializer}
+    assert all(kept[t.name] == list(t.external_data) for t in exported.graph.initializer
+               if t.name in kept)
+    assert graph_forms.to_form(exported, graph_forms.EXPORTED) == 0  # DirectML: untouched
+    assert graph_forms.form_for("dml") == graph_forms.EXPORTED
+    assert graph_forms.form_for("cuda") == graph_forms.form_for("cpu") == graph_forms.PACKED
+
+
+@pytest.mark.parametrize("precision,atol", [("float32", 1e-5), ("float16", 2e-2),
+                                            ("int4", 2e-2)])
+def test_packed_form_gives_the_exported_graphs_logits(make_variant, precision, atol):
+    """Prompt, a continued prefill of 5 tokens (chunks) and decode steps, both forms."""
+    folder = make_variant("hf", precision, True)
+    packed = Engine.from_variant(folder, provider="cpu")
+    session = create_session(graph_of(folder), "cpu", packed.context_len, dtype=precision,
+                             form=graph_forms.EXPORTED)
+    exported = Engine(Runtime(session, packed.config, "cpu", packed.context_len),
+                      packed.tokenizer, packed.embeddings, packed.config, "exported")
+    rng = np.random.default_rng(3)
+    ids = [int(i) for i in rng.integers(3, packed.config.vocab_size, 16)]
+    logits = [[], []]
+    for k, engine in enumerate((packed, exported)):
+        logits[k].append(engine.prefill(ids[:9]).copy())
+        logits[k].append(engine.prefill(ids[:14]).copy())  # continues at position 9
+        for token in ids[14:]:
+            logits[k].append(engine.decode_step(token).copy())
+    for a, b in zip(*logits, strict=True):
+        np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+
+
+def test_a_graph_without_the_pattern_is_refused_in_one_sentence(variant):
+    graph = graph_of(variant)
+    model = onnx.load(str(graph), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "RotaryEmbedding":
+            node.op_type = "Identity"  # no longer the exported pattern
+            del node.input[1:]
+            node.domain = ""
+            del node.attribute[:]
+    onnx.save(model, str(graph))
+    with pytest.raises(VariantError, match="is not a graph of this exporter.*re-export"):
+        create_session(graph, "cpu", 32, dtype="float32", form=graph_forms.PACKED)
+
+
+def test_loading_writes_nothing_and_names_an_old_cache_without_deleting_it(variant):
+    before = tree_digest(variant)
+    Engine.from_variant(variant, provider="cpu", max_seq_len=32)
+    assert tree_digest(variant) == before
+    old = variant / "ONNX" / ".cache"
+    old.mkdir()
+    (old / "LlamaV2.cpu.onnx.data").write_bytes(b"\1" * (3 << 20))
+    engine = Engine.from_variant(variant, provider="cpu", max_seq_len=32)
+    assert len(engine.notes) == 1 and str(old) in engine.notes[0]
+    assert "delete that folder" in engine.notes[0]
+    assert (old / "LlamaV2.cpu.onnx.data").read_bytes() == b"\1" * (3 << 20)
