@@ -31,6 +31,7 @@ PACKAGES = {"dml": "onnxruntime-directml (Windows only)",
             "cuda": "onnxruntime-gpu (uninstall the plain onnxruntime package first)",
             "cpu": "onnxruntime"}
 PROVIDER_CHOICES = ("auto", "dml", "cuda", "cpu")
+OPSET_ZEROS = 17
 
 
 def resolve_provider(name: str) -> str:
@@ -138,6 +139,43 @@ def _open(path: Path, model: str | bytes, so: ort.SessionOptions, providers: lis
                            "`python tools/export_and_publish.py verify <variant>`.") from None
 
 
+def device_zeros(session: ort.InferenceSession, count: int, dtype: type,
+                 device: str = "cuda") -> tuple:
+    """`count` zeros of `dtype` in one allocation on `session`'s CUDA device (or the CPU, for
+    tests), written there.
+
+    A tiny session of its own (ConstantOfShape) allocates them from an arena that grows by what
+    is asked; ONNX Runtime's Python-side allocator rounds up to powers of two (a 7B float16's
+    2 GiB cache took 4 GiB on an H100) and would copy the zeros from the host.
+
+    Returns:
+        (OrtValue, the session whose arena holds it): keep both for as long as it is used.
+    """
+    from onnx import TensorProto, helper
+
+    kind = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    fill = helper.make_node("ConstantOfShape", ["shape"], ["zeros"],
+                            value=helper.make_tensor("value", kind, [1], [0]))
+    graph = helper.make_graph(
+        [fill], "zeros", [helper.make_tensor_value_info("shape", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("zeros", kind, ["count"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET_ZEROS)])
+    model.ir_version = 8
+    options = dict(session.get_provider_options().get(PROVIDERS[device], {}))
+    options.pop("enable_cuda_graph", None)
+    if device == "cuda":
+        options["arena_extend_strategy"] = "kSameAsRequested"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    maker = ort.InferenceSession(model.SerializeToString(), so,
+                                 providers=[(PROVIDERS[device], options)])
+    binding = maker.io_binding()
+    binding.bind_cpu_input("shape", np.array([count], np.int64))
+    binding.bind_output("zeros", device, int(options.get("device_id", 0)))
+    maker.run_with_iobinding(binding)
+    return binding.get_outputs()[0], maker
+
+
 @dataclass
 class EngineParts:
     """What an Engine is built from: the runner that holds the KV cache (Runtime, or the
@@ -223,7 +261,12 @@ class Runtime:
                 self.binding.bind_ortvalue_output(f"present_{name}", value)
             return [v.data_ptr() for v in values]
         # (2 * n_layers, 1, kv_heads, cache_len, head_dim): key.0, value.0, key.1, ...
-        block = self._value(np.zeros((len(names), *shape), self.dtype), self.device)
+        count = len(names) * int(np.prod(shape))
+        if self.device == "cuda":
+            block, maker = device_zeros(self.session, count, self.dtype)
+            self._keep.append(maker)
+        else:
+            block = self._value(np.zeros(count, self.dtype), self.device)
         self._keep.append(block)
         layer = int(np.prod(shape)) * np.dtype(self.dtype).itemsize
         addresses = [block.data_ptr() + k * layer for k in range(len(names))]

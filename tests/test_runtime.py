@@ -54,6 +54,17 @@ def test_cache_is_bound_in_place_and_never_reallocated(make_variant):
     assert layer > 0 and before == [before[0] + k * layer for k in range(len(before))]
 
 
+def test_device_zeros_are_one_zero_filled_allocation(make_variant):
+    """The CUDA cache block's allocator, run here on the CPU provider."""
+    from llama2_onnx.session import device_zeros
+
+    engine = Engine.from_variant(make_variant("hf", "float16", True), provider="cpu")
+    value, maker = device_zeros(engine.runner.session, 3 * 1000 + 1, np.float16, device="cpu")
+    array = value.numpy()
+    assert array.shape == (3001,) and array.dtype == np.float16 and not array.any()
+    assert maker is not None and value.data_ptr() != 0
+
+
 def test_buffers_bound_by_address_or_as_values_give_the_same_tokens(make_variant):
     """CPU and CUDA bind parts of one block by address; DirectML binds one OrtValue each."""
     from llama2_onnx.session import Runtime
