@@ -27,6 +27,8 @@ One decoder layer (N = 0 .. n_layers-1); the residual stream `r` travels beside 
 q, k and v come from one MatMul over the concatenated weights (one read of x, one kernel
 launch instead of three) and are split apart again, because DirectML's GroupQueryAttention
 takes them unpacked; the gate and up projections share one MatMul the same way.
+CUDA and the CPU run a packed form of this graph, derived from its nodes when the session
+opens (graph_forms.py): GroupQueryAttention takes qkv whole and applies rotary itself.
 
 Operator support, from ONNX Runtime's OperatorKernels.md (checked for CPU, CUDA and DirectML):
 - GroupQueryAttention: CPU float/float16, CUDA float16 only (float32 variants fall back to CPU
