@@ -18,24 +18,38 @@ Only nodes change: the weights stay in the variant's data file, untouched, and t
 tables the RotaryEmbedding nodes used are the ones GroupQueryAttention reads. The position of
 each new token is what GroupQueryAttention derives from `seqlens_k` (past + seq - 1 minus the
 offset within the chunk), the same number the exported graph reads from `position_ids`.
+
+int4 variants on the CPU also compute in float32 (PACKED_FLOAT32): ONNX Runtime's CPU kernels
+for GroupQueryAttention, the layer norms and MatMulNBits' activations are float32 kernels that
+convert float16 on the way in and out. The 4-bit codes stay in the data file; only the small
+float16 tensors (block scales, norm weights, rotary tables) are read and widened into the
+in-memory graph, and the KV cache becomes float32 (twice the host memory of a float16 one).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
-EXPORTED, PACKED = "exported", "packed"
-
-
-def form_for(provider: str) -> str:
-    """Which form `provider` runs: DirectML the exported one, the others the packed one."""
-    return EXPORTED if provider == "dml" else PACKED
+EXPORTED, PACKED, PACKED_FLOAT32 = "exported", "packed", "packed_float32"
 
 
-def to_form(model: onnx.ModelProto, form: str) -> int:
+def form_for(provider: str, dtype: str = "float16") -> str:
+    """Which form `provider` runs a `dtype` variant in: DirectML the exported one, the CPU
+    int4 variants in float32, the rest the packed one."""
+    if provider == "dml":
+        return EXPORTED
+    return PACKED_FLOAT32 if provider == "cpu" and dtype == "int4" else PACKED
+
+
+def to_form(model: onnx.ModelProto, form: str, folder: Path | None = None) -> int:
     """Rewrite `model` (loaded without its external data) in place into `form`.
 
+    Args:
+        folder: where the graph's external data file is (PACKED_FLOAT32 reads from it).
     Returns:
         How many attention layers changed (0 for the exported form).
     Raises:
@@ -46,7 +60,26 @@ def to_form(model: onnx.ModelProto, form: str) -> int:
     changed = pack_attention(model.graph)
     if not changed:
         raise ValueError("no GroupQueryAttention fed by Split and RotaryEmbedding nodes")
+    if form == PACKED_FLOAT32:
+        widen_to_float32(model.graph, Path(folder or "."))
     return changed
+
+
+def widen_to_float32(graph: onnx.GraphProto, folder: Path) -> None:
+    """Make every float16 input, output and initializer of `graph` float32; float16
+    initializers are read from the external data file and stored in the graph itself."""
+    for value in (*graph.input, *graph.output):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    for tensor in graph.initializer:
+        if tensor.data_type != TensorProto.FLOAT16:
+            continue
+        wide = numpy_helper.to_array(tensor, base_dir=str(folder)).astype(np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(wide, tensor.name))
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i == TensorProto.FLOAT16:
+                attr.i = TensorProto.FLOAT
 
 
 def pack_attention(graph: onnx.GraphProto) -> int:

@@ -11,7 +11,7 @@ from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
 from .files import check_not_lfs_pointer
-from .graph_forms import form_for
+from .graph_forms import EXPORTED, PACKED_FLOAT32, form_for
 from .layout import (
     ABSENT,
     CACHE_DIR,
@@ -104,7 +104,7 @@ def load_embeddings(path: Path, config: Config) -> np.ndarray:
     infos = safetensors_io.read_header(path)
     if "weight" not in infos:
         raise VariantError(f"{path} has no 'weight' tensor; re-export the variant.")
-    table = safetensors_io.read_tensor(infos["weight"])
+    table = safetensors_io.map_tensor(infos["weight"])
     if table.shape != (config.vocab_size, config.dim):
         raise VariantError(f"{path} has shape {table.shape} but the model needs "
                            f"({config.vocab_size}, {config.dim}); re-export the variant.")
@@ -157,8 +157,8 @@ def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Conf
     cache_len = context_length(config, max_seq_len)
     check_memory(graph, config, provider, cache_len)
     session = create_session(graph, provider, cache_len, graph_capture, dtype=config.dtype,
-                             form=form_for(provider), profile=profile)
-    check_graph_matches(session, config, graph)
+                             form=form_for(provider, config.dtype), profile=profile)
+    check_graph_matches(session, config, graph, form_for(provider, config.dtype))
     chunk = DEFAULT_PREFILL_CHUNK.get(provider) if prefill_chunk == "auto" else prefill_chunk
     runtime = Runtime(session, config, provider, cache_len, graph_capture, max_chunk=chunk or None)
     if runtime.max_chunk is not None:
@@ -178,8 +178,10 @@ def old_cache_notes(graph: Path) -> list[str]:
             "now; delete that folder to free the space."]
 
 
-def kv_cache_bytes(config: Config, cache_len: int) -> int:
-    itemsize = np.dtype(NP_DTYPES[config.dtype]).itemsize
+def kv_cache_bytes(config: Config, cache_len: int, provider: str = "cuda") -> int:
+    """The KV cache's size; int4 variants keep a float32 one on the CPU (graph_forms)."""
+    wide = form_for(provider, config.dtype) == PACKED_FLOAT32
+    itemsize = 4 if wide else np.dtype(NP_DTYPES[config.dtype]).itemsize
     return 2 * config.n_layers * config.n_kv_heads * cache_len * config.head_dim * itemsize
 
 
@@ -191,7 +193,7 @@ def check_memory(graph: Path, config: Config, provider: str, cache_len: int) -> 
     """
     data = data_path(graph)
     weights = data.stat().st_size if data.exists() else graph.stat().st_size
-    kv = kv_cache_bytes(config, cache_len)
+    kv = kv_cache_bytes(config, cache_len, provider)
     fix = "pass a smaller --max_seq_len" if kv > weights else "use a smaller variant"
     one_layer = kv // (2 * config.n_layers)  # the zeroed host buffer each cache starts from
     kv_on_host = provider == "cpu"
@@ -204,7 +206,7 @@ def check_memory(graph: Path, config: Config, provider: str, cache_len: int) -> 
                 free_cuda_memory(), "GPU memory", fix)
 
 
-def check_graph_matches(session, config: Config, graph: Path) -> None:
+def check_graph_matches(session, config: Config, graph: Path, form: str = EXPORTED) -> None:
     """Refuse a config.json that does not describe `graph` (layers, heads, sizes, dtype).
 
     Raises:
@@ -215,7 +217,7 @@ def check_graph_matches(session, config: Config, graph: Path) -> None:
     layers = sum(1 for name in inputs if name.startswith("past_key."))
     dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}.get(
         getattr(inputs.get("inputs_embeds"), "type", ""), "?")
-    activation = np.dtype(NP_DTYPES[config.dtype]).name
+    activation = "float32" if form == PACKED_FLOAT32 else np.dtype(NP_DTYPES[config.dtype]).name
     cache = getattr(inputs.get("past_key.0"), "shape", [None] * 4)
     found = {"n_layers": layers, "activation dtype": dtype,
              "dim": getattr(inputs.get("inputs_embeds"), "shape", [None])[-1],

@@ -106,6 +106,15 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     return arr
 
 
+def map_tensor(info: TensorInfo) -> np.ndarray:
+    """A read-only memory map of one float16/float32 tensor: pages are read when used, so
+    opening a 7B's embedding table costs nothing and rows never looked up stay on disk."""
+    if info.dtype not in ("F16", "F32"):
+        return read_tensor(info)
+    return np.memmap(info.path, dtype=_DTYPES[info.dtype], mode="r", offset=info.start,
+                     shape=info.shape)
+
+
 def write_streaming(
     path: Path,
     specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]],

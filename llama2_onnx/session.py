@@ -9,6 +9,7 @@ so rewinding the cache (a new chat turn that shares a prefix) costs nothing.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,23 @@ def provider_list(provider: str, device_id: int = 0, graph_capture: bool = False
     return [PROVIDERS["cpu"]]
 
 
+def cpu_spinning(load: float | None = None, cores: int | None = None) -> bool:
+    """Whether ONNX Runtime's CPU worker threads spin between operators (its default) rather
+    than sleep. Spinning wins on a machine with cores to spare (110M int4, 2 cores, quiet:
+    403 tokens/s spinning, 314 sleeping) and loses badly on one busy with other work (90-103
+    against 213-224), so it is on only when the 1-minute load average leaves a core free;
+    LLAMA2_ONNX_CPU_SPIN=1 or 0 decides instead."""
+    forced = os.environ.get("LLAMA2_ONNX_CPU_SPIN")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average (Windows): ONNX Runtime's default
+            return True
+    return load <= (cores or os.cpu_count() or 1) - 1
+
+
 def session_options(provider: str, cache_len: int, graph_capture: bool = False
                     ) -> ort.SessionOptions:
     """Session options per provider.
@@ -85,10 +103,7 @@ def session_options(provider: str, cache_len: int, graph_capture: bool = False
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_free_dimension_override_by_name("batch", 1)
     so.add_free_dimension_override_by_name("cache_len", cache_len)
-    if provider == "cpu":
-        # Idle worker threads sleep instead of spinning between runs: with anything else busy
-        # on the machine, spinning halved decode speed (110M int4 on 2 shared cores: 90-103
-        # tokens/s spinning, 213-224 not; README "int4 variants").
+    if provider == "cpu" and not cpu_spinning():
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if provider == "dml":
         so.enable_mem_pattern = False
@@ -118,7 +133,7 @@ def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bo
         return _open(graph, str(graph), so, providers)
     try:
         model = onnx.load(str(graph), load_external_data=False)
-        graph_forms.to_form(model, form)
+        graph_forms.to_form(model, form, graph.parent)
     except (OSError, ValueError, DecodeError) as exc:
         raise VariantError(f"{graph} is not a graph of this exporter ({exc}); re-export the "
                            "variant or check it with `python tools/export_and_publish.py "
@@ -205,7 +220,10 @@ class Runtime:
         # DirectML's GroupQueryAttention ignores the past when seq > 1 (ONNX Runtime's
         # DmlOperatorGroupQueryAttention), so continued prefill goes one token at a time there.
         self.supports_continued_prefill = provider != "dml"
-        self.dtype = NP_DTYPES[config.dtype]
+        # The session's activation type: the variant's, or float32 for a widened form.
+        self.dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(
+            next(i.type for i in session.get_inputs() if i.name == "inputs_embeds"),
+            NP_DTYPES[config.dtype])
         self.binding = session.io_binding()
         self._keep: list = []  # host arrays and device blocks that bound addresses point into
         # On the CPU and CUDA the KV cache is one allocation, and so are a decode step's three

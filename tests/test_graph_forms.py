@@ -42,28 +42,50 @@ def test_packed_form_drops_three_nodes_per_layer_and_keeps_the_weights(make_vari
     assert graph_forms.to_form(exported, graph_forms.EXPORTED) == 0  # DirectML: untouched
     assert graph_forms.form_for("dml") == graph_forms.EXPORTED
     assert graph_forms.form_for("cuda") == graph_forms.form_for("cpu") == graph_forms.PACKED
+    assert graph_forms.form_for("cuda", "int4") == graph_forms.PACKED
+    assert graph_forms.form_for("cpu", "int4") == graph_forms.PACKED_FLOAT32
+
+
+def engine_in_form(base: Engine, folder, form: str) -> Engine:
+    session = create_session(graph_of(folder), "cpu", base.context_len, dtype=base.config.dtype,
+                             form=form)
+    return Engine(Runtime(session, base.config, "cpu", base.context_len), base.tokenizer,
+                  base.embeddings, base.config, form)
+
+
+def form_logits(engine: Engine, ids: list[int]) -> list[np.ndarray]:
+    """Prompt, a continued prefill of 5 tokens (chunks) and decode steps."""
+    out = [engine.prefill(ids[:9]).copy(), engine.prefill(ids[:14]).copy()]  # continues at 9
+    out += [engine.decode_step(token).copy() for token in ids[14:]]
+    return out
 
 
 @pytest.mark.parametrize("precision,atol", [("float32", 1e-5), ("float16", 2e-2),
                                             ("int4", 2e-2)])
 def test_packed_form_gives_the_exported_graphs_logits(make_variant, precision, atol):
-    """Prompt, a continued prefill of 5 tokens (chunks) and decode steps, both forms."""
     folder = make_variant("hf", precision, True)
-    packed = Engine.from_variant(folder, provider="cpu")
-    session = create_session(graph_of(folder), "cpu", packed.context_len, dtype=precision,
-                             form=graph_forms.EXPORTED)
-    exported = Engine(Runtime(session, packed.config, "cpu", packed.context_len),
-                      packed.tokenizer, packed.embeddings, packed.config, "exported")
-    rng = np.random.default_rng(3)
-    ids = [int(i) for i in rng.integers(3, packed.config.vocab_size, 16)]
-    logits = [[], []]
-    for k, engine in enumerate((packed, exported)):
-        logits[k].append(engine.prefill(ids[:9]).copy())
-        logits[k].append(engine.prefill(ids[:14]).copy())  # continues at position 9
-        for token in ids[14:]:
-            logits[k].append(engine.decode_step(token).copy())
-    for a, b in zip(*logits, strict=True):
+    base = Engine.from_variant(folder, provider="cpu")
+    ids = [int(i) for i in np.random.default_rng(3).integers(3, base.config.vocab_size, 16)]
+    packed, exported = (form_logits(engine_in_form(base, folder, form), ids)
+                        for form in (graph_forms.PACKED, graph_forms.EXPORTED))
+    for a, b in zip(packed, exported, strict=True):
         np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+
+
+def test_int4_on_the_cpu_runs_in_float32_and_stays_within_float16s_error(make_variant):
+    """The widened form differs from the float16 one by float16 rounding only: per step the
+    RMS of the logit difference is under 2 % of the logits' spread and the top token agrees."""
+    folder = make_variant("hf", "int4", True)
+    engine = Engine.from_variant(folder, provider="cpu")
+    assert engine.runner.dtype == np.float32  # graph_forms.form_for("cpu", "int4")
+    types = {i.name: i.type for i in engine.runner.session.get_inputs()}
+    assert types["inputs_embeds"] == types["past_key.0"] == "tensor(float)"
+    ids = [int(i) for i in np.random.default_rng(4).integers(3, engine.config.vocab_size, 16)]
+    wide = form_logits(engine, ids)
+    half = form_logits(engine_in_form(engine, folder, graph_forms.EXPORTED), ids)
+    for a, b in zip(wide, half, strict=True):
+        assert np.sqrt(np.mean((a - b) ** 2)) < 0.02 * np.std(b)
+        assert a.argmax() == b.argmax()
 
 
 def test_a_graph_without_the_pattern_is_refused_in_one_sentence(variant):

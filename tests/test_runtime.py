@@ -139,6 +139,22 @@ def test_providers_that_are_not_installed_name_their_package():
     assert resolve_provider("auto") == (gpus[0] if gpus else "cpu")
 
 
+def test_cpu_threads_spin_only_with_a_core_to_spare(monkeypatch):
+    from llama2_onnx.session import cpu_spinning, session_options
+
+    monkeypatch.delenv("LLAMA2_ONNX_CPU_SPIN", raising=False)
+    assert cpu_spinning(load=0.3, cores=2) and cpu_spinning(load=1.0, cores=2)
+    assert not cpu_spinning(load=1.6, cores=2) and not cpu_spinning(load=0.5, cores=1)
+    monkeypatch.setenv("LLAMA2_ONNX_CPU_SPIN", "0")
+    assert not cpu_spinning(load=0.0, cores=16)
+    assert session_options("cpu", 64).get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0"
+    monkeypatch.setenv("LLAMA2_ONNX_CPU_SPIN", "1")
+    assert cpu_spinning(load=50.0, cores=2)
+    with pytest.raises(Exception, match="allow_spinning"):  # not set: ONNX Runtime's default
+        session_options("cpu", 64).get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_session_options_follow_directml_rules():
     from llama2_onnx.session import provider_list, session_options
 

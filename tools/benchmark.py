@@ -196,6 +196,42 @@ def bench_load(args: argparse.Namespace) -> dict:
     return {"variant": args.variant, "provider": args.provider, "levels": rows}
 
 
+def bench_startup(args: argparse.Namespace) -> dict:
+    """A user's first run, as a whole script in a fresh process: import, load the variant,
+    then one prefill per length in --lengths (each new to the process). With --compare-genai,
+    onnxruntime-genai does the same on its model; the two alternate for --reps rounds."""
+    from llama2_onnx.variants import resolve_variant
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    prompt = "[1] + [100 + i % 1000 for i in range(n - 1)]"
+    scripts = {"ours": (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        "from llama2_onnx.generation import Engine\n"
+        f"e = Engine.from_variant({str(resolve_variant(args.variant, ROOT))!r}, "
+        f"provider={args.provider!r})\n"
+        f"for n in {lengths!r}:\n    e.reset(); e.prefill({prompt})\n")}
+    if args.compare_genai:
+        scripts["genai"] = (
+            "import onnxruntime_genai as og\n"
+            f"m = og.Model({str(args.compare_genai)!r})\n"
+            f"for n in {lengths!r}:\n"
+            "    p = og.GeneratorParams(m); p.set_search_options(max_length=n + 1)\n"
+            f"    og.Generator(m, p).append_tokens({prompt})\n")
+    seconds: dict[str, list[float]] = {name: [] for name in scripts}
+    for _ in range(args.reps):
+        for name, code in scripts.items():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+            seconds[name].append(round(time.perf_counter() - start, 2))
+    result = {"variant": args.variant, "provider": args.provider, "lengths": lengths,
+              "seconds": seconds,
+              "median_s": {k: round(statistics.median(v), 2) for k, v in seconds.items()}}
+    if args.compare_genai:
+        result["ratio_vs_genai"] = round(result["median_s"]["ours"] / result["median_s"]["genai"],
+                                         2)
+    return result
+
+
 def bench_ttft(args: argparse.Namespace) -> dict:
     """First-token time for each prompt length the first time it is seen, then again."""
     start = time.perf_counter()
@@ -448,6 +484,15 @@ def parse_args() -> argparse.Namespace:
     add_engine_options(load)
     load.add_argument("--levels", default="disable,basic,extended,all",
                       help="comma-separated ONNX Runtime optimization levels to try")
+    startup = sub.add_parser("startup", help="a fresh process: import, load, a prefill per "
+                             "length; optionally onnxruntime-genai's too")
+    startup.add_argument("--variant", default=None, help="variant name or folder")
+    startup.add_argument("--provider", default="auto", help="auto, cpu, cuda or dml")
+    startup.add_argument("--lengths", default="100,200,300,400,500,600,700,800,900,1000,1100",
+                         help="prompt lengths pre-filled after loading (default: 11 lengths)")
+    startup.add_argument("--reps", type=int, default=2, help="alternating rounds (default 2)")
+    startup.add_argument("--compare-genai", type=Path, metavar="DIR",
+                         help="onnxruntime-genai model folder of the same weights")
     compare = sub.add_parser("compare", help="decode tok/s of variants side by side")
     compare.add_argument("--variants", default="", help="comma-separated names or folders")
     compare.add_argument("--vocab-size", type=int, default=32000, help="for the random prompt")
@@ -491,7 +536,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     args = parse_args()
     commands = {"export": bench_export, "run": bench_run, "ttft": bench_ttft,
-                "load": bench_load, "compare": bench_compare, "serve": bench_serve}
+                "load": bench_load, "startup": bench_startup, "compare": bench_compare,
+                "serve": bench_serve}
     result = commands[args.command](args)
     print(json.dumps(result, indent=2))
 
