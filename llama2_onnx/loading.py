@@ -104,7 +104,8 @@ def load_embeddings(path: Path, config: Config) -> np.ndarray:
     infos = safetensors_io.read_header(path)
     if "weight" not in infos:
         raise VariantError(f"{path} has no 'weight' tensor; re-export the variant.")
-    table = safetensors_io.map_tensor(infos["weight"])
+    # A plain array over the map: slicing a np.memmap costs more per decode step.
+    table = np.asarray(safetensors_io.map_tensor(infos["weight"]))
     if table.shape != (config.vocab_size, config.dim):
         raise VariantError(f"{path} has shape {table.shape} but the model needs "
                            f"({config.vocab_size}, {config.dim}); re-export the variant.")

@@ -61,31 +61,35 @@ class StreamDecoder:
     tokens before it and only the new, complete text is returned.
     """
 
+    WINDOW = 16  # tokens decoded together at most (plus the one before them)
+
     def __init__(self, tokenizer: Tokenizer, context: list[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = list(context or [])[-1:]
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-
-    def _decoded(self) -> tuple[str, str]:
-        """Text of the tokens since prefix_offset: the part already returned, and all of it."""
-        decode = self.tokenizer.decode
-        return (decode(self.ids[self.prefix_offset:self.read_offset]),
-                decode(self.ids[self.prefix_offset:]))
+        self.prefix = tokenizer.decode(self.ids)  # text of ids[prefix_offset:read_offset]
 
     def push(self, token: int) -> str:
+        """The new complete text `token` adds ("" while a character is incomplete). One decode
+        per token: the text already returned is kept, not decoded again."""
         self.ids.append(token)
-        prefix, text = self._decoded()
-        if len(text) > len(prefix) and not text.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix):]
-        return ""
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(text) <= len(self.prefix) or text.endswith("\ufffd"):
+            return ""
+        new = text[len(self.prefix):]
+        self.read_offset, self.prefix = len(self.ids), text
+        if self.read_offset - self.prefix_offset > self.WINDOW:  # keep the decodes short
+            self.prefix_offset = self.read_offset - 1
+            self.prefix = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        return new
 
     def flush(self) -> str:
         """Text still held back (an incomplete character at the end), as decoded now."""
-        prefix, text = self._decoded()
+        new = self.tokenizer.decode(self.ids[self.prefix_offset:])[len(self.prefix):]
         self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix):]
+        self.prefix = ""
+        return new
 
 
 def check_vocab(tokenizer: Tokenizer, config: Config, tokenizer_path: Path) -> None:
