@@ -154,6 +154,19 @@ def _open(path: Path, model: str | bytes, so: ort.SessionOptions, providers: lis
                            "`python tools/export_and_publish.py verify <variant>`.") from None
 
 
+def cache_allocator(nbytes: int) -> str:
+    """Who allocates a CUDA KV cache block of `nbytes`: "arena" or "session" (device_zeros).
+
+    ONNX Runtime's Python-side CUDA allocator is an arena that grows in powers of two and
+    doubles its next growth. A power-of-two block (a 7B's 4,096-token cache is 2 GiB) costs
+    exactly its size there if nothing is allocated from the arena after it, which is why the
+    step inputs are allocated first; any other size is rounded up to the next power of two
+    (a 1.46 GiB cache took 2 GiB on an H100). device_zeros takes exactly what is asked but
+    its small session holds ~150 MiB more (H100), so it makes the other sizes.
+    """
+    return "arena" if nbytes & (nbytes - 1) == 0 else "session"
+
+
 def device_zeros(session: ort.InferenceSession, count: int, dtype: type,
                  device: str = "cuda") -> tuple:
     """`count` zeros of `dtype` in one allocation on `session`'s CUDA device (or the CPU, for
@@ -232,10 +245,10 @@ class Runtime:
         # arena by 1 GiB more on a 7B). DirectML buffers have no addresses to offset, so there
         # each part is its own OrtValue (`by_address` False; tests run that way on the CPU).
         self.by_address = provider != "dml" if by_address is None else by_address
+        self._step_buffers()  # before the cache: see _cache_block
         self.caches = self._bind_caches()  # the device address of each cache buffer
         self.logits = np.zeros((1, 1, config.vocab_size), np.float32)
         self.binding.bind_ortvalue_output("logits", self._value(self.logits, "cpu"))
-        self._step_buffers()
         self.total = np.zeros((), np.int32)
         self.total_value = self._value(self.total, "cpu")
         self.binding.bind_ortvalue_input("total_sequence_length", self.total_value)
@@ -279,13 +292,7 @@ class Runtime:
                 self.binding.bind_ortvalue_output(f"present_{name}", value)
             return [v.data_ptr() for v in values]
         # (2 * n_layers, 1, kv_heads, cache_len, head_dim): key.0, value.0, key.1, ...
-        count = len(names) * int(np.prod(shape))
-        if self.device == "cuda":
-            block, maker = device_zeros(self.session, count, self.dtype)
-            self._keep.append(maker)
-        else:
-            block = self._value(np.zeros(count, self.dtype), self.device)
-        self._keep.append(block)
+        block = self._cache_block(len(names) * int(np.prod(shape)))
         layer = int(np.prod(shape)) * np.dtype(self.dtype).itemsize
         addresses = [block.data_ptr() + k * layer for k in range(len(names))]
         for name, address in zip(names, addresses, strict=True):
@@ -293,6 +300,17 @@ class Runtime:
                                (self.binding.bind_output, "present")):
                 bind(f"{kind}_{name}", self.device, 0, self.dtype, shape, address)
         return addresses
+
+    def _cache_block(self, count: int) -> ort.OrtValue:
+        """`count` zeros where attention runs, in one allocation (see cache_allocator)."""
+        nbytes = count * np.dtype(self.dtype).itemsize
+        if self.device == "cuda" and cache_allocator(nbytes) == "session":
+            block, maker = device_zeros(self.session, count, self.dtype)
+            self._keep.append(maker)
+        else:
+            block = self._value(np.zeros(count, self.dtype), self.device)
+        self._keep.append(block)
+        return block
 
     def _step_buffers(self) -> None:
         """A decode step's inputs: views (self.step) into one host block, 256-byte aligned

@@ -54,6 +54,13 @@ def test_cache_is_bound_in_place_and_never_reallocated(make_variant):
     assert layer > 0 and before == [before[0] + k * layer for k in range(len(before))]
 
 
+def test_power_of_two_caches_come_from_the_arena_others_from_a_session():
+    from llama2_onnx.session import cache_allocator
+
+    assert cache_allocator(2 << 30) == cache_allocator(1 << 20) == "arena"
+    assert cache_allocator(3 << 29) == cache_allocator((2 << 30) + 256) == "session"
+
+
 def test_device_zeros_are_one_zero_filled_allocation(make_variant):
     """The CUDA cache block's allocator, run here on the CPU provider."""
     from llama2_onnx.session import device_zeros
