@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path, PurePosixPath
 
 from .errors import VariantError
@@ -124,7 +125,7 @@ def _manifest_shape_problem(manifest: object) -> str:
 
 def variant_file_problems(folder: Path, listed: dict) -> list[str]:
     """What a complete manifest must list: every required file, the one graph and its data,
-    and every file in ONNX/ (the optimized-graph cache aside)."""
+    and every file in ONNX/ (an old optimized-graph cache aside)."""
     found = graphs(folder)
     if len(found) > 1:
         names = ", ".join(g.name for g in found)
@@ -181,7 +182,7 @@ def published_files(folder: Path) -> tuple[list[str], list[str]]:
         folder: a variant folder with a manifest.
     Returns:
         (manifest.json and every file it lists; every other file in the folder, its `.git`
-        and optimized-graph caches aside), both sorted posix paths relative to `folder`.
+        and old optimized-graph caches aside), both sorted posix paths relative to `folder`.
     Raises:
         VariantError when the manifest is missing or malformed.
     """
@@ -208,6 +209,13 @@ def left_out_warning(left_out: list[str]) -> str:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file so that readers see the old or the new content, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    # A name no other file has (a user's own "<name>.tmp" is never overwritten); on any
+    # failure the temporary file is removed and `path` is untouched.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -72,6 +72,25 @@ MANIFEST_DEFECTS = {
 }
 
 
+def test_atomic_writes_keep_the_users_files_and_leave_no_temporary(tmp_path, monkeypatch):
+    from llama2_onnx import files
+
+    target, mine = tmp_path / "manifest.json", tmp_path / "manifest.json.tmp"
+    target.write_text("old")
+    mine.write_text("the user's")
+    files.write_text_atomic(target, "new")
+    assert target.read_text() == "new" and mine.read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "manifest.json.tmp"]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(files.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_text_atomic(target, "newer")
+    assert target.read_text() == "new"  # untouched, and no half-written temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "manifest.json.tmp"]
+
+
 @pytest.mark.parametrize("defect", MANIFEST_DEFECTS)
 def test_incomplete_or_malformed_manifest_is_refused(variant, defect):
     change, words = MANIFEST_DEFECTS[defect]
