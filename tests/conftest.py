@@ -92,13 +92,11 @@ def make_variant(tmp_path_factory, make_checkpoint, tokenizer_path):
 
 @pytest.fixture
 def variant(make_variant, tmp_path) -> Path:
-    """A private copy of a float32 GQA tiny variant, without any optimized-graph cache, for
-    tests that change its files."""
+    """A private copy of a float32 GQA tiny variant, for tests that change its files."""
     import shutil
 
     folder = tmp_path / "v"
-    shutil.copytree(make_variant("hf", "float32", True), folder,
-                    ignore=shutil.ignore_patterns(".cache"))
+    shutil.copytree(make_variant("hf", "float32", True), folder)
     return folder
 
 

@@ -161,7 +161,7 @@ def bench_genai(args: argparse.Namespace, prompt: list[int]) -> dict:
 
 
 def bench_load(args: argparse.Namespace) -> dict:
-    """Load time (no graph cache) and decode speed at each ONNX Runtime optimization level:
+    """Load time and decode speed at each ONNX Runtime optimization level:
     what the first start costs, and what the optimizations buy once the model is loaded."""
     import onnxruntime as ort
 
