@@ -361,3 +361,32 @@ def test_gpu_check_tool_runs_a_profiled_engine_on_any_provider(make_variant, tmp
     assert report["node_runs_by_provider"] and report["memcpy_bytes_total"] == 0
     assert report["cache_addresses_unchanged"] and report["present_bound_to_past"]
     assert "MatMul" in report["kernel_us_per_step_by_op"]
+
+
+def test_gpu_profile_groups_kernels_per_step_and_refuses_without_a_gpu(make_variant):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_profile import group_of, summarize
+
+    names = {"nvjet_sm90_hsh_64x8_64x16_4x1_v_bz_NNT": "matrix products",
+             "void onnxruntime::contrib::cuda::MatMulFloat4BitsKernelM1<__half, 32, false>":
+             "matrix products",
+             "onnxruntime::contrib::cuda::H128::grp1_fp16::kernel_mha(unsigned int)": "attention",
+             "void onnxruntime::contrib::cuda::UnpackRoPEAppend<__half>": "attention",
+             "void onnxruntime::contrib::cuda::SkipLayerNormKernelSmall<__half, 512u>": "norms",
+             "Memcpy DtoH (Device -> Pageable)": "copies",
+             "void onnxruntime::cuda::_SplitSmallInnerKernel<int4>": "element-wise"}
+    assert {name: group_of(name) for name in names} == names
+    gemv, mha = list(names)[0], list(names)[2]
+    report = summarize([(gemv, 40.0), (mha, 10.0)] * 4 + [(gemv, 40.0)] * 4, steps=4,
+                       wall_s=4 * 130e-6, weight_bytes=8_000_000)
+    assert report["kernel_us_per_step"] == 90.0 and report["wall_us_per_step"] == 130.0
+    assert report["kernels_per_step"] == 3.0
+    assert report["us_per_step_by_group"] == {"matrix products": 80.0, "attention": 10.0}
+    assert report["matrix_products_tb_per_s"] == 0.1  # 8 MB in 80 us
+    assert report["top_kernels"][0] == {"name": gemv, "per_step": 2.0, "us_per_step": 80.0}
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_profile.py"), "--variant",
+                           str(make_variant("hf", "float32", True))],
+                          capture_output=True, text=True, timeout=120)
+    if "cuda" not in INSTALLED:
+        assert done.returncode == 2 and "GPU machine" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
