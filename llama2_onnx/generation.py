@@ -54,13 +54,17 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def prefill_spans(start: int, end: int, max_chunk: int | None) -> list[tuple[int, int]]:
+def prefill_spans(start: int, end: int, max_chunk: int | None,
+                  pad_limit: int | None = None) -> list[tuple[int, int]]:
     """Positions [a, b) to run so the cache holds positions start..end-1, each run a power of
     two long (at most `max_chunk`), so every shape was seen at load (Runtime.warm_up).
 
-    A short rest does not become more runs: it is run as one power-of-two span that ends at
-    `end` and reaches back over positions already in the cache, which are computed again from
-    the same tokens at the same positions (1500 -> [0, 1024), [988, 1500)). None: one run.
+    A short rest does not become more runs. When the runner pads (Runtime.padded_length) and
+    the padded run still ends within `pad_limit` (the cache), the rest is one run that the
+    runner pads up to a power of two (100 -> [0, 100), run as 128). Otherwise it is one
+    power-of-two span that ends at `end` and reaches back over positions already in the cache,
+    which are computed again from the same tokens at the same positions
+    (1500 -> [0, 1024), [988, 1500)). None: one run.
     """
     if max_chunk is None:
         return [(start, end)]
@@ -72,7 +76,10 @@ def prefill_spans(start: int, end: int, max_chunk: int | None) -> list[tuple[int
             pos += max_chunk
             continue
         size = 1 << (rest - 1).bit_length()  # the power of two at or above the rest
-        if end - size < 0:
+        if pad_limit is not None and pos + size <= pad_limit:
+            spans.append((pos, end))  # padded to `size` by the runner
+            pos = end
+        elif end - size < 0:
             size >>= 1  # cannot reach back before position 0: a smaller run first
             spans.append((pos, pos + size))
             pos += size
@@ -146,7 +153,9 @@ class Engine:
         self.tokens = self.tokens[:keep]
         if keep == 0 or self.runner.supports_continued_prefill:
             tokens = list(tokens)
-            for a, b in prefill_spans(keep, len(tokens), getattr(self.runner, "max_chunk", None)):
+            pad_limit = self.context_len if getattr(self.runner, "pads", False) else None
+            for a, b in prefill_spans(keep, len(tokens), getattr(self.runner, "max_chunk", None),
+                                      pad_limit):
                 logits = self.runner.run(self.embeddings[tokens[a:b]], a)
             self.tokens += new
         else:

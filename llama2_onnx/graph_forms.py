@@ -19,6 +19,10 @@ tables the RotaryEmbedding nodes used are the ones GroupQueryAttention reads. Th
 each new token is what GroupQueryAttention derives from `seqlens_k` (past + seq - 1 minus the
 offset within the chunk), the same number the exported graph reads from `position_ids`.
 
+The packed forms also take the logits at a position the caller names (input `logits_at`)
+rather than always the last, so a prefill padded to a length seen at load gives the logits of
+its last real token.
+
 int4 variants on the CPU also compute in float32 (PACKED_FLOAT32): ONNX Runtime's CPU kernels
 for GroupQueryAttention, the layer norms and MatMulNBits' activations are float32 kernels that
 convert float16 on the way in and out. The 4-bit codes stay in the data file; only the small
@@ -60,9 +64,29 @@ def to_form(model: onnx.ModelProto, form: str, folder: Path | None = None) -> in
     changed = pack_attention(model.graph)
     if not changed:
         raise ValueError("no GroupQueryAttention fed by Split and RotaryEmbedding nodes")
+    take_logits_at(model.graph)
     if form == PACKED_FLOAT32:
         widen_to_float32(model.graph, Path(folder or "."))
     return changed
+
+
+LOGITS_AT = "logits_at"
+
+
+def take_logits_at(graph: onnx.GraphProto) -> bool:
+    """Compute logits at the position a new input `logits_at` (int64, shape (1,)) names
+    instead of the last one, so a prefill run can be padded to a length seen at load and still
+    give the logits of its last real token (session.Runtime pads)."""
+    for node in graph.node:
+        if node.op_type == "Slice" and node.output[0] == "/last":
+            gather = helper.make_node("Gather", [node.input[0], LOGITS_AT], ["/last"],
+                                      "/last", axis=1)
+            node.CopyFrom(gather)
+            graph.input.append(helper.make_tensor_value_info(LOGITS_AT, TensorProto.INT64,
+                                                             [1]))
+            _drop_unused_initializers(graph)
+            return True
+    return False
 
 
 def widen_to_float32(graph: onnx.GraphProto, folder: Path) -> None:

@@ -237,6 +237,9 @@ class Runtime:
         self.dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(
             next(i.type for i in session.get_inputs() if i.name == "inputs_embeds"),
             NP_DTYPES[config.dtype])
+        # A packed graph form takes the position its logits come from (graph_forms.LOGITS_AT),
+        # so a prefill run shorter than a length seen at load is padded up to one.
+        self.pads = graph_forms.LOGITS_AT in {i.name for i in session.get_inputs()}
         self.binding = session.io_binding()
         self._keep: list = []  # host arrays and device blocks that bound addresses point into
         # On the CPU and CUDA the KV cache is one allocation, and so are a decode step's three
@@ -317,6 +320,8 @@ class Runtime:
         like ONNX Runtime's own allocations, and where the device reads them."""
         self.step_fields = {"inputs_embeds": ((1, 1, self.config.dim), self.dtype),
                             "position_ids": ((1, 1), np.int64), "seqlens_k": ((1,), np.int32)}
+        if self.pads:  # a decode step's logits are at its only position, 0
+            self.step_fields[graph_forms.LOGITS_AT] = ((1,), np.int64)
         self.step_offsets, size = {}, 0
         for name, (shape, dtype) in self.step_fields.items():
             self.step_offsets[name] = size
@@ -346,13 +351,29 @@ class Runtime:
     def run(self, embeds: np.ndarray, start: int) -> np.ndarray:
         """Process `embeds` (seq, dim) at positions start..start+seq-1.
 
+        With chunked prefill, a run whose length is not one of prefill_lengths() is padded
+        with zero rows up to the next one (padded_length); the padding's keys and values land
+        past the real end of the cache, where the next run overwrites them and nothing reads
+        them before (seqlens_k tells attention where the real tokens end).
+
         Returns:
             float32 logits (vocab,) for the last position (a view, valid until the next call).
         """
         seq = embeds.shape[0]
         assert 0 < seq and start + seq <= self.cache_len, (start, seq, self.cache_len)
-        self._run_once(embeds, start)
+        padded = self.padded_length(seq)
+        assert start + padded <= self.cache_len, (start, padded, self.cache_len)
+        if padded != seq:
+            embeds = np.concatenate([embeds, np.zeros((padded - seq, embeds.shape[1]),
+                                                      embeds.dtype)])
+        self._run_once(embeds, start, real=seq)
         return self.logits[0, 0]
+
+    def padded_length(self, seq: int) -> int:
+        """How long a run of `seq` new tokens reaches ONNX Runtime (`seq` unless padded)."""
+        if not self.pads or self.max_chunk is None or seq > self.max_chunk:
+            return seq
+        return 1 << (seq - 1).bit_length()
 
     def prefill_lengths(self) -> list[int]:
         """Every input length a prefill reaches ONNX Runtime with (empty: any length); the
@@ -369,7 +390,8 @@ class Runtime:
         for size in self.prefill_lengths():
             self._run_once(zeros[:size], 0)
 
-    def _run_once(self, embeds: np.ndarray, start: int) -> None:
+    def _run_once(self, embeds: np.ndarray, start: int, real: int | None = None) -> None:
+        """One run over `embeds`, of which the first `real` rows (default: all) are tokens."""
         seq = embeds.shape[0]
         # A captured decode graph replays host-side values as they were at capture, so with
         # graph capture decode steps say "up to the whole cache" and seqlens_k (on the device)
@@ -384,6 +406,8 @@ class Runtime:
             b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], self.dtype))
             b.bind_cpu_input("position_ids", np.arange(start, start + seq, dtype=np.int64)[None])
             b.bind_cpu_input("seqlens_k", np.array([start + seq - 1], np.int32))
+            if self.pads:
+                b.bind_cpu_input(graph_forms.LOGITS_AT, np.array([(real or seq) - 1], np.int64))
         self._run()
 
     def _bind_step(self, embeds: np.ndarray, start: int) -> None:

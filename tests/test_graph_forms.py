@@ -39,7 +39,13 @@ def test_packed_form_drops_three_nodes_per_layer_and_keeps_the_weights(make_vari
     kept = {t.name: list(t.external_data) for t in packed.graph.initializer}
     assert all(kept[t.name] == list(t.external_data) for t in exported.graph.initializer
                if t.name in kept)
+    # The logits come from the position `logits_at` names (padded prefill runs), not the last.
+    assert [i.name for i in packed.graph.input if i.name == graph_forms.LOGITS_AT] == [
+        graph_forms.LOGITS_AT]
+    last = next(n for n in packed.graph.node if n.output[0] == "/last")
+    assert (last.op_type, list(last.input)[1:]) == ("Gather", [graph_forms.LOGITS_AT])
     assert graph_forms.to_form(exported, graph_forms.EXPORTED) == 0  # DirectML: untouched
+    assert graph_forms.LOGITS_AT not in {i.name for i in exported.graph.input}
     assert graph_forms.form_for("dml") == graph_forms.EXPORTED
     assert graph_forms.form_for("cuda") == graph_forms.form_for("cpu") == graph_forms.PACKED
     assert graph_forms.form_for("cuda", "int4") == graph_forms.PACKED

@@ -317,6 +317,12 @@ def test_prefill_spans_cover_the_prompt_in_power_of_two_runs():
     assert prefill_spans(0, 128, 1024) == [(0, 128)]
     assert prefill_spans(500, 530, 1024) == [(498, 530)]
     assert prefill_spans(3, 80, None) == [(3, 80)]
+    # A runner that pads runs a short rest as it is, when the padded run fits the cache.
+    assert prefill_spans(0, 100, 1024, pad_limit=4096) == [(0, 100)]
+    assert prefill_spans(0, 1500, 1024, pad_limit=4096) == [(0, 1024), (1024, 1500)]
+    assert prefill_spans(500, 530, 1024, pad_limit=4096) == [(500, 530)]
+    assert prefill_spans(0, 100, 1024, pad_limit=120) == [(0, 64), (36, 100)]  # 128 > 120
+    assert prefill_spans(90, 100, 1024, pad_limit=100) == [(84, 100)]
     for start in range(0, 40, 7):
         for end in range(start + 1, 300, 3):
             spans = prefill_spans(start, end, 32)
@@ -336,8 +342,23 @@ def test_chunked_prefill_equals_whole_prefill(make_variant, gqa):
     chunked = Engine.from_variant(folder, provider="cpu", prefill_chunk=16)
     assert chunked.runner.prefill_lengths() == [1, 2, 4, 8, 16]
     prompt = whole.tokenizer.encode("the cat sat on the mat and the dog ran far away home " * 3)
-    assert len(prompt) % 16 and len(prompt) > 40
+    prompt = prompt[:85]  # 5 chunks of 16, then 5 tokens: padded to 8
+    assert len(prompt) == 85
+    lengths = []
+    real_run = chunked.runner._run_once
+    chunked.runner._run_once = lambda e, s, real=None: (
+        lengths.append((e.shape[0], real or e.shape[0])), real_run(e, s, real))[1]
     np.testing.assert_allclose(chunked.prefill(prompt), whole.prefill(prompt), atol=1e-4)
+    # Every run reaching ONNX Runtime has a length seen at load; the last one is padded.
+    assert {n for n, _ in lengths} <= set(chunked.runner.prefill_lengths())
+    assert lengths[-1] == (8, 5)
+    assert sum(real for _, real in lengths) == len(prompt)
+    short = prompt[:11]  # a first prompt shorter than a chunk: one padded run
+    lengths.clear()
+    chunked.reset()
+    np.testing.assert_allclose(chunked.prefill(short), whole.prefill(short), atol=1e-4)
+    assert lengths == [(16, 11)]
+    chunked.reset()
     greedy = SamplingSettings(temperature=0)
     texts = []
     for engine in (whole, chunked):
