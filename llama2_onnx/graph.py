@@ -10,6 +10,10 @@ Graph contract (version in config.CONTRACT_VERSION):
   outputs  logits                 (batch, 1, vocab)  last position only     float32
            present_key.N, present_value.N  same buffers as past_* when bound to the same OrtValue
 
+The forms CUDA and the CPU run (graph_forms.py, derived when a session opens) also take
+`logits_at` (1,) int64: the position within the run whose logits come out (a padded prefill's
+last real token; 0 for a decode step).
+
 One decoder layer (N = 0 .. n_layers-1); the residual stream `r` travels beside the normed one:
 
       r ──► SkipSimplifiedLayerNorm ──► x ──► MatMul qkv ──► Split ─ q ──► RotaryEmbedding ──┐
