@@ -363,9 +363,10 @@ class Runtime:
         assert 0 < seq and start + seq <= self.cache_len, (start, seq, self.cache_len)
         padded = self.padded_length(seq)
         assert start + padded <= self.cache_len, (start, padded, self.cache_len)
-        if padded != seq:
-            embeds = np.concatenate([embeds, np.zeros((padded - seq, embeds.shape[1]),
-                                                      embeds.dtype)])
+        if padded != seq:  # one copy, already in the session's type (_run_once copies no more)
+            rows = np.zeros((padded, embeds.shape[1]), self.dtype)
+            rows[:seq] = embeds
+            embeds = rows
         self._run_once(embeds, start, real=seq)
         return self.logits[0, 0]
 
