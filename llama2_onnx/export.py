@@ -88,6 +88,11 @@ def export_variant(req: ExportRequest) -> Path:
     source, tokenizer_path, config = _open_inputs(req)
     _check_disk(final.parent, config)
     staging = staging_path(final)
+    if not req.skip_verify:
+        # PyTorch (the verification's reference) is imported before signals become interrupts:
+        # an interrupt raised while its native code runs Python aborts the process (pybind11
+        # cannot pass the exception through) instead of cleaning up.
+        import torch  # noqa: F401
     with signals_as_interrupts():
         begin_staging(staging)  # outside the try: a folder it refuses is not ours to remove
         try:
