@@ -21,7 +21,7 @@ from llama2_onnx import require_core_packages  # noqa: E402
 require_core_packages()
 
 from llama2_onnx.chat_ui import AppOptions, build_app, check_port, launch  # noqa: E402
-from llama2_onnx.cli import add_engine_args, run_main, spell_both  # noqa: E402
+from llama2_onnx.cli import add_engine_args, run_main, run_options_from_args, spell_both  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,8 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def serve(args: argparse.Namespace) -> None:
     check_port(args.port)  # before the model and Gradio load
-    options = AppOptions(root=args.root, variant=args.variant, provider=args.provider,
-                         max_seq_len=args.max_seq_len, graph_capture=args.graph_capture,
+    options = AppOptions(root=args.root, variant=args.variant, run=run_options_from_args(args),
                          token_delay=args.token_delay)
     app = build_app(options)
     print(f"Chat on http://{args.host}:{args.port} (Ctrl-C stops it; --share adds a public "

@@ -19,7 +19,7 @@ from llama2_onnx import require_core_packages  # noqa: E402
 
 require_core_packages()
 
-from llama2_onnx.chat_format import complete_tokens, dialog_tokens  # noqa: E402
+from llama2_onnx.chat_format import PromptBuilder  # noqa: E402
 from llama2_onnx.cli import (  # noqa: E402
     add_engine_args,
     add_sampling_args,
@@ -69,9 +69,6 @@ def complete(args: argparse.Namespace) -> None:
     print(f"[{engine.name} on {engine.runner.provider}]", file=sys.stderr)
     for note in engine.notes:
         print(f"note: {note}", file=sys.stderr)
-    if args.system and not engine.config.chat:
-        print("note: --system is ignored: this is a base variant, which continues the text.",
-              file=sys.stderr)
     if not engine.config.chat:
         print(args.prompt, end="", flush=True)
     for piece in engine.generate(prompt, settings, max_new_tokens=args.max_gen_len):
@@ -85,11 +82,11 @@ def complete(args: argparse.Namespace) -> None:
 
 
 def prompt_tokens(engine, args: argparse.Namespace) -> list[int]:
-    """Chat variants get Llama-2-chat's format; base variants continue the text."""
-    if not engine.config.chat:
-        return complete_tokens(engine.tokenizer, args.prompt)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    return dialog_tokens(engine.tokenizer, system + [{"role": "user", "content": args.prompt}])
+    """Chat variants get Llama-2-chat's format; base variants continue the text (after the
+    system prompt, if one is given, as plain text): the chat app and the server build the
+    same tokens for the same input."""
+    builder = PromptBuilder(engine.tokenizer, chat=engine.config.chat)
+    return builder.prompt(args.system or "", [], args.prompt)
 
 
 def check_flags(args: argparse.Namespace) -> None:

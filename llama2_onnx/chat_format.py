@@ -1,27 +1,32 @@
-"""Llama-2-chat prompt tokens as Meta's chat_completion builds them; user text stays plain."""
+"""Prompt tokens: the one builder the CLI, the chat app and the server use (PromptBuilder).
+
+Chat variants get Llama-2-chat exactly as Meta's `chat_completion` builds it; base variants
+continue a plain-text document."""
 
 # A dialog is an optional system message, then alternating user/assistant messages ending
 # with a user message. The system message is merged into the first user message inside
 # <<SYS>> tags; each finished exchange is `<s>[INST] user [/INST] answer </s>` and the last
 # user message is `<s>[INST] user [/INST]`, every content stripped of surrounding whitespace.
-# Meta's reference refuses messages that contain the tags; that is not needed here: the
-# tokenizer encodes text a user types (`<s>`, `[INST]`, `<<SYS>>`) as plain text pieces,
-# never as control tokens, so BOS and EOS ids come only from this formatting.
+# The tokenizer encodes text a user types (`<s>`, `</s>`) as plain text pieces, never as
+# control tokens, so BOS and EOS ids come only from this formatting. The tags themselves are
+# text, so a message holding `[/INST]` or `<<SYS>>` would write the delimiters the model
+# reads: a user could end their turn early or forge a system prompt token for token. Meta's
+# reference refuses such dialogs for chat variants, and so does this builder.
+#
+# Base variants: the conversation is one document. BOS, then the system prompt as plain text
+# (if any), then each message's text as it was written; the tags are ordinary text there.
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
+from typing import Literal, Protocol, TypedDict
 
 from .errors import GenerationError
 
-if TYPE_CHECKING:
-    from .generation import Engine
-    from .tokenizer import Tokenizer
-
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+CHAT_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 
 Role = Literal["system", "user", "assistant"]
 
@@ -36,60 +41,10 @@ class Message(TypedDict):
 class TextTokenizer(Protocol):
     """What formatting needs from `llama2_onnx.tokenizer.Tokenizer`."""
 
+    bos_id: int
+    eos_id: int
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
-
-
-def complete_tokens(tokenizer: TextTokenizer, text: str) -> list[int]:
-    """Prompt tokens for a base (non-chat) variant: BOS then the plain text.
-
-    Args:
-        tokenizer: the variant's tokenizer.
-        text: the text to continue.
-
-    Returns:
-        Token ids starting with BOS.
-
-    Raises:
-        GenerationError: if `text` is empty.
-    """
-    if not text:
-        raise GenerationError("the prompt is empty; pass some text to complete.")
-    return tokenizer.encode(text, bos=True, eos=False)
-
-
-def dialog_tokens(tokenizer: TextTokenizer, dialog: list[Message]) -> list[int]:
-    """Prompt tokens for a chat variant, as Meta's `chat_completion` builds them.
-
-    Args:
-        tokenizer: the variant's tokenizer.
-        dialog: optional system message, then user/assistant turns ending with a user turn.
-
-    Returns:
-        Token ids ending with `[/INST]`, ready for the model to write the answer.
-
-    Raises:
-        GenerationError: if the roles are not in that order or a content is not a string.
-    """
-    return [token for segment in dialog_segments(tokenizer, dialog) for token in segment]
-
-
-def dialog_segments(tokenizer: TextTokenizer, dialog: list[Message]) -> list[list[int]]:
-    """`dialog_tokens` split into one list per exchange, then one for the last user message.
-
-    Each finished exchange is `<s>...</s>`. A turn that keeps its KV cache from the previous
-    turn only needs to pre-fill the segments that are new.
-
-    Args:
-        tokenizer: the variant's tokenizer.
-        dialog: as for `dialog_tokens`.
-
-    Returns:
-        Token id lists whose concatenation is `dialog_tokens(tokenizer, dialog)`.
-
-    Raises:
-        GenerationError: as for `dialog_tokens`.
-    """
-    return [_segment(tokenizer, user, answer) for user, answer in _pairs(_merge_system(dialog))]
 
 
 def _segment(tokenizer: TextTokenizer, user: str, answer: str | None) -> list[int]:
@@ -100,23 +55,21 @@ def _segment(tokenizer: TextTokenizer, user: str, answer: str | None) -> list[in
     return tokenizer.encode(text, bos=True, eos=True)
 
 
-def _pairs(contents: list[str]) -> list[tuple[str, str | None]]:
-    """(user, assistant) contents per exchange, then (last user, None)."""
-    return [*zip(contents[:-1:2], contents[1::2], strict=True), (contents[-1], None)]
-
-
-def _merge_system(dialog: list[Message]) -> list[str]:
-    """Check the roles and return the contents (user, assistant, ..., user), with the system
-    message folded into the first user message the way Meta's reference does it."""
-    _check_roles(dialog)
-    contents = [message["content"] for message in dialog]
-    if dialog[0]["role"] == "system":
-        contents = [_with_system(contents[0], contents[1]), *contents[2:]]
-    return contents
-
-
 def _with_system(system: str, user: str) -> str:
     return B_SYS + system + E_SYS + user
+
+
+def check_no_tags(text: str, what: str = "a message") -> None:
+    """Refuse text holding a Llama-2-chat tag (see the comment at the top).
+
+    Raises:
+        GenerationError naming the tag.
+    """
+    found = next((tag for tag in CHAT_TAGS if tag in text), None)
+    if found:
+        raise GenerationError(f"{what} contains {found!r}, which this chat variant reads as "
+                              "a delimiter of its prompt format; remove the tag "
+                              f"({', '.join(CHAT_TAGS)} are not allowed).")
 
 
 def _check_roles(dialog: list[Message]) -> None:
@@ -137,10 +90,6 @@ def _check_roles(dialog: list[Message]) -> None:
                               "with a user message for the model to answer.")
 
 
-# How a chat variant and a base variant turn a conversation into tokens (chat_session keeps the
-# conversation and its cache; the reasons are in its comment at the top).
-
-
 @dataclass
 class Exchange:
     """One user message and its answer; `answer_ids` are the answer's tokens in the prompt."""
@@ -150,79 +99,93 @@ class Exchange:
     answer_ids: list[int] = field(default_factory=list)
 
 
-class PromptFormat(Protocol):
-    """How a variant turns a conversation into tokens (see chat_session's comment at the top)."""
+class PromptBuilder:
+    """How a variant turns a conversation into tokens: Llama-2-chat for chat variants, one
+    plain-text document for base variants (see the comment at the top). The CLI, the chat app
+    and the server all build prompts here, so the same conversation gives the same tokens.
 
-    def head(self, system: str) -> list[int]: ...
+    The prompt of a turn is `head + exchange_1 + ... + exchange_n + the new user segment`;
+    every exchange is `user segment + answer ids` (chat_session keeps them between turns).
+    """
 
-    def user_ids(self, user: str, system: str, first: bool) -> list[int]: ...
+    def __init__(self, tokenizer: TextTokenizer, chat: bool) -> None:
+        self.tokenizer, self.chat = tokenizer, chat
 
-    def answer_ids(self, user: str, answer: str, generated: Sequence[int] | None = None
-                   ) -> list[int]: ...
+    def prompt(self, system: str, exchanges: Sequence[Exchange], user: str) -> list[int]:
+        """The prompt for `user` after `exchanges`, with the system prompt `system` ("": none).
 
+        Raises:
+            GenerationError: (chat variants) for text holding a chat tag.
+        """
+        ids = self._head(system)
+        for index, exchange in enumerate(exchanges):
+            ids += self._user_ids(exchange.user, system, first=index == 0) + exchange.answer_ids
+        return ids + self._user_ids(user, system, first=not exchanges)
 
-class LlamaChatFormat:
-    """Llama-2-chat exactly as Meta's reference formats dialogs."""
+    def from_messages(self, dialog: list[Message]) -> list[int]:
+        """The prompt for a whole dialog (optional system message, then user/assistant turns
+        ending with a user turn), answers tokenized from their text.
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-
-    def head(self, system: str) -> list[int]:
-        return []
-
-    def user_ids(self, user: str, system: str, first: bool) -> list[int]:
-        """`<s>[INST] user [/INST]`, with the system prompt merged in when `first`."""
-        before = [Message(role="system", content=system)] if system and first else []
-        return dialog_segments(self.tokenizer, before + [Message(role="user", content=user)])[0]
+        Raises:
+            GenerationError: as for `prompt`, and for roles out of that order.
+        """
+        _check_roles(dialog)
+        start = 1 if dialog[0]["role"] == "system" else 0
+        system = dialog[0]["content"] if start else ""
+        turns = [m["content"] for m in dialog[start:]]
+        exchanges = [Exchange(user, answer, self.answer_ids(user, answer))
+                     for user, answer in zip(turns[:-1:2], turns[1::2], strict=True)]
+        return self.prompt(system, exchanges, turns[-1])
 
     def answer_ids(self, user: str, answer: str, generated: Sequence[int] | None = None
                    ) -> list[int]:
-        """Meta's tokens after the user segment (`answer </s>`) if they start with `generated`
-        (default: the answer re-encoded), else `generated` + EOS."""
-        if generated is None:
-            generated = self.tokenizer.encode(answer.strip(), bos=False)
-        generated = list(generated)
-        prompt = self.user_ids(user, "", first=False)
-        exchange = dialog_segments(self.tokenizer, [
-            Message(role="user", content=user), Message(role="assistant", content=answer),
-            Message(role="user", content="")])[0]
+        """The answer's tokens in later prompts.
+
+        Chat variants: Meta's tokens after the user segment (`answer </s>`); when the answer
+        was `generated` by the model and Meta's tokens do not start with those ids, the
+        generated ids + EOS (what the cache holds). Base variants: the generated ids, or the
+        answer's text encoded.
+        """
+        if not self.chat:
+            return self.tokenizer.encode(answer, bos=False) if generated is None \
+                else list(generated)
+        check_no_tags(answer, "an assistant message")
+        prompt, exchange = _segment(self.tokenizer, user, None), _segment(self.tokenizer, user,
+                                                                          answer)
         tail = exchange[len(prompt):]
-        if exchange[:len(prompt)] == prompt and tail[:len(generated)] == generated:
+        if exchange[:len(prompt)] == prompt and (
+                generated is None or tail[:len(generated)] == list(generated)):
             return tail
-        return generated + [self.tokenizer.eos_id]
+        if generated is None:  # Meta's exchange does not split after the user segment
+            generated = self.tokenizer.encode(answer.strip(), bos=False)
+        return list(generated) + [self.tokenizer.eos_id]
 
-
-class PlainTextFormat:
-    """Base variants: the conversation is one document the model continues."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-
-    def head(self, system: str) -> list[int]:
+    def _head(self, system: str) -> list[int]:
+        if self.chat:
+            return []
         text = self.tokenizer.encode(system, bos=False) if system.strip() else []
         return [self.tokenizer.bos_id] + text
 
-    def user_ids(self, user: str, system: str, first: bool) -> list[int]:
-        return self.tokenizer.encode(user, bos=False)
+    def _user_ids(self, user: str, system: str, first: bool) -> list[int]:
+        """Chat: `<s>[INST] user [/INST]`, the system prompt merged in when `first`."""
+        if not self.chat:
+            return self.tokenizer.encode(user, bos=False)
+        check_no_tags(user, "a user message")
+        if system and first:
+            check_no_tags(system, "the system prompt")
+            user = _with_system(system, user)
+        return _segment(self.tokenizer, user, None)
 
-    def answer_ids(self, user: str, answer: str, generated: Sequence[int] | None = None
-                   ) -> list[int]:
-        if generated is None:
-            return self.tokenizer.encode(answer, bos=False)
-        return list(generated)
+    def completion(self, text: str) -> list[int]:
+        """Prompt tokens that continue `text` as it is (any variant): BOS then the text.
 
+        Raises:
+            GenerationError: if `text` is empty.
+        """
+        if not text:
+            raise GenerationError("the prompt is empty; pass some text to complete.")
+        return self.tokenizer.encode(text, bos=True, eos=False)
 
-def prompt_format(engine: Engine) -> PromptFormat:
-    """The format for this engine's variant: Llama-2-chat or plain text."""
-    if engine.config.chat:
-        return LlamaChatFormat(engine.tokenizer)
-    return PlainTextFormat(engine.tokenizer)
-
-
-def prompt_ids(fmt: PromptFormat, system: str, exchanges: Sequence[Exchange], user: str
-               ) -> list[int]:
-    """The prompt for `user` after `exchanges` (see chat_session's comment at the top)."""
-    ids = fmt.head(system)
-    for index, exchange in enumerate(exchanges):
-        ids += fmt.user_ids(exchange.user, system, first=index == 0) + exchange.answer_ids
-    return ids + fmt.user_ids(user, system, first=not exchanges)
+    def user_ids(self, user: str) -> list[int]:
+        """A later turn's new user segment (no system prompt): what a turn adds to the cache."""
+        return self._user_ids(user, "", first=False)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .chat_format import Exchange, Message, PromptFormat, prompt_format, prompt_ids
+from .chat_format import Exchange, Message, PromptBuilder
 from .errors import GenerationError, UserError
 from .sampling import SamplingSettings
 from .tokenizer import check_text
@@ -90,7 +90,7 @@ def history_budget(settings: ChatSettings, context_len: int) -> int:
     return min(settings.max_history_tokens, context_len - room)
 
 
-def fit_history(fmt: PromptFormat, conv: Conversation, user: str, settings: ChatSettings,
+def fit_history(fmt: PromptBuilder, conv: Conversation, user: str, settings: ChatSettings,
                 context_len: int) -> list[int]:
     """Drop the oldest exchanges (move `conv.start`) until the prompt for `user` fits.
 
@@ -102,7 +102,7 @@ def fit_history(fmt: PromptFormat, conv: Conversation, user: str, settings: Chat
     """
     budget = history_budget(settings, context_len)
     while True:
-        prompt = prompt_ids(fmt, settings.system, conv.exchanges[conv.start:], user)
+        prompt = fmt.prompt(settings.system, conv.exchanges[conv.start:], user)
         if len(prompt) <= budget:
             return prompt
         if conv.start >= len(conv.exchanges):
@@ -118,7 +118,7 @@ class LoadedEngine:
     """An engine, its prompt format and the lock that serialises its use."""
 
     engine: Engine
-    fmt: PromptFormat
+    fmt: PromptBuilder
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -138,7 +138,8 @@ class EnginePool:
         with self._lock:  # held while loading, so two tabs never load the same variant twice
             if variant not in self._loaded:
                 engine = self._load(variant)
-                self._loaded[variant] = LoadedEngine(engine, prompt_format(engine))
+                builder = PromptBuilder(engine.tokenizer, engine.config.chat)
+                self._loaded[variant] = LoadedEngine(engine, builder)
             return self._loaded[variant]
 
 
@@ -191,7 +192,7 @@ def _answer_locked(slot: LoadedEngine, conv: Conversation, settings: ChatSetting
         slot.lock.release()
 
 
-def _retokenize(conv: Conversation, fmt: PromptFormat) -> None:
+def _retokenize(conv: Conversation, fmt: PromptBuilder) -> None:
     """After a variant switch, rebuild the stored answer ids with the new tokenizer."""
     if conv.ids_for != conv.variant:
         for exchange in conv.exchanges:

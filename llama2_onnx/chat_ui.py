@@ -27,6 +27,7 @@ from .chat_session import (
     respond,
 )
 from .errors import UserError
+from .placement import RunOptions
 from .sampling import SamplingSettings
 from .tokenizer import check_text
 from .variants import VariantState, describe, list_variants, pull_command, resolve_variant
@@ -46,13 +47,11 @@ BUSY = "still answering the previous message; press Stop first."
 
 @dataclass(frozen=True)
 class AppOptions:
-    """What the app serves: variants of `root`, `variant` first, on `provider`."""
+    """What the app serves: variants of `root`, `variant` first, placed as `run` asks."""
 
     root: Path
     variant: str | None = None
-    provider: str = "auto"
-    max_seq_len: int | None = None
-    graph_capture: bool | str = "auto"
+    run: RunOptions = RunOptions()  # where and how variants run
     token_delay: float = 0.0  # seconds to wait per token; only for tests and demos
 
 
@@ -206,9 +205,7 @@ def build_app(options: AppOptions):
 def _load(path: str, options: AppOptions):
     from .generation import Engine
 
-    return Engine.from_variant(Path(path), provider=options.provider,
-                               max_seq_len=options.max_seq_len,
-                               graph_capture=options.graph_capture)
+    return Engine.from_variant(Path(path), options.run)
 
 
 def _chat_page(gr, handlers: ChatHandlers, choices: list[tuple[str, str]],

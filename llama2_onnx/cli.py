@@ -8,11 +8,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Config
 from .errors import UserError
-from .layout import CONFIG, EMBEDDINGS, OURS, TOKENIZER, folder_format
+from .placement import PROVIDER_CHOICES, RunOptions
 from .sampling import SamplingSettings
-from .session import PROVIDER_CHOICES
 
 
 def run_main(func: Callable[[], int | None]) -> None:
@@ -89,14 +87,18 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def check_engine_flags(args: argparse.Namespace) -> None:
     """Flags of add_engine_args that can be refused without loading anything."""
-    if args.max_seq_len is not None and args.max_seq_len < 2:
-        raise UserError(f"--max_seq_len {args.max_seq_len} is too short; use at least 2 (or "
-                        "leave it out for the model's context).")
+    run_options_from_args(args)
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
     return SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def run_options_from_args(args: argparse.Namespace) -> RunOptions:
+    """The flags of add_engine_args as one value, checked (RunOptions refuses bad values)."""
+    return RunOptions(provider=args.provider, max_seq_len=args.max_seq_len,
+                      graph_capture=args.graph_capture, verify=getattr(args, "verify", False))
 
 
 def open_engine_from_args(args: argparse.Namespace, root: Path):
@@ -106,51 +108,14 @@ def open_engine_from_args(args: argparse.Namespace, root: Path):
         (engine, seconds it took to load).
     """
     from .generation import Engine
+    from .loading import open_explicit
+    from .variants import resolve_variant
 
+    options = run_options_from_args(args)
     start = time.perf_counter()
     if getattr(args, "onnx_file", None):
-        engine = _open_explicit_files(args)
+        engine = Engine.from_parts(open_explicit(
+            Path(args.onnx_file), args.embedding_file, args.tokenizer_path, options))
     else:
-        from .variants import resolve_variant
-
-        path = resolve_variant(args.variant, root)
-        engine = Engine.from_variant(path, provider=args.provider, max_seq_len=args.max_seq_len,
-                                     verify=getattr(args, "verify", False),
-                                     graph_capture=args.graph_capture)
+        engine = Engine.from_variant(resolve_variant(args.variant, root), options)
     return engine, time.perf_counter() - start
-
-
-def _open_explicit_files(args: argparse.Namespace):
-    """--onnx_file/--embedding_file/--tokenizer_path, as the original example took them."""
-    from .generation import Engine
-    from .legacy import load_legacy
-    from .loading import open_files
-
-    graph = Path(args.onnx_file)
-    if not graph.is_file():
-        raise UserError(f"--onnx_file {graph} does not exist{_slot_hint(graph)}.")
-    folder = graph.parent.parent
-    tokenizer = Path(args.tokenizer_path or folder / TOKENIZER)
-    if folder_format(folder) == OURS:
-        embeddings = Path(args.embedding_file or folder / EMBEDDINGS)
-        config = Config.load(folder / CONFIG)
-        return Engine.from_parts(open_files(
-            graph, embeddings, tokenizer, config, provider=args.provider,
-            max_seq_len=args.max_seq_len, graph_capture=args.graph_capture))
-    if not args.embedding_file:
-        raise UserError("--embedding_file is required with an original-format --onnx_file.")
-    return Engine.from_parts(load_legacy(graph, Path(args.embedding_file), tokenizer,
-                                         provider=args.provider, max_seq_len=args.max_seq_len))
-
-
-def _slot_hint(path: Path) -> str:
-    """'; <slot> is <state>: <what to run>' when `path` lies in a variant slot of the checkout."""
-    from .variants import REPO_ROOT, slot_names, variant_state
-
-    parts = path.resolve().relative_to(REPO_ROOT).parts if path.resolve().is_relative_to(
-        REPO_ROOT) else path.parts
-    if parts and parts[0] in slot_names(REPO_ROOT):
-        state = variant_state(REPO_ROOT / parts[0])
-        if not state.ready:
-            return f"; {parts[0]} is {state.state}: {state.hint}"
-    return ""

@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import UserError
 from .export import ExportRequest, export_variant
 from .layout import CONFIG
-from .variants import check_variant_name
+from .variants import check_variant_name, resolve_variant
 
 
 def export_command(args: argparse.Namespace, root: Path) -> int:
@@ -32,17 +32,8 @@ def export_command(args: argparse.Namespace, root: Path) -> int:
     return 0
 
 
-def variant_folder(arg: str, root: Path) -> Path:
-    """The folder `--variant` names, the same way for publish and verify: an existing folder
-    (absolute or relative to the current directory), else a variant name inside `root`."""
-    path = Path(arg)
-    if path.is_absolute() or path.exists():
-        return path
-    return root / check_variant_name(arg)
-
-
 def publish_command(args: argparse.Namespace, root: Path) -> int:
-    folder = variant_folder(str(args.variant), root)
+    folder = resolve_variant(str(args.variant), root)
     check_variant_name(folder.resolve().name)  # it becomes the submodule's path
     if not (folder / CONFIG).is_file():
         raise UserError(f"{folder} is not an exported variant folder (no config.json); export "
@@ -70,7 +61,7 @@ def verify_command(args: argparse.Namespace, root: Path) -> int:
 
     if (args.variant is None) == (args.variant_arg is None):
         raise UserError("name the variant once: `verify --variant NAME_OR_FOLDER`.")
-    folder = variant_folder(args.variant or args.variant_arg, root)
+    folder = resolve_variant(args.variant or args.variant_arg, root)
     check_folder(folder)
     problems = check_files(folder, sha256=True)
     for problem in problems:

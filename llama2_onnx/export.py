@@ -30,6 +30,7 @@ from .layout import (
     data_path,
     graph_name,
 )
+from .placement import kv_cache_bytes
 from .resources import GiB, free_host_memory, require
 from .staging import (
     begin_staging,
@@ -158,10 +159,8 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
 def _check_export_memory(config: Config, max_len: int, skip_verify: bool) -> None:
     """Refuse a context whose rotary tables (computed in float64) or verification KV cache
     cannot fit in host memory, before anything is allocated."""
-    from .loading import kv_cache_bytes
-
     tables = 3 * max_len * (config.head_dim // 2) * 8
-    kv = 0 if skip_verify else kv_cache_bytes(config.replace(dtype="float32"), max_len)
+    kv = 0 if skip_verify else kv_cache_bytes(config, max_len, "float32")
     require(f"--max-seq-len {max_len} (rotary tables {tables / GiB:.1f} GiB, verification KV "
             f"cache {kv / GiB:.1f} GiB)", tables + kv, free_host_memory(), "host memory",
             "pass a smaller --max-seq-len (Llama 2 was trained with 4096)")

@@ -13,18 +13,24 @@ import numpy as np
 from .config import Config
 from .errors import GenerationError
 from .loading import load_variant
+from .placement import RunOptions
 from .sampling import REPETITION_WINDOW, SamplingSettings, make_rng, sample_token
 from .session import EngineParts
 from .tokenizer import StreamDecoder, Tokenizer
 
 
 class Runner(Protocol):
-    """What the engine needs from a session wrapper (session.Runtime, legacy.LegacyRuntime)."""
+    """What the engine may ask of a session wrapper (session.Runtime, legacy.LegacyRuntime)."""
 
-    cache_len: int
-    supports_continued_prefill: bool
+    provider: str  # where it runs, for the user (placement.PROVIDERS' short names)
+    cache_len: int  # KV cache positions
+    supports_continued_prefill: bool  # a multi-token run may follow a past
+    max_chunk: int | None  # longest prefill run (a power of two); None: any length
+    pads: bool  # a run shorter than a warmed-up length is padded to one (Runtime.padded_length)
 
-    def run(self, embeds: np.ndarray, start: int) -> np.ndarray: ...
+    def run(self, embeds: np.ndarray, start: int) -> np.ndarray:
+        """Process `embeds` (seq, dim) at positions start..; logits (vocab,) of the last."""
+        ...
 
 
 @dataclass
@@ -106,23 +112,15 @@ class Engine:
         self.notes: list[str] = []  # things the user should know about how it was loaded
 
     @classmethod
-    def from_variant(cls, path: Path, provider: str = "auto", max_seq_len: int | None = None,
-                     check_files: bool = True, verify: bool = False,
-                     graph_capture: bool | str = "auto",
-                     prefill_chunk: int | str | None = "auto",
-                     profile: str | None = None) -> Engine:
-        """Open a variant folder (our format or the original Llama-2-Onnx one).
-
-        `graph_capture`: replay decode steps as a captured GPU graph; "auto": on CUDA for
-        float16/int4 variants (see loading.default_graph_capture).
-        `prefill_chunk`: longest prefill run (a power of two; prompts run in chunks of fixed
-        lengths seen once at load); None: whole prompts at once; "auto": the provider's default.
-        `profile`: a file prefix for ONNX Runtime's profiler (tools/gpu_check.py).
-        """
-        return cls.from_parts(load_variant(
-            Path(path), provider=provider, max_seq_len=max_seq_len, check_files=check_files,
-            verify=verify, graph_capture=graph_capture,
-            prefill_chunk=prefill_chunk, profile=profile))
+    def from_variant(cls, path: Path, options: RunOptions | None = None, **fields) -> Engine:
+        """Open a variant folder (our format or the original Llama-2-Onnx one) where and how
+        `options` ask (placement.RunOptions; `fields` make one, for short calls in tests and
+        tools: `Engine.from_variant(path, provider="cpu")`)."""
+        if options is None:
+            options = RunOptions(**fields)
+        elif fields:
+            raise TypeError("pass either options or its fields, not both")
+        return cls.from_parts(load_variant(Path(path), options))
 
     @classmethod
     def from_parts(cls, parts: EngineParts) -> Engine:
@@ -153,9 +151,8 @@ class Engine:
         self.tokens = self.tokens[:keep]
         if keep == 0 or self.runner.supports_continued_prefill:
             tokens = list(tokens)
-            pad_limit = self.context_len if getattr(self.runner, "pads", False) else None
-            for a, b in prefill_spans(keep, len(tokens), getattr(self.runner, "max_chunk", None),
-                                      pad_limit):
+            pad_limit = self.context_len if self.runner.pads else None
+            for a, b in prefill_spans(keep, len(tokens), self.runner.max_chunk, pad_limit):
                 logits = self.runner.run(self.embeddings[tokens[a:b]], a)
             self.tokens += new
         else:

@@ -41,14 +41,6 @@ from onnx import TensorProto, helper, numpy_helper
 EXPORTED, PACKED, PACKED_FLOAT32 = "exported", "packed", "packed_float32"
 
 
-def form_for(provider: str, dtype: str = "float16") -> str:
-    """Which form `provider` runs a `dtype` variant in: DirectML the exported one, the CPU
-    int4 variants in float32, the rest the packed one."""
-    if provider == "dml":
-        return EXPORTED
-    return PACKED_FLOAT32 if provider == "cpu" and dtype == "int4" else PACKED
-
-
 def to_form(model: onnx.ModelProto, form: str, folder: Path | None = None) -> int:
     """Rewrite `model` (loaded without its external data) in place into `form`.
 

@@ -12,23 +12,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from google.protobuf.message import DecodeError
+from onnx import TensorProto
 
 from .config import Config
 from .errors import UserError, VariantError
 from .files import check_not_lfs_pointer
 from .layout import data_path
-from .session import EngineParts, create_session, resolve_provider
+from .placement import ORIGINAL, Placement, RunOptions, place
+from .session import EngineParts, create_session
 from .tokenizer import Tokenizer
 
 LEGACY_INPUTS = {"x", "attn_mask", "k_cache", "v_cache", "pos"}
 LEGACY_CONTEXT = 2048  # the original release's graphs had a 2048-token attention mask
-NP_FROM_ORT = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
-
-
-def is_legacy_session(session: ort.InferenceSession) -> bool:
-    return {i.name for i in session.get_inputs()} == LEGACY_INPUTS
-
 
 def load_pth_embeddings(path: Path) -> np.ndarray:
     """The `weight` of the torch.nn.Embedding state dict saved as embeddings.pth."""
@@ -53,22 +51,61 @@ def load_pth_embeddings(path: Path) -> np.ndarray:
     return weight.float().numpy()
 
 
+def legacy_config(graph: Path, vocab_size: int) -> Config:
+    """A Config describing what the original graph's input shapes tell (read without its
+    weights).
+
+    Raises:
+        VariantError when the graph has not the original inputs or its shapes are not fixed.
+    """
+    try:
+        model = onnx.load(str(graph), load_external_data=False)
+    except (OSError, ValueError, DecodeError) as exc:
+        raise VariantError(f"ONNX cannot read {graph} ({exc}); fetch the variant again.") from None
+    inputs = {i.name: i.type.tensor_type for i in model.graph.input}
+    if set(inputs) != LEGACY_INPUTS:
+        raise VariantError(f"{graph} has neither our graph contract nor the original "
+                           "Llama-2-Onnx inputs (x, attn_mask, k_cache, v_cache, pos).")
+    dims = {name: [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            for name, t in inputs.items()}
+    cache, dim = dims["k_cache"], dims["x"][-1:]
+    if len(cache) != 5 or None in (*cache[1:2], *cache[3:], *dim):
+        raise VariantError(f"{graph} has k_cache dims {cache} and x dims {dims['x']}; the "
+                           "original format fixes the layer count, heads, head size and width: "
+                           "this graph is not one of its variants.")
+    _, n_layers, _, kv_heads, head_dim = cache
+    if dim[0] % head_dim or (dim[0] // head_dim) % kv_heads:
+        raise VariantError(f"{graph} has {kv_heads} cached heads of {head_dim} but a width of "
+                           f"{dim[0]}; this graph is not one of the original format's variants.")
+    logits = next((o.type.tensor_type.shape.dim for o in model.graph.output
+                   if o.name == "logits"), [])
+    vocab = logits[-1].dim_value if logits and logits[-1].HasField("dim_value") else None
+    if vocab is not None and vocab != vocab_size:
+        raise VariantError(f"the tokenizer has {vocab_size} tokens but {graph} writes logits for "
+                           f"{vocab}; use the tokenizer.model of the same release.")
+    mask = dims["attn_mask"][-1] if dims["attn_mask"] else None
+    kind = inputs["x"].elem_type
+    return Config(dim=dim[0], n_layers=n_layers, n_heads=dim[0] // head_dim, n_kv_heads=kv_heads,
+                  vocab_size=vocab_size,
+                  max_seq_len=mask or LEGACY_CONTEXT,
+                  dtype="float16" if kind == TensorProto.FLOAT16 else "float32",
+                  provenance={"format": "original Llama-2-Onnx"})
+
+
 class LegacyRuntime:
     """Runs an original-format graph; same `run(embeds, start)` interface as session.Runtime."""
 
     supports_continued_prefill = True
+    pads = False
+    max_chunk = None
 
-    def __init__(self, session: ort.InferenceSession, cache_len: int | None = None,
-                 provider: str = "cpu") -> None:
-        self.session, self.provider = session, provider
-        meta = {i.name: i for i in session.get_inputs()}
-        self.dtype = NP_FROM_ORT[meta["x"].type]
-        mask_len = meta["attn_mask"].shape[-1]
-        self.max_len = mask_len if isinstance(mask_len, int) else LEGACY_CONTEXT
-        _, self.n_layers, _, self.n_heads, self.head_dim = meta["k_cache"].shape
-        self.dim = meta["x"].shape[-1]
-        self.cache_len = min(cache_len or self.max_len, self.max_len)
-        shape = (1, self.n_layers, self.cache_len, self.n_heads, self.head_dim)
+    def __init__(self, session: ort.InferenceSession, config: Config,
+                 placement: Placement) -> None:
+        self.session, self.provider = session, placement.provider
+        self.dtype = placement.dtype
+        self.max_len, self.cache_len = config.max_seq_len, placement.cache_len
+        self.n_layers, self.dim = config.n_layers, config.dim
+        shape = (1, config.n_layers, self.cache_len, config.n_kv_heads, config.head_dim)
         self.k_cache, self.v_cache = np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
         self.mask = (-10000.0 * np.triu(np.ones((self.max_len, self.max_len)), k=1)
                      ).astype(self.dtype)
@@ -84,29 +121,23 @@ class LegacyRuntime:
         return logits.reshape(-1).astype(np.float32)
 
 
-def legacy_config(runtime: LegacyRuntime, vocab_size: int) -> Config:
-    """A Config describing what the original graph's input shapes tell."""
-    return Config(dim=runtime.dim, n_layers=runtime.n_layers, n_heads=runtime.n_heads,
-                  vocab_size=vocab_size, max_seq_len=runtime.max_len,
-                  dtype="float16" if runtime.dtype == np.float16 else "float32",
-                  provenance={"format": "original Llama-2-Onnx"})
+def load_legacy(graph: Path, embeddings: Path, tokenizer_path: Path,
+                options: RunOptions) -> EngineParts:
+    """Open an original-format graph with its embeddings.pth and tokenizer.model.
 
-
-def load_legacy(graph: Path, embeddings: Path, tokenizer_path: Path, provider: str = "auto",
-                max_seq_len: int | None = None) -> EngineParts:
-    """Open an original-format graph with its embeddings.pth and tokenizer.model."""
+    Raises:
+        VariantError for files that do not fit together; UserError for options this format
+        cannot take (a longer context than its graph's, graph capture).
+    """
     for p in (graph, data_path(graph), embeddings, tokenizer_path):
         check_not_lfs_pointer(p)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     table = load_pth_embeddings(embeddings)
-    provider = resolve_provider(provider)
-    session = create_session(graph, provider, cache_len=max_seq_len or LEGACY_CONTEXT)
-    if not is_legacy_session(session):
-        raise VariantError(f"{graph} has neither our graph contract nor the original "
-                           "Llama-2-Onnx inputs (x, attn_mask, k_cache, v_cache, pos).")
-    runtime = LegacyRuntime(session, max_seq_len, provider)
-    if table.shape != (tokenizer.n_words, runtime.dim):
+    config = legacy_config(graph, tokenizer.n_words)
+    if table.shape != (tokenizer.n_words, config.dim):
         raise VariantError(f"{embeddings} has shape {table.shape} but the tokenizer and graph "
-                           f"need ({tokenizer.n_words}, {runtime.dim}); use the matching files.")
-    config = legacy_config(runtime, tokenizer.n_words)
+                           f"need ({tokenizer.n_words}, {config.dim}); use the matching files.")
+    placement = place(config, options, contract=ORIGINAL)
+    session = create_session(graph, placement)
+    runtime = LegacyRuntime(session, config, placement)
     return EngineParts(runtime, tokenizer, table.astype(runtime.dtype), config, graph.stem)

@@ -11,7 +11,6 @@ from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
 from .files import check_not_lfs_pointer
-from .graph_forms import EXPORTED, PACKED_FLOAT32, form_for
 from .layout import (
     ABSENT,
     CACHE_DIR,
@@ -20,6 +19,7 @@ from .layout import (
     EMPTY,
     GRAPH_DIR,
     LEGACY,
+    OURS,
     TOKENIZER,
     UNKNOWN,
     data_path,
@@ -28,9 +28,12 @@ from .layout import (
     legacy_files,
     pull_command,
 )
-from .resources import GiB, free_cuda_memory, free_host_memory, require
-from .session import EngineParts, Runtime, create_session, resolve_provider
+from .legacy import load_legacy
+from .placement import Placement, RunOptions, place
+from .resources import GiB, free_host_memory, require
+from .session import EngineParts, Runtime, create_session
 from .tokenizer import Tokenizer, check_vocab
+from .variants import slot_hint
 
 
 def check_folder(path: Path) -> None:
@@ -44,11 +47,7 @@ def check_folder(path: Path) -> None:
                            f"`{pull_command(path.name)}` from the repository root.")
 
 
-def load_variant(path: Path, provider: str = "auto", max_seq_len: int | None = None,
-                 check_files: bool = True, verify: bool = False,
-                 graph_capture: bool | str = "auto",
-                 prefill_chunk: int | str | None = "auto", profile: str | None = None
-                 ) -> EngineParts:
+def load_variant(path: Path, options: RunOptions) -> EngineParts:
     """Open a variant folder (our format or the original one); see Engine.from_variant."""
     check_folder(path)
     kind = folder_format(path)
@@ -56,18 +55,38 @@ def load_variant(path: Path, provider: str = "auto", max_seq_len: int | None = N
         raise VariantError(f"{path} holds neither config.json nor an original Llama-2-Onnx "
                            "graph (ONNX/*.onnx with embeddings.pth); is it a variant folder?")
     if kind == LEGACY:
-        from .legacy import load_legacy
-
-        return load_legacy(*legacy_files(path), provider=provider, max_seq_len=max_seq_len)
+        return load_legacy(*legacy_files(path), options)
     check_not_lfs_pointer(path / CONFIG)
-    if check_files or verify:
-        problems = manifest_problems(path, sha256=verify)
+    if options.check_files or options.verify:
+        problems = manifest_problems(path, sha256=options.verify)
         if problems:
             raise VariantError(problems[0])
     config = Config.load(path / CONFIG)
-    return open_files(find_graph(path), path / EMBEDDINGS, path / TOKENIZER, config,
-                      provider=provider, max_seq_len=max_seq_len, graph_capture=graph_capture,
-                      name=path.name, prefill_chunk=prefill_chunk, profile=profile)
+    return open_files(find_graph(path), path / EMBEDDINGS, path / TOKENIZER, config, options,
+                      name=path.name)
+
+
+def open_explicit(graph: Path, embeddings: Path | None, tokenizer: Path | None,
+                  options: RunOptions) -> EngineParts:
+    """Files named one by one (the original example's --onnx_file, --embedding_file and
+    --tokenizer_path): a graph inside one of our variant folders takes that folder's other
+    files unless named; an original-format graph needs its embeddings named.
+
+    Raises:
+        UserError when the graph does not exist or the original format's embeddings are not
+        named.
+    """
+    if not graph.is_file():
+        raise UserError(f"--onnx_file {graph} does not exist{slot_hint(graph)}.")
+    folder = graph.parent.parent
+    tokenizer = Path(tokenizer or folder / TOKENIZER)
+    if folder_format(folder) == OURS:
+        config = Config.load(folder / CONFIG)
+        return open_files(graph, Path(embeddings or folder / EMBEDDINGS), tokenizer, config,
+                          options)
+    if not embeddings:
+        raise UserError("--embedding_file is required with an original-format --onnx_file.")
+    return load_legacy(graph, Path(embeddings), tokenizer, options)
 
 
 def find_graph(path: Path) -> Path:
@@ -78,22 +97,6 @@ def find_graph(path: Path) -> Path:
         raise VariantError(f"{path / GRAPH_DIR} holds {what} but a variant has exactly one; "
                            "re-export or fetch the variant again.")
     return found[0]
-
-
-# Longest prefill chunk per provider (see Runtime.run): on CUDA every new input length costs
-# 0.1-0.9 s the first time ONNX Runtime sees it, so prompts run in power-of-two chunks that
-# are all seen once at load. DirectML cannot continue a prefill (one token at a time after the
-# first run) and the CPU has no such first-time cost: both run the whole prompt at once.
-DEFAULT_PREFILL_CHUNK = {"cuda": 1024}
-
-
-def default_graph_capture(provider: str, config: Config) -> bool:
-    """CUDA replays the decode step as a captured CUDA graph (float16 and int4 variants;
-    float32 ones never run on CUDA, see provider_for). Shown token-identical over a
-    4,608-token chat with sampling, regenerate, removed turns and clipping
-    (tools/graph_capture_check.py); DirectML's capture is not yet shown equal, so it stays
-    opt-in there."""
-    return provider == "cuda"
 
 
 def load_embeddings(path: Path, config: Config) -> np.ndarray:
@@ -112,56 +115,20 @@ def load_embeddings(path: Path, config: Config) -> np.ndarray:
     return table.astype(NP_DTYPES[config.dtype], copy=False)
 
 
-def provider_for(config: Config, requested: str) -> str:
-    """The one rule for where a variant runs. ONNX Runtime's CUDA GroupQueryAttention exists
-    for float16 only (OperatorKernels.md), so a float32 graph on CUDA would run attention on
-    the CPU; measured on an H100 that split gives wrong logits from the second decode step, so
-    float32 variants run on the CPU: `auto` picks it, `--provider cuda` is refused.
-
-    Raises:
-        UserError for `--provider cuda` with a float32 variant.
-    """
-    provider = resolve_provider(requested)
-    if provider == "cuda" and config.dtype == "float32":
-        if requested == "auto":
-            return "cpu"
-        raise UserError("float32 variants run on the CPU (ONNX Runtime has no float32 CUDA "
-                        "attention kernel); use a float16 or int4 variant with --provider cuda, "
-                        "or --provider cpu.")
-    return provider
-
-
-def context_length(config: Config, max_seq_len: int | None) -> int:
-    if max_seq_len is None:
-        return config.max_seq_len
-    if not 1 < max_seq_len <= config.max_seq_len:
-        raise UserError(f"--max_seq_len {max_seq_len} must be between 2 and "
-                        f"{config.max_seq_len} for this variant.")
-    return max_seq_len
-
-
 def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Config,
-               provider: str = "auto", max_seq_len: int | None = None,
-               graph_capture: bool | str = "auto", name: str = "",
-               prefill_chunk: int | str | None = "auto",
-               profile: str | None = None) -> EngineParts:
+               options: RunOptions, name: str = "") -> EngineParts:
     """Open explicit files of our graph contract (a variant folder's, or the CLI's
-    --onnx_file style)."""
+    --onnx_file style) where and how place() decides."""
     for p in (graph, data_path(graph)):
         check_not_lfs_pointer(p)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     check_vocab(tokenizer, config, tokenizer_path)
     table = load_embeddings(embeddings, config)
-    provider = provider_for(config, provider)
-    if graph_capture == "auto":
-        graph_capture = default_graph_capture(provider, config)
-    cache_len = context_length(config, max_seq_len)
-    check_memory(graph, config, provider, cache_len)
-    session = create_session(graph, provider, cache_len, graph_capture, dtype=config.dtype,
-                             form=form_for(provider, config.dtype), profile=profile)
-    check_graph_matches(session, config, graph, form_for(provider, config.dtype))
-    chunk = DEFAULT_PREFILL_CHUNK.get(provider) if prefill_chunk == "auto" else prefill_chunk
-    runtime = Runtime(session, config, provider, cache_len, graph_capture, max_chunk=chunk or None)
+    placement = place(config, options)
+    check_memory(graph, config, placement)
+    session = create_session(graph, placement, profile=options.profile)
+    check_graph_matches(session, config, graph, placement)
+    runtime = Runtime(session, config, placement)
     if runtime.max_chunk is not None:
         runtime.warm_up()
     return EngineParts(runtime, tokenizer, table, config, name or graph.stem,
@@ -179,35 +146,27 @@ def old_cache_notes(graph: Path) -> list[str]:
             "now; delete that folder to free the space."]
 
 
-def kv_cache_bytes(config: Config, cache_len: int, provider: str = "cuda") -> int:
-    """The KV cache's size; int4 variants keep a float32 one on the CPU (graph_forms)."""
-    wide = form_for(provider, config.dtype) == PACKED_FLOAT32
-    itemsize = 4 if wide else np.dtype(NP_DTYPES[config.dtype]).itemsize
-    return 2 * config.n_layers * config.n_kv_heads * cache_len * config.head_dim * itemsize
-
-
-def check_memory(graph: Path, config: Config, provider: str, cache_len: int) -> None:
+def check_memory(graph: Path, config: Config, placement: Placement) -> None:
     """Refuse, with the numbers, a run whose weights and KV cache cannot fit.
 
     Raises:
-        UserError when host memory (or a CUDA device's, where it can be read) is too small.
+        UserError when host memory (or the device's, where it can be read) is too small.
     """
     data = data_path(graph)
     weights = data.stat().st_size if data.exists() else graph.stat().st_size
-    kv = kv_cache_bytes(config, cache_len, provider)
+    kv = placement.kv_cache_bytes(config)
     fix = "pass a smaller --max_seq_len" if kv > weights else "use a smaller variant"
     one_layer = kv // (2 * config.n_layers)  # the zeroed host buffer each cache starts from
-    kv_on_host = provider == "cpu"
-    host = (weights if provider == "cpu" else 0) + (kv if kv_on_host else one_layer)
-    require(f"this variant with a {cache_len}-token context (weights "
+    host = weights + kv if placement.on_host else one_layer
+    require(f"this variant with a {placement.cache_len}-token context (weights "
             f"{weights / GiB:.1f} GiB + KV cache {kv / GiB:.1f} GiB)", host, free_host_memory(),
             "host memory", fix)
-    if provider == "cuda":
-        require(f"this variant with a {cache_len}-token context", weights + kv,
-                free_cuda_memory(), "GPU memory", fix)
+    if not placement.on_host:
+        require(f"this variant with a {placement.cache_len}-token context", weights + kv,
+                placement.free_device_memory(), "GPU memory", fix)
 
 
-def check_graph_matches(session, config: Config, graph: Path, form: str = EXPORTED) -> None:
+def check_graph_matches(session, config: Config, graph: Path, placement: Placement) -> None:
     """Refuse a config.json that does not describe `graph` (layers, heads, sizes, dtype).
 
     Raises:
@@ -218,13 +177,13 @@ def check_graph_matches(session, config: Config, graph: Path, form: str = EXPORT
     layers = sum(1 for name in inputs if name.startswith("past_key."))
     dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}.get(
         getattr(inputs.get("inputs_embeds"), "type", ""), "?")
-    activation = "float32" if form == PACKED_FLOAT32 else np.dtype(NP_DTYPES[config.dtype]).name
     cache = getattr(inputs.get("past_key.0"), "shape", [None] * 4)
     found = {"n_layers": layers, "activation dtype": dtype,
              "dim": getattr(inputs.get("inputs_embeds"), "shape", [None])[-1],
              "n_kv_heads": cache[1], "head_dim": cache[3],
              "vocab_size": getattr(outputs.get("logits"), "shape", [None])[-1]}
-    expected = {"n_layers": config.n_layers, "activation dtype": activation, "dim": config.dim,
+    expected = {"n_layers": config.n_layers, "activation dtype": placement.activation,
+                "dim": config.dim,
                 "n_kv_heads": config.n_kv_heads, "head_dim": config.head_dim,
                 "vocab_size": config.vocab_size}
     for key, value in expected.items():

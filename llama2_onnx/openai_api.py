@@ -3,10 +3,10 @@ of responses, stream chunks and errors. No HTTP here: server.py moves these over
 
 # What a request becomes:
 #
-#   /v1/chat/completions  messages -> Exchange list -> chat_session.prompt_ids: Meta's format
-#                         for chat variants, one plain-text document for base variants, exactly
-#                         as the chat app builds a conversation whose answers were re-encoded.
-#   /v1/completions       prompt   -> chat_format.complete_tokens (BOS + the text).
+#   /v1/chat/completions  messages -> chat_format.PromptBuilder.from_messages: Meta's format
+#                         for chat variants, one plain-text document for base variants, from
+#                         the builder the CLI and the chat app use (answers re-encoded).
+#   /v1/completions       prompt   -> PromptBuilder.completion (BOS + the text).
 #
 # The prompt is a function of the request alone (never of earlier requests), so any replica
 # answers a request the same way; the engine still reuses its KV cache for the longest prefix
@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .chat_format import Exchange, complete_tokens, prompt_format, prompt_ids
+from .chat_format import Message, PromptBuilder
 from .errors import GenerationError
 from .sampling import SamplingSettings
 
@@ -138,34 +138,24 @@ def _refuse_unsupported(body: dict) -> None:
 
 
 def _chat_prompt(messages: object, engine: Engine) -> list[int]:
-    """Prompt tokens for a chat request, built as the chat app builds a conversation."""
-    system, pairs, last = _dialog(messages)
-    fmt = prompt_format(engine)
+    """Prompt tokens for a chat request, from the builder the CLI and the chat app use."""
+    builder = PromptBuilder(engine.tokenizer, chat=engine.config.chat)
     try:
-        exchanges = [Exchange(user, answer, fmt.answer_ids(user, answer))
-                     for user, answer in pairs]
-        return prompt_ids(fmt, system, exchanges, last)
+        return builder.from_messages(_dialog(messages))
     except GenerationError as exc:
-        raise bad(str(exc), "messages") from None
+        raise bad(f"in 'messages', {exc}", "messages") from None
 
 
-def _dialog(messages: object) -> tuple[str, list[tuple[str, str]], str]:
-    """(system, [(user, assistant), ...], last user) from OpenAI's message list."""
+def _dialog(messages: object) -> list[Message]:
+    """OpenAI's message list as chat_format's dialog: text contents, and OpenAI's
+    "developer" role (its newer name for the system message) as "system"."""
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list of {role, content} objects.",
                   "messages")
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
-    contents = [_content(m, i) for i, m in enumerate(messages)]
-    system = ""
-    if roles[0] in ("system", "developer"):
-        system, roles, contents = contents[0], roles[1:], contents[1:]
-    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
-    if roles != expected or not roles or roles[-1] != "user":
-        raise bad(f"messages have roles {roles!r} after the optional system message; they "
-                  "must alternate user, assistant, user, ... and end with a user message.",
-                  "messages")
-    pairs = list(zip(contents[:-1:2], contents[1::2], strict=True))
-    return system, pairs, contents[-1]
+    return [Message(role="system" if index == 0 and role == "developer" else role,
+                    content=_content(message, index))
+            for index, (role, message) in enumerate(zip(roles, messages, strict=True))]
 
 
 def _content(message: object, index: int) -> str:
@@ -188,7 +178,7 @@ def _completion_prompt(prompt: object, engine: Engine) -> list[int]:
         raise bad("'prompt' must be one string (lists of prompts and token arrays are not "
                   "supported).", "prompt")
     try:
-        return complete_tokens(engine.tokenizer, prompt)
+        return PromptBuilder(engine.tokenizer, chat=engine.config.chat).completion(prompt)
     except GenerationError as exc:
         raise bad(str(exc), "prompt") from None
 

@@ -35,6 +35,7 @@ from .openai_api import (
     response_body,
     usage_chunk_body,
 )
+from .placement import RunOptions
 from .scheduler import Job, QueueFull, Scheduler
 
 if TYPE_CHECKING:
@@ -53,13 +54,11 @@ class ServerOptions:
     """What to serve and how."""
 
     variant: Path
-    provider: str = "auto"
+    run: RunOptions = RunOptions()  # where and how the variant runs
     host: str = "127.0.0.1"
     port: int = 8000
-    max_seq_len: int | None = None
     api_key: str | None = None
     max_queue: int = 32
-    graph_capture: bool | str = "auto"
     token_delay: float = 0.0  # seconds per text piece; only for tests
 
 
@@ -336,9 +335,7 @@ def serve(options: ServerOptions) -> None:
     sock = listen(options.host, options.port)
     from .generation import Engine
 
-    engine = Engine.from_variant(options.variant, provider=options.provider,
-                                 max_seq_len=options.max_seq_len,
-                                 graph_capture=options.graph_capture)
+    engine = Engine.from_variant(options.variant, options.run)
     app = create_app(engine, options.api_key, options.max_queue, options.token_delay)
     host, port = sock.getsockname()[:2]
     log.info("serving %s (%s, context %d) at http://%s:%d/v1%s", engine.name,

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: provider choice, session options, and the device-resident KV cache.
+"""ONNX Runtime sessions in the placement's form and options, and the device-resident KV cache.
 
 KV cache layout (graph contract, see graph.py): one buffer per layer and per K/V of shape
 (1, kv_heads, cache_len, head_dim), allocated once on the device and zero-filled. Each buffer is
@@ -9,7 +9,6 @@ so rewinding the cache (a new chat turn that shares a prefix) costs nothing.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,113 +19,30 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
 from . import graph_forms
-from .config import NP_DTYPES, Config
-from .errors import UserError, VariantError
+from .config import Config
+from .errors import VariantError
+from .placement import Placement
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
-PROVIDERS = {"dml": "DmlExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "cpu": "CPUExecutionProvider"}
-PACKAGES = {"dml": "onnxruntime-directml (Windows only)",
-            "cuda": "onnxruntime-gpu (uninstall the plain onnxruntime package first)",
-            "cpu": "onnxruntime"}
-PROVIDER_CHOICES = ("auto", "dml", "cuda", "cpu")
 OPSET_ZEROS = 17
 
 
-def resolve_provider(name: str) -> str:
-    """Turn `auto|dml|cuda|cpu` into an installed provider's short name.
-
-    Raises:
-        UserError when the name is unknown or its provider is not installed.
-    """
-    available = ort.get_available_providers()
-    if name == "auto":
-        return next(p for p in ("dml", "cuda", "cpu") if PROVIDERS[p] in available)
-    if name not in PROVIDERS:
-        raise UserError(f"--provider {name!r} is not one of {', '.join(PROVIDER_CHOICES)}.")
-    if PROVIDERS[name] not in available:
-        raise UserError(f"--provider {name} needs the package {PACKAGES[name]}; this "
-                        f"onnxruntime only has {', '.join(available)}.")
-    return name
-
-
-def provider_list(provider: str, device_id: int = 0, graph_capture: bool = False,
-                  dtype: str = "float16") -> list:
-    """Execution providers in priority order, with their options; CPU is always the fallback.
-
-    CUDA computes float32 matrix products in TF32 (10-bit mantissa) by default; a float32
-    variant asks for full float32 so its tokens match the reference.
-    """
-    if provider == "cuda":
-        # Grow the memory arena by what is asked, not to the next power of two: the default
-        # left ~3 GiB unused on a 7B float16 run.
-        options = {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested"}
-        if graph_capture:
-            options["enable_cuda_graph"] = "1"
-        if dtype == "float32":
-            options["use_tf32"] = "0"
-        return [(PROVIDERS["cuda"], options), PROVIDERS["cpu"]]
-    if provider == "dml":
-        return [(PROVIDERS["dml"], {"device_id": str(device_id)}), PROVIDERS["cpu"]]
-    return [PROVIDERS["cpu"]]
-
-
-def cpu_spinning(load: float | None = None, cores: int | None = None) -> bool:
-    """Whether ONNX Runtime's CPU worker threads spin between operators (its default) rather
-    than sleep. Spinning wins on a machine with cores to spare (110M int4, 2 cores, quiet:
-    403 tokens/s spinning, 314 sleeping) and loses badly on one busy with other work (90-103
-    against 213-224), so it is on only when the 1-minute load average leaves a core free;
-    LLAMA2_ONNX_CPU_SPIN=1 or 0 decides instead."""
-    forced = os.environ.get("LLAMA2_ONNX_CPU_SPIN")
-    if forced in ("0", "1"):
-        return forced == "1"
-    if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):  # no load average (Windows): ONNX Runtime's default
-            return True
-    return load <= (cores or os.cpu_count() or 1) - 1
-
-
-def session_options(provider: str, cache_len: int, graph_capture: bool = False
-                    ) -> ort.SessionOptions:
-    """Session options per provider.
-
-    Fixing `batch` and `cache_len` lets the providers plan memory and (on DirectML) reuse
-    compiled kernels between steps; `seq` stays free for prefill. DirectML requires sequential
-    execution and no memory pattern (ONNX Runtime's DirectML documentation).
-    """
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_free_dimension_override_by_name("batch", 1)
-    so.add_free_dimension_override_by_name("cache_len", cache_len)
-    if provider == "cpu" and not cpu_spinning():
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if provider == "dml":
-        so.enable_mem_pattern = False
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if graph_capture:
-            so.add_session_config_entry("ep.dml.enable_graph_capture", "1")
-    return so
-
-
-def create_session(graph: Path, provider: str, cache_len: int, graph_capture: bool = False,
-                   dtype: str = "float16", form: str = graph_forms.EXPORTED,
-                   profile: str | None = None) -> ort.InferenceSession:
-    """Open the graph in the form `provider` runs (graph_forms), its weights read in place.
+def create_session(graph: Path, placement: Placement, profile: str | None = None
+                   ) -> ort.InferenceSession:
+    """Open the graph in the form the placement runs (graph_forms), its weights read in place.
 
     Args:
-        form: graph_forms.EXPORTED opens the file as it is; another form is derived from its
-            nodes in memory (the weights stay in the variant's data file).
+        placement: where and how it runs; graph_forms.EXPORTED opens the file as it is,
+            another form is derived from its nodes in memory (the weights stay in the
+            variant's data file).
         profile: write ONNX Runtime's profile to files starting with this prefix.
     Raises:
         VariantError when ONNX Runtime cannot load the files.
     """
-    providers = provider_list(provider, graph_capture=graph_capture, dtype=dtype)
-    so = session_options(provider, cache_len, graph_capture)
+    providers, form = placement.execution_providers(), placement.form
+    so = placement.session_options()
     if profile:
         so.enable_profiling, so.profile_file_prefix = True, profile
     if form == graph_forms.EXPORTED:
@@ -154,19 +70,6 @@ def _open(path: Path, model: str | bytes, so: ort.SessionOptions, providers: lis
                            "`python tools/export_and_publish.py verify <variant>`.") from None
 
 
-def cache_allocator(nbytes: int) -> str:
-    """Who allocates a CUDA KV cache block of `nbytes`: "arena" or "session" (device_zeros).
-
-    ONNX Runtime's Python-side CUDA allocator is an arena that grows in powers of two and
-    doubles its next growth. A power-of-two block (a 7B's 4,096-token cache is 2 GiB) costs
-    exactly its size there if nothing is allocated from the arena after it, which is why the
-    step inputs are allocated first; any other size is rounded up to the next power of two
-    (a 1.46 GiB cache took 2 GiB on an H100). device_zeros takes exactly what is asked but
-    its small session holds ~150 MiB more (H100), so it makes the other sizes.
-    """
-    return "arena" if nbytes & (nbytes - 1) == 0 else "session"
-
-
 def device_zeros(session: ort.InferenceSession, count: int, dtype: type,
                  device: str = "cuda") -> tuple:
     """`count` zeros of `dtype` in one allocation on `session`'s CUDA device (or the CPU, for
@@ -189,14 +92,15 @@ def device_zeros(session: ort.InferenceSession, count: int, dtype: type,
         [helper.make_tensor_value_info("zeros", kind, ["count"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET_ZEROS)])
     model.ir_version = 8
-    options = dict(session.get_provider_options().get(PROVIDERS[device], {}))
+    provider = next(iter(session.get_provider_options()))
+    options = dict(session.get_provider_options()[provider])
     options.pop("enable_cuda_graph", None)
-    if device == "cuda":
+    if "arena_extend_strategy" in options:
         options["arena_extend_strategy"] = "kSameAsRequested"
     so = ort.SessionOptions()
     so.log_severity_level = 3
     maker = ort.InferenceSession(model.SerializeToString(), so,
-                                 providers=[(PROVIDERS[device], options)])
+                                 providers=[(provider, options)])
     binding = maker.io_binding()
     binding.bind_cpu_input("shape", np.array([count], np.int64))
     binding.bind_output("zeros", device, int(options.get("device_id", 0)))
@@ -221,48 +125,39 @@ class Runtime:
     """Runs our graph contract with IO binding; only embeddings and a few integers go in and
     last-position logits come out per call."""
 
-    def __init__(self, session: ort.InferenceSession, config: Config, provider: str,
-                 cache_len: int, graph_capture: bool = False,
-                 max_chunk: int | None = None, by_address: bool | None = None) -> None:
-        self.session, self.config, self.provider = session, config, provider
-        self.cache_len = cache_len
+    def __init__(self, session: ort.InferenceSession, config: Config,
+                 placement: Placement) -> None:
+        self.session, self.config, self.placement = session, config, placement
+        self.provider, self.device = placement.provider, placement.device
+        self.cache_len, self.dtype = placement.cache_len, placement.dtype
         # Prefill runs in power-of-two chunks up to max_chunk (None: the whole input at once).
-        self.max_chunk = None if max_chunk is None else 1 << (
-            min(max_chunk, cache_len).bit_length() - 1)
-        self.device = {"cuda": "cuda", "dml": "dml"}.get(provider, "cpu")
-        # DirectML's GroupQueryAttention ignores the past when seq > 1 (ONNX Runtime's
-        # DmlOperatorGroupQueryAttention), so continued prefill goes one token at a time there.
-        self.supports_continued_prefill = provider != "dml"
-        # The session's activation type: the variant's, or float32 for a widened form.
-        self.dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(
-            next(i.type for i in session.get_inputs() if i.name == "inputs_embeds"),
-            NP_DTYPES[config.dtype])
+        self.max_chunk = placement.prefill_chunk
+        self.supports_continued_prefill = placement.continued_prefill
         # A packed graph form takes the position its logits come from (graph_forms.LOGITS_AT),
         # so a prefill run shorter than a length seen at load is padded up to one.
-        self.pads = graph_forms.LOGITS_AT in {i.name for i in session.get_inputs()}
+        self.pads = placement.pads
         self.binding = session.io_binding()
         self._keep: list = []  # host arrays and device blocks that bound addresses point into
-        # On the CPU and CUDA the KV cache is one allocation, and so are a decode step's three
-        # inputs, their parts bound by address: one copy to the device per step instead of
-        # three, and a cache that takes exactly its size (as 64 buffers it grew ONNX Runtime's
-        # arena by 1 GiB more on a 7B). DirectML buffers have no addresses to offset, so there
-        # each part is its own OrtValue (`by_address` False; tests run that way on the CPU).
-        self.by_address = provider != "dml" if by_address is None else by_address
+        # Where the placement binds by address, the KV cache is one allocation, and so are a
+        # decode step's three inputs, their parts bound by address: one copy to the device per
+        # step instead of three, and a cache that takes exactly its size (as 64 buffers it grew
+        # ONNX Runtime's arena by more). Otherwise each part is its own OrtValue.
+        self.by_address = placement.by_address
         self._step_buffers()  # before the cache: see _cache_block
         self.caches = self._bind_caches()  # the device address of each cache buffer
         self.logits = np.zeros((1, 1, config.vocab_size), np.float32)
-        self.binding.bind_ortvalue_output("logits", self._value(self.logits, "cpu"))
+        self.binding.bind_ortvalue_output("logits", self._value(self.logits, on_host=True))
         self.total = np.zeros((), np.int32)
-        self.total_value = self._value(self.total, "cpu")
+        self.total_value = self._value(self.total, on_host=True)
         self.binding.bind_ortvalue_input("total_sequence_length", self.total_value)
         self.step_bound = False
         # With graph capture on, decode steps (fixed shapes and addresses) replay graph 1;
         # prefill runs, whose shapes vary, opt out with id -1.
         self.decode_options, self.prefill_options = ort.RunOptions(), ort.RunOptions()
-        if graph_capture:
+        if placement.graph_capture:
             self.decode_options.add_run_config_entry("gpu_graph_id", "1")
             self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")
-        self.run_options, self.graph_capture = self.decode_options, graph_capture
+        self.run_options, self.graph_capture = self.decode_options, placement.graph_capture
         self._run = self._fast_run()
 
     def _fast_run(self):
@@ -274,20 +169,20 @@ class Runtime:
             return lambda: self.session.run_with_iobinding(self.binding, self.run_options)
         return lambda: native.run_with_iobinding(binding, self.run_options)
 
-    def _value(self, array: np.ndarray, device: str) -> ort.OrtValue:
-        if device == "cpu":
+    def _value(self, array: np.ndarray, on_host: bool | None = None) -> ort.OrtValue:
+        """An OrtValue of `array` where the placement keeps buffers (or in host memory)."""
+        if self.placement.on_host if on_host is None else on_host:
             self._keep.append(array)  # the OrtValue points into this array
             return ort.OrtValue.ortvalue_from_numpy(array)
-        return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
 
     def _bind_caches(self) -> list[int]:
-        c = self.config
-        shape = (1, c.n_kv_heads, self.cache_len, c.head_dim)
-        names = [f"{kind}.{i}" for i in range(c.n_layers) for kind in ("key", "value")]
+        shape = self.placement.kv_cache_shape(self.config)
+        names = [f"{kind}.{i}" for i in range(self.config.n_layers) for kind in ("key", "value")]
         if not self.by_address:
             zeros = np.zeros(shape, self.dtype)
             # On the CPU an OrtValue points into its array: each buffer needs its own.
-            values = [self._value(zeros.copy() if self.device == "cpu" else zeros, self.device)
+            values = [self._value(zeros.copy() if self.placement.on_host else zeros)
                       for _ in names]
             self._keep += values
             for name, value in zip(names, values, strict=True):
@@ -305,13 +200,12 @@ class Runtime:
         return addresses
 
     def _cache_block(self, count: int) -> ort.OrtValue:
-        """`count` zeros where attention runs, in one allocation (see cache_allocator)."""
-        nbytes = count * np.dtype(self.dtype).itemsize
-        if self.device == "cuda" and cache_allocator(nbytes) == "session":
-            block, maker = device_zeros(self.session, count, self.dtype)
+        """`count` zeros where attention runs, in one allocation (Placement.zeros_from_session)."""
+        if self.placement.zeros_from_session(count * np.dtype(self.dtype).itemsize):
+            block, maker = device_zeros(self.session, count, self.dtype, self.device)
             self._keep.append(maker)
         else:
-            block = self._value(np.zeros(count, self.dtype), self.device)
+            block = self._value(np.zeros(count, self.dtype))
         self._keep.append(block)
         return block
 
@@ -332,10 +226,10 @@ class Runtime:
             view = self.step_host[self.step_offsets[name]:].view(dtype)
             self.step[name] = view[:int(np.prod(shape))].reshape(shape)
         if self.by_address:
-            self.step_block, self.step_values = self._value(self.step_host, self.device), None
+            self.step_block, self.step_values = self._value(self.step_host), None
         else:
             self.step_block = None
-            self.step_values = {name: self._value(self.step[name], self.device)
+            self.step_values = {name: self._value(self.step[name])
                                 for name in self.step_fields}
 
     def _bind_step_inputs(self) -> None:
@@ -415,7 +309,7 @@ class Runtime:
         self.step["inputs_embeds"][0, 0] = embeds[0]
         self.step["position_ids"][0, 0] = start
         self.step["seqlens_k"][0] = start
-        if self.device != "cpu":  # on the CPU the inputs are bound where self.step lives
+        if not self.placement.on_host:  # on the host the inputs are bound where self.step is
             if self.step_block is not None:
                 self.step_block.update_inplace(self.step_host)
             else:

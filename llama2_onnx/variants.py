@@ -150,19 +150,46 @@ def default_variant(root: Path = REPO_ROOT) -> Path:
 
 
 def resolve_variant(arg: str | None, root: Path = REPO_ROOT) -> Path:
-    """A variant folder from a name (a slot in `root`) or a path; None picks the default."""
+    """The folder `--variant` names, the same way for every command (the CLI, the chat app,
+    the server, the tools, publish and verify).
+
+    A path (absolute, with a separator, or `.`/`..`-relative: `./demo`, `demo/`) is that
+    folder. A bare name is a slot of `root`, else a folder of that name in the current
+    directory. None picks the default (the first ready variant, else the demo).
+
+    Raises:
+        VariantError naming what to run: a missing folder, a bad name, a slot not ready.
+    """
     if arg is None:
         return default_variant(root)
     path = Path(arg)
-    explicit = path.is_absolute() or len(path.parts) > 1
-    if arg.strip() and path.exists() and (explicit or not (root / arg).exists()):
-        return path  # a folder given as a path (absolute or relative to the current directory)
+    if path.is_absolute() or "/" in arg or "\\" in arg or path.name in (".", ".."):
+        if not path.is_dir():
+            raise VariantError(f"--variant {arg}: no such folder; check the path, or list the "
+                               "variants with `python MinimumExample/Example_ONNX_LlamaV2.py "
+                               "--list`.")
+        return path
     check_variant_name(arg)
     if (root / arg).exists():
         return root / arg
+    if path.is_dir():
+        return path  # a folder of that name in the current directory
     names = slot_names(root)
     if arg in names:
         state = variant_state(root / arg)
         raise VariantError(f"variant {arg} is {state.state} in {root}: {state.hint}.")
     raise VariantError(f"variant {arg!r} is neither a folder nor a slot of {root}; choose one "
                        f"of {', '.join(names)} (see --list).")
+
+
+def slot_hint(path: Path) -> str:
+    """'; <slot> is <state>: <what to run>' when `path` lies in a variant slot of the checkout
+    that is not ready (else '')."""
+    resolved = path.resolve()
+    parts = resolved.relative_to(REPO_ROOT).parts if resolved.is_relative_to(REPO_ROOT) \
+        else path.parts
+    if parts and parts[0] in slot_names(REPO_ROOT):
+        state = variant_state(REPO_ROOT / parts[0])
+        if not state.ready:
+            return f"; {parts[0]} is {state.state}: {state.hint}"
+    return ""

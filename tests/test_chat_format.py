@@ -6,12 +6,7 @@ import random
 
 import pytest
 
-from llama2_onnx.chat_format import (
-    Message,
-    complete_tokens,
-    dialog_segments,
-    dialog_tokens,
-)
+from llama2_onnx.chat_format import CHAT_TAGS, Exchange, Message, PromptBuilder
 from llama2_onnx.errors import GenerationError
 from llama2_onnx.tokenizer import Tokenizer
 
@@ -59,6 +54,10 @@ def reference_tokens(tokenizer: Tokenizer, dialog: list[dict]) -> list[int]:
     return ids + [tokenizer.bos_id] + tokenizer.sp.EncodeAsIds(last)
 
 
+def dialog_tokens(tokenizer: Tokenizer, dialog: list[Message]) -> list[int]:
+    return PromptBuilder(tokenizer, chat=True).from_messages(dialog)
+
+
 def _chat(*contents: str, system: str | None = None) -> list[Message]:
     roles = ["user", "assistant"] * len(contents)
     dialog = [Message(role=r, content=c) for r, c in zip(roles, contents, strict=False)]
@@ -91,18 +90,42 @@ def test_single_turn_layout(tokenizer: Tokenizer) -> None:
 
 
 def test_exchanges_are_wrapped_in_bos_eos(tokenizer: Tokenizer) -> None:
-    segments = dialog_segments(tokenizer, DIALOGS["system multi"])
-    assert len(segments) == 3
-    for segment in segments[:-1]:
-        assert segment[0] == tokenizer.bos_id and segment[-1] == tokenizer.eos_id
-    assert tokenizer.decode(segments[0]).startswith("[INST] <<SYS>>\nYou are kind.\n<</SYS>>\n\nHi")
-    assert sum(segments, []) == dialog_tokens(tokenizer, DIALOGS["system multi"])
+    builder = PromptBuilder(tokenizer, chat=True)
+    exchanges = [Exchange(u, a, builder.answer_ids(u, a))
+                 for u, a in (("Hi", "Hello there!"), ("Tell me about the moon.", "It is light."))]
+    first = builder.prompt("You are kind.", [], "Hi")
+    assert tokenizer.decode(first) == "[INST] <<SYS>>\nYou are kind.\n<</SYS>>\n\nHi [/INST]"
+    ids = builder.prompt("You are kind.", exchanges, "Why?")
+    assert ids == dialog_tokens(tokenizer, DIALOGS["system multi"])
+    assert ids.count(tokenizer.bos_id) == 3 and ids.count(tokenizer.eos_id) == 2
+    for exchange in exchanges:
+        assert exchange.answer_ids[-1] == tokenizer.eos_id
 
 
 def test_user_text_never_becomes_control_tokens(tokenizer: Tokenizer) -> None:
-    ids = dialog_tokens(tokenizer, _chat("<s>[INST] hi </s>"))
+    ids = dialog_tokens(tokenizer, _chat("<s> hi </s>"))
     assert ids.count(tokenizer.bos_id) == 1 and ids.count(tokenizer.eos_id) == 0
-    assert "<s>[INST] hi </s>" in tokenizer.decode(ids)
+    assert "<s> hi </s>" in tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("tag", CHAT_TAGS)
+@pytest.mark.parametrize("where", ["system", "user", "assistant", "last user"])
+def test_chat_tags_in_any_message_are_refused_as_metas_reference_does(tokenizer, tag, where):
+    """A user could otherwise end their turn early or forge a system prompt token for token."""
+    text = f"hi {tag} there"
+    dialog = _chat("a" if where != "user" else text, text if where == "assistant" else "b",
+                   text if where == "last user" else "c",
+                   system=text if where == "system" else "be kind")
+    with pytest.raises(GenerationError, match=f"contains '{tag.replace('[', '.')}"):
+        dialog_tokens(tokenizer, dialog)
+
+
+def test_base_variants_keep_the_tags_as_text(tokenizer: Tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, chat=False)
+    ids = builder.prompt("<<SYS>> be kind", [], "[INST] hi [/INST]")
+    assert ids[0] == tokenizer.bos_id
+    assert tokenizer.decode(ids) == "<<SYS>> be kind [INST] hi [/INST]"
+    assert builder.prompt("", [], "The cat sat") == builder.completion("The cat sat")
 
 
 @pytest.mark.parametrize("dialog, bad", [
@@ -120,8 +143,10 @@ def test_bad_dialogs_raise(tokenizer: Tokenizer, dialog: list, bad: str) -> None
         dialog_tokens(tokenizer, dialog)
 
 
-def test_complete_tokens_is_bos_plus_text(tokenizer: Tokenizer) -> None:
-    ids = complete_tokens(tokenizer, "The cat sat")
-    assert ids == [tokenizer.bos_id] + tokenizer.sp.EncodeAsIds("The cat sat")
-    with pytest.raises(GenerationError, match="empty"):
-        complete_tokens(tokenizer, "")
+def test_completion_is_bos_plus_text(tokenizer: Tokenizer) -> None:
+    for chat in (True, False):
+        builder = PromptBuilder(tokenizer, chat=chat)
+        ids = builder.completion("The cat sat")
+        assert ids == [tokenizer.bos_id] + tokenizer.sp.EncodeAsIds("The cat sat")
+        with pytest.raises(GenerationError, match="empty"):
+            builder.completion("")

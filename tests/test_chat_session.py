@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llama2_onnx.chat_format import Exchange, LlamaChatFormat, Message, dialog_tokens, prompt_ids
+from llama2_onnx.chat_format import Exchange, Message, PromptBuilder
 from llama2_onnx.chat_session import (
     ChatSettings,
     Conversation,
@@ -57,32 +57,31 @@ def test_second_turn_prefills_only_new_tokens(pool, chat_variant):
     turn(pool, conv, "the cat sat")
     slot = pool.get(chat_variant)
     cached = list(slot.engine.tokens)
-    prompt = prompt_ids(slot.fmt, GREEDY.system, conv.exchanges, "and the dog ran")
+    prompt = slot.fmt.prompt(GREEDY.system, conv.exchanges, "and the dog ran")
     turn(pool, conv, "and the dog ran")
     assert common_prefix(cached, prompt) == len(cached)
     assert slot.engine.last_stats.prompt_tokens == len(prompt)
     assert slot.engine.last_prefill_count == len(prompt) - len(cached)
-    new_segment = slot.fmt.user_ids("and the dog ran", "", first=False)
+    new_segment = slot.fmt.user_ids("and the dog ran")
     assert slot.engine.last_prefill_count <= len(new_segment) + 3  # + answer tail and EOS
     assert len(conv.exchanges) == 2 and "prefilled" in conv.status
 
 
 def test_history_is_metas_format_when_answers_retokenize_the_same(tokenizer):
-    fmt = LlamaChatFormat(tokenizer)
+    fmt = PromptBuilder(tokenizer, chat=True)
     talk = [("the cat sat", "on the mat"), ("he ran", " far away home "), ("she was", "")]
     exchanges = [Exchange(user, answer, fmt.answer_ids(user, answer)) for user, answer in talk]
     dialog = [Message(role="system", content="be kind")]
     for user, answer in talk:
         dialog += [Message(role="user", content=user), Message(role="assistant", content=answer)]
     dialog.append(Message(role="user", content="the dog"))
-    assert prompt_ids(fmt, "be kind", exchanges, "the dog") == dialog_tokens(tokenizer, dialog)
+    assert fmt.prompt("be kind", exchanges, "the dog") == fmt.from_messages(dialog)
     clipped = dialog[:1] + dialog[3:]
-    assert prompt_ids(fmt, "be kind", exchanges[1:], "the dog") == dialog_tokens(tokenizer,
-                                                                                 clipped)
+    assert fmt.prompt("be kind", exchanges[1:], "the dog") == fmt.from_messages(clipped)
 
 
 def test_generated_ids_that_retokenize_differently_are_kept(tokenizer):
-    fmt = LlamaChatFormat(tokenizer)
+    fmt = PromptBuilder(tokenizer, chat=True)
     spelled = [tokenizer.sp.PieceToId(f"<0x{ord(c):02X}>") for c in "cat"]
     answer = tokenizer.decode(spelled)
     assert answer == "cat" and tokenizer.encode("cat", bos=False) != spelled
@@ -92,15 +91,15 @@ def test_generated_ids_that_retokenize_differently_are_kept(tokenizer):
 
 
 def test_clipping_keeps_the_newest_exchanges_that_fit(tokenizer):
-    fmt = LlamaChatFormat(tokenizer)
+    fmt = PromptBuilder(tokenizer, chat=True)
     talk = [(f"the cat {word}", f"the dog {word}") for word in "sat ran was far home".split()]
     conv = Conversation(exchanges=[Exchange(u, a, fmt.answer_ids(u, a)) for u, a in talk])
     settings = ChatSettings(system="be kind", max_history_tokens=90, max_new_tokens=8)
     prompt = fit_history(fmt, conv, "the sun", settings, context_len=128)
     assert 0 < conv.start < len(talk)
     assert len(prompt) <= 90
-    assert prompt == prompt_ids(fmt, "be kind", conv.exchanges[conv.start:], "the sun")
-    one_more = prompt_ids(fmt, "be kind", conv.exchanges[conv.start - 1:], "the sun")
+    assert prompt == fmt.prompt("be kind", conv.exchanges[conv.start:], "the sun")
+    one_more = fmt.prompt("be kind", conv.exchanges[conv.start - 1:], "the sun")
     assert len(one_more) > 90
     with pytest.raises(GenerationError, match="shorten it"):
         fit_history(fmt, conv, "the moon " * 40, settings, context_len=128)
@@ -115,7 +114,7 @@ def test_long_chat_drops_oldest_exchanges_and_keeps_answering(pool, chat_variant
         assert pool.get(chat_variant).engine.last_stats.prompt_tokens <= 70
     assert conv.start > 0 and len(conv.exchanges) == 6
     slot = pool.get(chat_variant)
-    seen = prompt_ids(slot.fmt, "", conv.exchanges[conv.start:-1], "the cat tree")
+    seen = slot.fmt.prompt("", conv.exchanges[conv.start:-1], "the cat tree")
     assert slot.engine.tokens[:len(seen)] == seen
 
 
@@ -134,10 +133,10 @@ def test_remove_last_turn_and_new_conversation(pool, chat_variant):
     engine = pool.get(chat_variant).engine
     cached = list(engine.tokens)
     assert remove_last(conv).user == "the dog ran" and len(conv.exchanges) == 1
-    prompt = prompt_ids(pool.get(chat_variant).fmt, GREEDY.system, conv.exchanges, "he was")
+    prompt = pool.get(chat_variant).fmt.prompt(GREEDY.system, conv.exchanges, "he was")
     turn(pool, conv, "he was")
     shared = common_prefix(cached, prompt)
-    assert shared >= len(prompt) - len(pool.get(chat_variant).fmt.user_ids("he was", "", False))
+    assert shared >= len(prompt) - len(pool.get(chat_variant).fmt.user_ids("he was"))
     assert engine.last_prefill_count == len(prompt) - shared
     new_conversation(conv)
     assert conv.exchanges == [] and conv.messages() == []
@@ -173,7 +172,7 @@ def test_two_conversations_do_not_mix(pool, chat_variant):
     list(first_b)
     list(waiting_a)
     slot = pool.get(chat_variant)
-    expected = prompt_ids(slot.fmt, GREEDY.system, a.exchanges[:1], "he was home")
+    expected = slot.fmt.prompt(GREEDY.system, a.exchanges[:1], "he was home")
     assert slot.engine.tokens[:len(expected)] == expected
     assert [m["content"] for m in a.messages() if m["role"] == "user"] == [
         "the cat sat", "he was home"]

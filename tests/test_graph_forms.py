@@ -3,14 +3,18 @@ written beside the variant, and the old optimized-graph cache named, never delet
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
 from test_safe_export import tree_digest
 
 from llama2_onnx import graph_forms
+from llama2_onnx.config import Config
 from llama2_onnx.errors import VariantError
 from llama2_onnx.generation import Engine
+from llama2_onnx.placement import RunOptions, place
 from llama2_onnx.session import Runtime, create_session
 
 
@@ -46,16 +50,14 @@ def test_packed_form_drops_three_nodes_per_layer_and_keeps_the_weights(make_vari
     assert (last.op_type, list(last.input)[1:]) == ("Gather", [graph_forms.LOGITS_AT])
     assert graph_forms.to_form(exported, graph_forms.EXPORTED) == 0  # DirectML: untouched
     assert graph_forms.LOGITS_AT not in {i.name for i in exported.graph.input}
-    assert graph_forms.form_for("dml") == graph_forms.EXPORTED
-    assert graph_forms.form_for("cuda") == graph_forms.form_for("cpu") == graph_forms.PACKED
-    assert graph_forms.form_for("cuda", "int4") == graph_forms.PACKED
-    assert graph_forms.form_for("cpu", "int4") == graph_forms.PACKED_FLOAT32
 
 
 def engine_in_form(base: Engine, folder, form: str) -> Engine:
-    session = create_session(graph_of(folder), "cpu", base.context_len, dtype=base.config.dtype,
-                             form=form)
-    return Engine(Runtime(session, base.config, "cpu", base.context_len), base.tokenizer,
+    wide = form == graph_forms.PACKED_FLOAT32 or base.config.dtype == "float32"
+    placement = dataclasses.replace(base.runner.placement, form=form,
+                                    activation="float32" if wide else "float16")
+    session = create_session(graph_of(folder), placement)
+    return Engine(Runtime(session, base.config, placement), base.tokenizer,
                   base.embeddings, base.config, form)
 
 
@@ -83,7 +85,7 @@ def test_int4_on_the_cpu_runs_in_float32_and_stays_within_float16s_error(make_va
     RMS of the logit difference is under 2 % of the logits' spread and the top token agrees."""
     folder = make_variant("hf", "int4", True)
     engine = Engine.from_variant(folder, provider="cpu")
-    assert engine.runner.dtype == np.float32  # graph_forms.form_for("cpu", "int4")
+    assert engine.runner.dtype == np.float32  # placement: CPU int4 runs PACKED_FLOAT32
     types = {i.name: i.type for i in engine.runner.session.get_inputs()}
     assert types["inputs_embeds"] == types["past_key.0"] == "tensor(float)"
     ids = [int(i) for i in np.random.default_rng(4).integers(3, engine.config.vocab_size, 16)]
@@ -105,7 +107,8 @@ def test_a_graph_without_the_pattern_is_refused_in_one_sentence(variant):
             del node.attribute[:]
     onnx.save(model, str(graph))
     with pytest.raises(VariantError, match="is not a graph of this exporter.*re-export"):
-        create_session(graph, "cpu", 32, dtype="float32", form=graph_forms.PACKED)
+        create_session(graph, place(Config(dim=64, n_heads=4), RunOptions(provider="cpu",
+                                                                         max_seq_len=32)))
 
 
 def test_loading_writes_nothing_and_names_an_old_cache_without_deleting_it(variant):

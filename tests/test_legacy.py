@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, tiny_config
 from legacy_graph import build_legacy_variant
 
-from llama2_onnx.chat_format import complete_tokens
+from llama2_onnx.chat_format import PromptBuilder
 from llama2_onnx.checkpoints import canonical_shapes
 from llama2_onnx.generation import Engine
 from llama2_onnx.legacy import LegacyRuntime
@@ -45,7 +45,7 @@ def legacy(request, tmp_path_factory, tokenizer, tokenizer_path):
     folder = build_legacy_variant(root / "7B_FT_float32", config, weights, tokenizer_path)
     model = Transformer(config)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    expected = greedy_tokens(model.eval(), complete_tokens(tokenizer, PROMPT), STEPS)
+    expected = greedy_tokens(model.eval(), base_prompt(tokenizer), STEPS)
     assert tokenizer.eos_id not in expected, "pick another SEED: the reference stops early"
     return folder, expected
 
@@ -64,7 +64,7 @@ def test_engine_detects_the_format_and_decodes_like_the_reference(legacy, tokeni
     assert isinstance(engine.runner, LegacyRuntime)
     assert engine.config.provenance == {"format": "original Llama-2-Onnx"}
 
-    prompt = complete_tokens(tokenizer, PROMPT)
+    prompt = base_prompt(tokenizer)
     logits, got = engine.prefill(prompt), []
     for _ in range(STEPS):
         got.append(int(np.argmax(logits)))
@@ -83,9 +83,13 @@ def run_example(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
+def base_prompt(tokenizer) -> list[int]:
+    return PromptBuilder(tokenizer, chat=False).completion(PROMPT)
+
+
 def expected_cli_text(folder: Path, tokenizer, max_new_tokens: int) -> str:
     engine = Engine.from_variant(folder, provider="cpu")
-    pieces = engine.generate(complete_tokens(tokenizer, PROMPT), GREEDY, max_new_tokens)
+    pieces = engine.generate(base_prompt(tokenizer), GREEDY, max_new_tokens)
     return PROMPT + "".join(pieces) + "\n"
 
 

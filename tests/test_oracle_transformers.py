@@ -20,7 +20,7 @@ PROVIDER = os.environ.get("LLAMA2_ONNX_TEST_PROVIDER", "cpu")
 
 
 def provider_for(precision: str) -> str:
-    """float32 variants run on the CPU on every machine (loading.provider_for)."""
+    """float32 variants run on the CPU on every machine (placement.place)."""
     return "cpu" if precision == "float32" else PROVIDER
 # Largest |logit difference| against the float64 oracle; logits here are of magnitude ~1-5.
 BOUND = {"float32": 1e-4, "float16": 5e-2}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -12,10 +13,10 @@ import onnxruntime as ort
 import pytest
 from conftest import ROOT
 
-from llama2_onnx.errors import GenerationError, UserError, VariantError
+from llama2_onnx.errors import GenerationError, VariantError
 from llama2_onnx.generation import Engine
+from llama2_onnx.placement import PROVIDERS
 from llama2_onnx.sampling import SamplingSettings
-from llama2_onnx.session import PROVIDERS, resolve_provider
 
 # Which execution providers this onnxruntime has: tests state what they need from it, so the
 # suite holds with onnxruntime, onnxruntime-gpu or onnxruntime-directml installed.
@@ -54,12 +55,6 @@ def test_cache_is_bound_in_place_and_never_reallocated(make_variant):
     assert layer > 0 and before == [before[0] + k * layer for k in range(len(before))]
 
 
-def test_power_of_two_caches_come_from_the_arena_others_from_a_session():
-    from llama2_onnx.session import cache_allocator
-
-    assert cache_allocator(2 << 30) == cache_allocator(1 << 20) == "arena"
-    assert cache_allocator(3 << 29) == cache_allocator((2 << 30) + 256) == "session"
-
 
 def test_device_zeros_are_one_zero_filled_allocation(make_variant):
     """The CUDA cache block's allocator, run here on the CPU provider."""
@@ -81,8 +76,8 @@ def test_buffers_bound_by_address_or_as_values_give_the_same_tokens(make_variant
     texts = []
     for by_address in (True, False):
         runtime = engine.runner
-        engine.runner = Runtime(runtime.session, runtime.config, "cpu", runtime.cache_len,
-                                by_address=by_address)
+        placement = dataclasses.replace(runtime.placement, by_address=by_address)
+        engine.runner = Runtime(runtime.session, runtime.config, placement)
         engine.reset()
         texts.append([*engine.generate(prompt, GREEDY, max_new_tokens=12, ignore_eos=True)])
         texts[-1].append(engine.last_stats.tokens)
@@ -134,46 +129,7 @@ def test_stop_strings_end_generation(make_variant):
     assert engine.last_stats.stop_reason == "stop string"
 
 
-def test_providers_that_are_not_installed_name_their_package():
-    """Holds whichever onnxruntime package is installed (plain, -gpu or -directml)."""
-    for short, package in (("cuda", "onnxruntime-gpu"), ("dml", "onnxruntime-directml")):
-        if short in INSTALLED:
-            assert resolve_provider(short) == short
-        else:
-            with pytest.raises(UserError, match=package):
-                resolve_provider(short)
-    gpus = [p for p in ("dml", "cuda") if p in INSTALLED]  # auto's documented order
-    assert resolve_provider("auto") == (gpus[0] if gpus else "cpu")
 
-
-def test_cpu_threads_spin_only_with_a_core_to_spare(monkeypatch):
-    from llama2_onnx.session import cpu_spinning, session_options
-
-    monkeypatch.delenv("LLAMA2_ONNX_CPU_SPIN", raising=False)
-    assert cpu_spinning(load=0.3, cores=2) and cpu_spinning(load=1.0, cores=2)
-    assert not cpu_spinning(load=1.6, cores=2) and not cpu_spinning(load=0.5, cores=1)
-    monkeypatch.setenv("LLAMA2_ONNX_CPU_SPIN", "0")
-    assert not cpu_spinning(load=0.0, cores=16)
-    assert session_options("cpu", 64).get_session_config_entry(
-        "session.intra_op.allow_spinning") == "0"
-    monkeypatch.setenv("LLAMA2_ONNX_CPU_SPIN", "1")
-    assert cpu_spinning(load=50.0, cores=2)
-    with pytest.raises(Exception, match="allow_spinning"):  # not set: ONNX Runtime's default
-        session_options("cpu", 64).get_session_config_entry("session.intra_op.allow_spinning")
-
-
-def test_session_options_follow_directml_rules():
-    from llama2_onnx.session import provider_list, session_options
-
-    so = session_options("dml", cache_len=256, graph_capture=True)
-    assert so.enable_mem_pattern is False
-    assert so.execution_mode.name == "ORT_SEQUENTIAL"
-    assert so.get_session_config_entry("ep.dml.enable_graph_capture") == "1"
-    assert provider_list("cuda", 1, graph_capture=True)[0] == (
-        "CUDAExecutionProvider", {"device_id": "1", "enable_cuda_graph": "1",
-                                  "arena_extend_strategy": "kSameAsRequested"})
-    assert provider_list("cpu") == ["CPUExecutionProvider"]
-    assert provider_list("cuda", dtype="float32")[0][1]["use_tf32"] == "0"  # exact float32
 
 
 def test_cli_greedy_matches_engine_and_reports_stats(make_variant):

@@ -21,7 +21,7 @@ import openai
 import pytest
 from conftest import stop_process
 
-from llama2_onnx.chat_format import Message, dialog_tokens
+from llama2_onnx.chat_format import Message, PromptBuilder
 from llama2_onnx.openai_api import ApiError, parse_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,7 +238,7 @@ def test_chat_variants_get_metas_format(tokenizer):
               Message(role="assistant", content=" sat on the mat "),
               Message(role="user", content="the dog")]
     parsed = parse_request("chat", {"model": "m", "messages": dialog}, engine, "m")
-    assert parsed.prompt == dialog_tokens(tokenizer, dialog)
+    assert parsed.prompt == PromptBuilder(tokenizer, chat=True).from_messages(dialog)
     with pytest.raises(ApiError, match="context holds 128"):
         parse_request("chat", {"model": "m", "messages": [
             {"role": "user", "content": "the cat sat " * 100}]}, engine, "m")
@@ -387,5 +387,5 @@ def test_a_chat_variant_is_served_in_metas_format(make_variant):
         reply = http.post("/v1/chat/completions", json={
             "model": engine.name, "messages": dialog, "max_tokens": 3, "temperature": 0})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 3
-    prompt = dialog_tokens(engine.tokenizer, dialog)
+    prompt = PromptBuilder(engine.tokenizer, chat=True).from_messages(dialog)
     assert engine.tokens[:len(prompt)] == prompt

@@ -75,3 +75,50 @@ def test_variant_file_names_are_spelled_in_one_module():
         allowed = {layout.CONFIG, layout.TOKENIZER} if module in CHECKPOINT_MODULES else set()
         spelled = (set(names) & literals) - allowed
         assert not spelled, f"{module}.py spells {spelled}; use llama2_onnx.layout"
+
+
+PROVIDER_NAMES = {"cuda", "dml", "cpu", "webgpu", "auto", "CUDAExecutionProvider",
+                  "DmlExecutionProvider", "CPUExecutionProvider"}
+
+
+def compared_provider_names(tree: ast.AST) -> set[str]:
+    """Provider names that code compares something with (==, !=, in, a dict keyed by them)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                elements = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) \
+                    else [side]
+                found |= {e.value for e in elements if isinstance(e, ast.Constant)}
+        elif isinstance(node, ast.Dict):
+            found |= {k.value for k in node.keys if isinstance(k, ast.Constant)}
+    return found & PROVIDER_NAMES
+
+
+def test_only_the_placement_module_compares_provider_names():
+    """Where and how a variant runs is decided once (placement.place); everything else reads
+    the Placement it makes."""
+    for module in modules():
+        if module == "placement":
+            continue
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+        spelled = compared_provider_names(tree)
+        assert not spelled, f"{module}.py decides by provider name {spelled}; use placement"
+    sample = ast.parse('if provider == "dml" or device in ("cuda", "x"): pass')
+    assert compared_provider_names(sample) == {"dml", "cuda"}  # the check can fail
+
+
+def test_entry_points_build_prompts_only_through_the_prompt_builder():
+    """The CLI, the chat app and the server feed the same tokens for the same conversation
+    because one builder makes them (tests/test_prompt_agreement.py checks the tokens)."""
+    users = {"chat_session": PACKAGE / "chat_session.py", "openai_api": PACKAGE / "openai_api.py",
+             "cli": ROOT / "MinimumExample" / "Example_ONNX_LlamaV2.py"}
+    for name, path in users.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and (node.module or "").endswith("chat_format") for alias in node.names}
+        assert "PromptBuilder" in imported, name
+        assert imported <= {"PromptBuilder", "Exchange", "Message"}, (name, imported)
+        encodes = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                   and n.attr == "encode" and "tokenizer" in ast.unparse(n.value)]
+        assert not encodes, f"{name} encodes a prompt itself: {ast.unparse(encodes[0])}"

@@ -25,7 +25,7 @@ require_core_packages()
 
 from llama2_onnx.cli import run_main, spell_both  # noqa: E402
 from llama2_onnx.errors import UserError  # noqa: E402
-from llama2_onnx.session import PROVIDER_CHOICES  # noqa: E402
+from llama2_onnx.placement import PROVIDER_CHOICES  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

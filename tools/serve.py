@@ -23,7 +23,13 @@ from llama2_onnx import require_core_packages  # noqa: E402
 
 require_core_packages()
 
-from llama2_onnx.cli import add_engine_args, check_engine_flags, run_main, spell_both  # noqa: E402
+from llama2_onnx.cli import (  # noqa: E402
+    add_engine_args,
+    check_engine_flags,
+    run_main,
+    run_options_from_args,
+    spell_both,
+)
 from llama2_onnx.errors import UserError  # noqa: E402
 from llama2_onnx.server import API_KEY_ENV, ServerOptions, serve  # noqa: E402
 from llama2_onnx.variants import resolve_variant  # noqa: E402
@@ -54,11 +60,9 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if key is not None and not key.strip():
         raise UserError("--api-key is empty; give a key, or leave the flag out for no key.")
-    return ServerOptions(variant=resolve_variant(args.variant, ROOT), provider=args.provider,
-                         host=args.host, port=args.port, max_seq_len=args.max_seq_len,
-                         api_key=key, max_queue=args.max_queue,
-                         graph_capture=args.graph_capture,
-                         token_delay=args.token_delay)
+    return ServerOptions(variant=resolve_variant(args.variant, ROOT),
+                         run=run_options_from_args(args), host=args.host, port=args.port,
+                         api_key=key, max_queue=args.max_queue, token_delay=args.token_delay)
 
 
 def main() -> None:

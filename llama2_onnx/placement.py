@@ -1,0 +1,312 @@
+"""Where and how a variant runs: one value decided once from its config, the user's options
+and what is installed, and read by everything below (DESIGN.md, "Placement and runtime").
+
+    RunOptions (what the user asked; the CLI, chat app, server and tools hold it whole)
+        + Config (the variant) + the installed providers
+        --place()--> Placement: provider, device, graph form, activation type, cache length,
+                     graph capture, prefill chunk, continued prefill, binding by address
+        --> session options, the runtime's buffers, the memory check, the graph check
+
+This is the only module that compares provider names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from . import graph_forms
+from .config import NP_DTYPES, Config
+from .errors import UserError
+from .resources import free_cuda_memory
+
+PROVIDERS = {"dml": "DmlExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "cpu": "CPUExecutionProvider"}
+PACKAGES = {"dml": "onnxruntime-directml (Windows only)",
+            "cuda": "onnxruntime-gpu (uninstall the plain onnxruntime package first)",
+            "cpu": "onnxruntime"}
+AUTO_ORDER = ("dml", "cuda", "cpu")
+PROVIDER_CHOICES = ("auto", *AUTO_ORDER)
+# Graph contracts a placement is made for: ours (graph.py) or the original Llama-2-Onnx one.
+OURS, ORIGINAL = "ours", "original"
+# Longest prefill chunk per provider (see session.Runtime.run): on CUDA every new input length
+# costs a lot the first time ONNX Runtime sees it, so prompts run in power-of-two chunks that
+# are all seen once at load. DirectML cannot continue a prefill (one token at a time after the
+# first run) and the CPU has no such first-time cost: both run the whole prompt at once.
+PREFILL_CHUNK = {"cuda": 1024}
+
+
+def _whole(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the user asked a variant to run; checked here, decided by place().
+
+    provider: auto|dml|cuda|cpu. max_seq_len: tokens of KV cache (None: the model's context).
+    graph_capture: replay decode steps as a captured GPU graph; "auto": where it is shown
+    token-identical (CUDA). prefill_chunk: longest prefill run (a power of two); None: whole
+    prompts at once; "auto": the provider's default. check_files / verify: check the manifest's
+    sizes / also its sha256 before loading. profile: a file prefix for ONNX Runtime's profiler.
+    """
+
+    provider: str = "auto"
+    max_seq_len: int | None = None
+    graph_capture: bool | str = "auto"
+    prefill_chunk: int | str | None = "auto"
+    check_files: bool = True
+    verify: bool = False
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDER_CHOICES:
+            raise UserError(f"--provider {self.provider!r} is not one of "
+                            f"{', '.join(PROVIDER_CHOICES)}.")
+        if self.max_seq_len is not None and not _whole(self.max_seq_len, 2):
+            raise UserError(f"--max_seq_len {self.max_seq_len!r} is too short; use at least 2 "
+                            "(or leave it out for the model's context).")
+        if self.graph_capture not in (True, False, "auto"):
+            raise UserError(f"graph capture {self.graph_capture!r} must be on, off or auto.")
+        if self.prefill_chunk not in ("auto", None) and not _whole(self.prefill_chunk, 1):
+            raise UserError(f"prefill chunk {self.prefill_chunk!r} must be a whole number of "
+                            "at least 1, or None for whole prompts.")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how one variant runs (see the module docstring); made by place()."""
+
+    provider: str  # the installed provider's short name (PROVIDERS)
+    device: str  # where OrtValues live: "cuda", "dml" or "cpu"
+    form: str  # the graph form the session opens (graph_forms)
+    activation: str  # the session's activation type, "float16" or "float32"
+    cache_len: int  # KV cache positions
+    graph_capture: bool
+    prefill_chunk: int | None  # longest prefill run, a power of two; None: whole prompts
+    continued_prefill: bool  # a multi-token run may follow a past (else token by token)
+    by_address: bool  # buffers bound as parts of one block (else one OrtValue each)
+    contract: str = OURS
+
+    @property
+    def dtype(self) -> type:
+        """The numpy type of activations and of the KV cache."""
+        return NP_DTYPES[self.activation]
+
+    @property
+    def pads(self) -> bool:
+        """Whether a prefill run is padded up to a length seen at load: the packed forms take
+        the position their logits come from (graph_forms.LOGITS_AT)."""
+        return self.form != graph_forms.EXPORTED
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the weights and the KV cache live in host memory."""
+        return self.device == "cpu"
+
+    def kv_cache_shape(self, config: Config) -> tuple[int, int, int, int]:
+        return kv_cache_shape(config, self.cache_len)
+
+    def kv_cache_bytes(self, config: Config) -> int:
+        return kv_cache_bytes(config, self.cache_len, self.activation)
+
+    def zeros_from_session(self, nbytes: int) -> bool:
+        """Whether a cache block of `nbytes` is allocated by a small zero-filling session
+        (session.device_zeros) instead of ONNX Runtime's Python-side arena.
+
+        That CUDA arena grows in powers of two and doubles its next growth: a power-of-two
+        block costs exactly its size there if nothing is allocated from the arena after it
+        (why the step inputs are allocated first), any other size is rounded up to the next
+        power of two. device_zeros takes exactly what is asked but its session holds a little
+        more, so it makes the other sizes."""
+        return self.device == "cuda" and nbytes & (nbytes - 1) != 0
+
+    def free_device_memory(self) -> int | None:
+        """Free memory of the device the weights and cache live on (None: host, or unknown)."""
+        return free_cuda_memory() if self.device == "cuda" else None
+
+    def execution_providers(self) -> list:
+        """ONNX Runtime's providers in priority order, with options; the CPU is the fallback.
+
+        CUDA computes float32 matrix products in TF32 by default; float32 activations ask for
+        full float32 so tokens match the reference."""
+        cpu = PROVIDERS["cpu"]
+        if self.provider == "cuda":
+            # Grow the memory arena by what is asked, not to the next power of two.
+            options = {"device_id": "0", "arena_extend_strategy": "kSameAsRequested"}
+            if self.graph_capture:
+                options["enable_cuda_graph"] = "1"
+            if self.activation == "float32":
+                options["use_tf32"] = "0"
+            return [(PROVIDERS["cuda"], options), cpu]
+        if self.provider == "dml":
+            return [(PROVIDERS["dml"], {"device_id": "0"}), cpu]
+        return [cpu]
+
+    def session_options(self) -> ort.SessionOptions:
+        """Session options for this placement.
+
+        Fixing `batch` and `cache_len` lets the providers plan memory and (on DirectML) reuse
+        compiled kernels between steps; `seq` stays free for prefill. DirectML requires
+        sequential execution and no memory pattern (ONNX Runtime's DirectML documentation).
+        """
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.contract == OURS:
+            so.add_free_dimension_override_by_name("batch", 1)
+            so.add_free_dimension_override_by_name("cache_len", self.cache_len)
+        if self.provider == "cpu" and not cpu_spinning():
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.provider == "dml":
+            so.enable_mem_pattern = False
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            if self.graph_capture:
+                so.add_session_config_entry("ep.dml.enable_graph_capture", "1")
+        return so
+
+
+def kv_cache_shape(config: Config, cache_len: int) -> tuple[int, int, int, int]:
+    """One layer's K (or V) buffer: (batch, kv_heads, cache_len, head_dim)."""
+    return (1, config.n_kv_heads, cache_len, config.head_dim)
+
+
+def kv_cache_bytes(config: Config, cache_len: int, activation: str) -> int:
+    """The whole KV cache, K and V of every layer, in `activation`'s type."""
+    per_layer = int(np.prod(kv_cache_shape(config, cache_len)))
+    return 2 * config.n_layers * per_layer * np.dtype(NP_DTYPES[activation]).itemsize
+
+
+def installed_providers() -> list[str]:
+    """Short names of the providers this onnxruntime can run, in `auto`'s order."""
+    available = ort.get_available_providers()
+    return [p for p in AUTO_ORDER if PROVIDERS[p] in available]
+
+
+def resolve_provider(name: str, installed: list[str] | None = None) -> str:
+    """Turn `auto|dml|cuda|cpu` into an installed provider's short name.
+
+    Raises:
+        UserError when the name is unknown or its provider is not installed.
+    """
+    installed = installed_providers() if installed is None else installed
+    if name == "auto":
+        return installed[0] if installed else "cpu"
+    if name not in PROVIDERS:
+        raise UserError(f"--provider {name!r} is not one of {', '.join(PROVIDER_CHOICES)}.")
+    if name not in installed:
+        names = ", ".join(PROVIDERS[p] for p in installed) or "no provider"
+        raise UserError(f"--provider {name} needs the package {PACKAGES[name]}; this "
+                        f"onnxruntime only has {names}.")
+    return name
+
+
+def place(config: Config, options: RunOptions, installed: list[str] | None = None,
+          contract: str = OURS) -> Placement:
+    """Decide where and how a variant described by `config` runs.
+
+    Raises:
+        UserError for a provider that is not installed or cannot run this variant, and a
+        context longer than the variant's.
+    """
+    provider = _provider_for(config, options.provider, installed, contract)
+    cache_len = context_length(config, options.max_seq_len)
+    return Placement(
+        provider=provider, device=provider if provider in ("cuda", "dml") else "cpu",
+        form=_form(provider, config.dtype, contract), activation=_activation(provider, config),
+        cache_len=cache_len, graph_capture=_graph_capture(provider, options, contract),
+        prefill_chunk=_prefill_chunk(provider, options.prefill_chunk, cache_len, contract),
+        # DirectML's GroupQueryAttention ignores the past when seq > 1 (ONNX Runtime's
+        # DmlOperatorGroupQueryAttention), so continued prefill goes one token at a time there.
+        continued_prefill=contract == ORIGINAL or provider != "dml",
+        # DirectML buffers have no addresses to offset: each part is its own OrtValue there.
+        by_address=provider != "dml", contract=contract)
+
+
+def _provider_for(config: Config, requested: str, installed: list[str] | None,
+                  contract: str) -> str:
+    """ONNX Runtime's CUDA GroupQueryAttention exists for float16 only (OperatorKernels.md),
+    so our float32 graph on CUDA would run attention on the CPU; that split gave wrong logits
+    from the second decode step, so float32 variants run on the CPU: `auto` picks it,
+    `--provider cuda` is refused. The original format has no GroupQueryAttention."""
+    provider = resolve_provider(requested, installed)
+    if provider == "cuda" and config.dtype == "float32" and contract == OURS:
+        if requested == "auto":
+            return "cpu"
+        raise UserError("float32 variants run on the CPU (ONNX Runtime has no float32 CUDA "
+                        "attention kernel); use a float16 or int4 variant with --provider cuda, "
+                        "or --provider cpu.")
+    return provider
+
+
+def _form(provider: str, dtype: str, contract: str) -> str:
+    """DirectML (and the original format) run the graph as exported, the CPU int4 variants in
+    float32, the rest the packed form (graph_forms)."""
+    if provider == "dml" or contract == ORIGINAL:
+        return graph_forms.EXPORTED
+    if provider == "cpu" and dtype == "int4":
+        return graph_forms.PACKED_FLOAT32
+    return graph_forms.PACKED
+
+
+def _activation(provider: str, config: Config) -> str:
+    if _form(provider, config.dtype, OURS) == graph_forms.PACKED_FLOAT32:
+        return "float32"
+    return np.dtype(NP_DTYPES[config.dtype]).name
+
+
+def _graph_capture(provider: str, options: RunOptions, contract: str) -> bool:
+    """CUDA replays the decode step as a captured CUDA graph by default: shown token-identical
+    over a long scripted chat with sampling, regenerate, removed turns and clipping
+    (tools/graph_capture_check.py). DirectML's capture is not yet shown equal, so it stays
+    opt-in there; the original format's runtime has no fixed buffers to capture."""
+    if contract == ORIGINAL:
+        if options.graph_capture is True:
+            raise UserError("graph capture needs this repository's graph contract; the "
+                            "original Llama-2-Onnx format runs without it (drop "
+                            "--graph_capture).")
+        return False
+    if options.graph_capture == "auto":
+        return provider == "cuda"
+    return bool(options.graph_capture)
+
+
+def _prefill_chunk(provider: str, asked: int | str | None, cache_len: int, contract: str
+                   ) -> int | None:
+    chunk = PREFILL_CHUNK.get(provider) if asked == "auto" else asked
+    if chunk is None or contract == ORIGINAL:
+        return None
+    return 1 << (min(chunk, cache_len).bit_length() - 1)
+
+
+def context_length(config: Config, max_seq_len: int | None) -> int:
+    """The KV cache's length: the model's context, or a shorter one asked for.
+
+    Raises:
+        UserError when more than the variant's context is asked for.
+    """
+    if max_seq_len is None:
+        return config.max_seq_len
+    if not 1 < max_seq_len <= config.max_seq_len:
+        raise UserError(f"--max_seq_len {max_seq_len} must be between 2 and "
+                        f"{config.max_seq_len} for this variant.")
+    return max_seq_len
+
+
+def cpu_spinning(load: float | None = None, cores: int | None = None) -> bool:
+    """Whether ONNX Runtime's CPU worker threads spin between operators (its default) rather
+    than sleep. Spinning wins on a machine with cores to spare and loses badly on one busy
+    with other work (docs/benchmarks.md), so it is on only when the 1-minute load average
+    leaves a core free; LLAMA2_ONNX_CPU_SPIN=1 or 0 decides instead."""
+    forced = os.environ.get("LLAMA2_ONNX_CPU_SPIN")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average (Windows): ONNX Runtime's default
+            return True
+    return load <= (cores or os.cpu_count() or 1) - 1

@@ -1,0 +1,150 @@
+"""Where and how a variant runs (placement.place): each rule in one place, tested without a GPU
+by stating which providers are installed."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+
+from llama2_onnx import graph_forms
+from llama2_onnx.config import Config
+from llama2_onnx.errors import UserError
+from llama2_onnx.placement import (
+    ORIGINAL,
+    PROVIDERS,
+    RunOptions,
+    cpu_spinning,
+    installed_providers,
+    place,
+    resolve_provider,
+)
+
+ALL = ["dml", "cuda", "cpu"]
+
+
+def config(dtype: str = "float16", max_seq_len: int = 64) -> Config:
+    return Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dtype=dtype, max_seq_len=max_seq_len,
+                  block_size=32 if dtype == "int4" else None)
+
+
+def placed(provider: str, dtype: str = "float16", installed=ALL, **options):
+    return place(config(dtype), RunOptions(provider=provider, **options), installed)
+
+
+def test_providers_that_are_not_installed_name_their_package():
+    """Holds whichever onnxruntime package is installed (plain, -gpu or -directml)."""
+    installed = installed_providers()
+    for short, package in (("cuda", "onnxruntime-gpu"), ("dml", "onnxruntime-directml")):
+        if short in installed:
+            assert resolve_provider(short) == short
+        else:
+            with pytest.raises(UserError, match=package):
+                resolve_provider(short)
+    assert resolve_provider("auto") == installed[0]  # auto's documented order
+    assert installed == [p for p in ("dml", "cuda", "cpu")
+                         if PROVIDERS[p] in ort.get_available_providers()]
+    assert resolve_provider("auto", ["cuda", "cpu"]) == "cuda"
+
+
+def test_each_provider_runs_its_form_in_its_activation_type():
+    expected = {("dml", "float16"): (graph_forms.EXPORTED, "float16"),
+                ("dml", "int4"): (graph_forms.EXPORTED, "float16"),
+                ("cuda", "float16"): (graph_forms.PACKED, "float16"),
+                ("cuda", "int4"): (graph_forms.PACKED, "float16"),
+                ("cpu", "float16"): (graph_forms.PACKED, "float16"),
+                ("cpu", "float32"): (graph_forms.PACKED, "float32"),
+                ("cpu", "int4"): (graph_forms.PACKED_FLOAT32, "float32")}
+    for (provider, dtype), (form, activation) in expected.items():
+        p = placed(provider, dtype)
+        assert (p.form, p.activation) == (form, activation), (provider, dtype)
+        assert p.pads == (form != graph_forms.EXPORTED)
+
+
+def test_float32_variants_are_refused_on_cuda_and_auto_takes_the_cpu():
+    """float32 never runs on CUDA, where its attention would split between host and device
+    and give wrong logits; the original format has no GroupQueryAttention, so it may."""
+    with pytest.raises(UserError, match="float32 variants run on the CPU"):
+        placed("cuda", "float32")
+    assert placed("auto", "float32", installed=["cuda", "cpu"]).provider == "cpu"
+    assert placed("cuda", "float16").provider == "cuda"
+    original = place(config("float32"), RunOptions(provider="cuda"), ALL, contract=ORIGINAL)
+    assert original.provider == "cuda" and original.form == graph_forms.EXPORTED
+
+
+def test_devices_binding_and_continued_prefill_per_provider():
+    dml, cuda, cpu = placed("dml"), placed("cuda"), placed("cpu")
+    assert (dml.device, cuda.device, cpu.device) == ("dml", "cuda", "cpu")
+    assert (dml.by_address, cuda.by_address, cpu.by_address) == (False, True, True)
+    # DirectML's GroupQueryAttention ignores the past when seq > 1.
+    assert (dml.continued_prefill, cuda.continued_prefill, cpu.continued_prefill) == (
+        False, True, True)
+    assert cpu.on_host and not cuda.on_host
+
+
+def test_graph_capture_is_on_by_default_where_shown_and_refused_for_the_original_format():
+    assert placed("cuda").graph_capture and not placed("cpu").graph_capture
+    assert not placed("dml").graph_capture and placed("dml", graph_capture=True).graph_capture
+    assert not placed("cuda", graph_capture=False).graph_capture
+    with pytest.raises(UserError, match="original Llama-2-Onnx format runs without it"):
+        place(config(), RunOptions(provider="cpu", graph_capture=True), ALL, contract=ORIGINAL)
+
+
+def test_prefill_chunks_are_powers_of_two_within_the_cache():
+    assert placed("cuda").prefill_chunk == 64  # 1024 by default, clipped to the 64-token cache
+    assert placed("cpu").prefill_chunk is None and placed("dml").prefill_chunk is None
+    assert placed("cpu", prefill_chunk=20).prefill_chunk == 16
+    assert placed("cuda", prefill_chunk=None).prefill_chunk is None
+
+
+def test_cache_length_and_size_come_from_one_rule():
+    p = placed("cpu", max_seq_len=32)
+    assert p.cache_len == 32 and p.kv_cache_shape(config()) == (1, 2, 32, 16)
+    assert p.kv_cache_bytes(config()) == 2 * 2 * (2 * 32 * 16) * 2  # layers, K/V, float16
+    wide = placed("cpu", "int4", max_seq_len=32)
+    assert wide.kv_cache_bytes(config("int4")) == 2 * p.kv_cache_bytes(config())
+    with pytest.raises(UserError, match="between 2 and 64"):
+        placed("cpu", max_seq_len=65)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"provider": "tpu"}, "is not one of auto"), ({"max_seq_len": 1}, "too short"),
+    ({"max_seq_len": 0}, "too short"), ({"prefill_chunk": 0}, "at least 1"),
+    ({"graph_capture": "yes"}, "on, off or auto")])
+def test_run_options_refuse_bad_values_with_one_sentence(options, message):
+    with pytest.raises(UserError, match=message):
+        RunOptions(**options)
+
+
+def test_power_of_two_caches_come_from_the_arena_others_from_a_session():
+    cuda = placed("cuda")
+    assert not cuda.zeros_from_session(2 << 30) and not cuda.zeros_from_session(1 << 20)
+    assert cuda.zeros_from_session(3 << 29) and cuda.zeros_from_session((2 << 30) + 256)
+    assert not placed("cpu").zeros_from_session(3 << 29)
+
+
+def test_cpu_threads_spin_only_with_a_core_to_spare(monkeypatch):
+    monkeypatch.delenv("LLAMA2_ONNX_CPU_SPIN", raising=False)
+    assert cpu_spinning(load=0.3, cores=2) and cpu_spinning(load=1.0, cores=2)
+    assert not cpu_spinning(load=1.6, cores=2) and not cpu_spinning(load=0.5, cores=1)
+    monkeypatch.setenv("LLAMA2_ONNX_CPU_SPIN", "0")
+    assert not cpu_spinning(load=0.0, cores=16)
+    assert placed("cpu").session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0"
+    monkeypatch.setenv("LLAMA2_ONNX_CPU_SPIN", "1")
+    assert cpu_spinning(load=50.0, cores=2)
+    with pytest.raises(Exception, match="allow_spinning"):  # not set: ONNX Runtime's default
+        placed("cpu").session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning")
+
+
+def test_session_options_and_providers_follow_each_providers_rules():
+    so = placed("dml", graph_capture=True).session_options()
+    assert so.enable_mem_pattern is False
+    assert so.execution_mode.name == "ORT_SEQUENTIAL"
+    assert so.get_session_config_entry("ep.dml.enable_graph_capture") == "1"
+    assert placed("cuda").execution_providers()[0] == (
+        "CUDAExecutionProvider", {"device_id": "0", "enable_cuda_graph": "1",
+                                  "arena_extend_strategy": "kSameAsRequested"})
+    assert placed("cpu").execution_providers() == ["CPUExecutionProvider"]
+    original = place(config("float32"), RunOptions(provider="cuda"), ALL, contract=ORIGINAL)
+    assert original.execution_providers()[0][1]["use_tf32"] == "0"  # exact float32
