@@ -55,7 +55,8 @@ def load_variant(path: Path, options: RunOptions) -> EngineParts:
         raise VariantError(f"{path} holds neither config.json nor an original Llama-2-Onnx "
                            "graph (ONNX/*.onnx with embeddings.pth); is it a variant folder?")
     if kind == LEGACY:
-        return load_legacy(*legacy_files(path), options)
+        graph, embeddings, tokenizer = legacy_files(path)
+        return load_legacy(graph, embeddings, tokenizer, options)
     check_not_lfs_pointer(path / CONFIG)
     if options.check_files or options.verify:
         problems = manifest_problems(path, sha256=options.verify)
@@ -126,7 +127,7 @@ def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Conf
     table = load_embeddings(embeddings, config)
     placement = place(config, options)
     check_memory(graph, config, placement)
-    session = create_session(graph, placement, profile=options.profile)
+    session = create_session(graph, placement)
     check_graph_matches(session, config, graph, placement)
     runtime = Runtime(session, config, placement)
     if runtime.max_chunk is not None:

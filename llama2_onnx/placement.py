@@ -90,6 +90,7 @@ class Placement:
     continued_prefill: bool  # a multi-token run may follow a past (else token by token)
     by_address: bool  # buffers bound as parts of one block (else one OrtValue each)
     contract: str = OURS
+    profile: str | None = None  # ONNX Runtime's profile goes to files with this prefix
 
     @property
     def dtype(self) -> type:
@@ -159,6 +160,8 @@ class Placement:
         if self.contract == OURS:
             so.add_free_dimension_override_by_name("batch", 1)
             so.add_free_dimension_override_by_name("cache_len", self.cache_len)
+        if self.profile:
+            so.enable_profiling, so.profile_file_prefix = True, self.profile
         if self.provider == "cpu" and not cpu_spinning():
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.provider == "dml":
@@ -223,7 +226,7 @@ def place(config: Config, options: RunOptions, installed: list[str] | None = Non
         # DmlOperatorGroupQueryAttention), so continued prefill goes one token at a time there.
         continued_prefill=contract == ORIGINAL or provider != "dml",
         # DirectML buffers have no addresses to offset: each part is its own OrtValue there.
-        by_address=provider != "dml", contract=contract)
+        by_address=provider != "dml", contract=contract, profile=options.profile)
 
 
 def _provider_for(config: Config, requested: str, installed: list[str] | None,

@@ -29,22 +29,18 @@ if TYPE_CHECKING:
 OPSET_ZEROS = 17
 
 
-def create_session(graph: Path, placement: Placement, profile: str | None = None
-                   ) -> ort.InferenceSession:
+def create_session(graph: Path, placement: Placement) -> ort.InferenceSession:
     """Open the graph in the form the placement runs (graph_forms), its weights read in place.
 
     Args:
         placement: where and how it runs; graph_forms.EXPORTED opens the file as it is,
             another form is derived from its nodes in memory (the weights stay in the
             variant's data file).
-        profile: write ONNX Runtime's profile to files starting with this prefix.
     Raises:
         VariantError when ONNX Runtime cannot load the files.
     """
     providers, form = placement.execution_providers(), placement.form
     so = placement.session_options()
-    if profile:
-        so.enable_profiling, so.profile_file_prefix = True, profile
     if form == graph_forms.EXPORTED:
         return _open(graph, str(graph), so, providers)
     try:
