@@ -417,16 +417,22 @@ def _stage_pin(dist: Path, env: dict[str, str], head: str | None, path: str, url
 
 
 def _gitmodules_with(dist: Path, text: str, path: str, url: str) -> tuple[str, str]:
-    """.gitmodules text with submodule `path` set to `url` (existing section name kept)."""
+    """.gitmodules text with submodule `path` set to `url`: the section that has this path
+    keeps its name; a new one is named after the path, or `<path>-2`, `-3`... when another
+    submodule's section already has that name (its path and URL are never changed)."""
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "gitmodules"
         file.write_text(text, encoding="utf-8")
         found = _git_out("config", "-f", str(file), "--get-regexp", r"^submodule\..*\.path$",
                          cwd=dist, check=False)
-        names = [key[len("submodule."):-len(".path")]
-                 for key, _, value in (line.partition(" ") for line in found.splitlines())
-                 if value == path]
-        name = names[0] if names else path
+        paths = {key[len("submodule."):-len(".path")]: value
+                 for key, _, value in (line.partition(" ") for line in found.splitlines())}
+        sections = _git_out("config", "-f", str(file), "--name-only", "--get-regexp",
+                            r"^submodule\.", cwd=dist, check=False)
+        taken = {key[len("submodule."):].rpartition(".")[0] for key in sections.splitlines()}
+        names = [name for name, value in paths.items() if value == path]
+        name = names[0] if names else next(
+            n for n in (path, *(f"{path}-{i}" for i in range(2, len(taken) + 3))) if n not in taken)
         _git_out("config", "-f", str(file), f"submodule.{name}.path", path, cwd=dist)
         _git_out("config", "-f", str(file), f"submodule.{name}.url", url, cwd=dist)
         return name, file.read_text(encoding="utf-8")

@@ -1,4 +1,5 @@
-"""Publishing pushes no commit the manifest check did not cover (issue 19, case 1).
+"""Publishing pushes no commit the manifest check did not cover, and leaves other submodules'
+sections of .gitmodules alone (issue 19, cases 1 and 3).
 
 A push sends the whole history behind HEAD, so a variant folder whose repository has a commit
 publish did not make (one holding files its manifest does not list, such as an `.env`) is
@@ -118,3 +119,52 @@ def test_a_clone_of_a_published_variant_publishes_its_update(tmp_path: Path,
     remote = tmp_path / "remotes" / f"{NAME}.git"
     assert git("rev-parse", "main", cwd=remote) == second.commit != first.commit
     assert git("rev-parse", f"{second.commit}~1", cwd=remote) == first.commit
+
+
+# ---------------------------------------------------------------------------- case 3
+
+
+def add_other_submodule(other: Path, dist: Path, section: str, path: str) -> None:
+    """Another submodule of the distribution (a repository made in `other`), at `path`, whose
+    .gitmodules section is named `section`."""
+    other.mkdir()
+    git("init", "-q", "-b", "main", cwd=other)
+    (other / "data.txt").write_text("other\n")
+    commit_all(other, "other")
+    git("-c", "protocol.file.allow=always", "submodule", "add", "-q", "--name", section,
+        str(other), path, cwd=dist)
+    git(*IDENTITY, "commit", "-q", "-m", "vendor another submodule", cwd=dist)
+
+
+def sections(dist: Path) -> dict[str, dict[str, str]]:
+    found = git("config", "-f", ".gitmodules", "--get-regexp", r"^submodule\.", cwd=dist)
+    out: dict[str, dict[str, str]] = {}
+    for line in found.splitlines():
+        key, _, value = line.partition(" ")
+        name, _, field = key[len("submodule."):].rpartition(".")
+        out.setdefault(name, {})[field] = value
+    return out
+
+
+@pytest.mark.parametrize("taken", [[NAME], [NAME, f"{NAME}-2"]])
+def test_a_variant_named_like_another_submodules_section_leaves_it_alone(
+        tmp_path: Path, dist: Path, taken: list[str]) -> None:
+    others = {}
+    for i, section in enumerate(taken):
+        add_other_submodule(tmp_path / f"other{i}", dist, section, f"vendor/other{i}")
+        others[section] = sections(dist)[section]
+    make_fake_variant(dist / NAME)
+    remote = bare(tmp_path)
+    proc = run_tool("publish", "--variant", str(dist / NAME), "--remote", str(remote))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    after = sections(dist)
+    for section, fields in others.items():
+        assert after[section] == fields  # path and URL as they were
+    ours = [name for name, fields in after.items() if fields.get("path") == NAME]
+    assert ours == [f"{NAME}-{len(taken) + 1}"]
+    assert after[ours[0]]["url"] == str(remote)
+    status = git("submodule", "status", cwd=dist)
+    assert all(f"vendor/other{i}" in status for i in range(len(taken))) and NAME in status
+    again = publish_variant(dist / NAME, str(remote))  # a re-publish finds its own section
+    assert sections(dist) == after and again.commit == git("rev-parse", "main", cwd=remote)
+
