@@ -147,7 +147,8 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
             f"vocab_size={source.config.vocab_size}; pass the tokenizer that came with these "
             "weights (--tokenizer)."
         )
-    max_len = req.max_seq_len or source.config.max_seq_len
+    # An explicit value is used or refused, never replaced (0 is not "not given").
+    max_len = source.config.max_seq_len if req.max_seq_len is None else req.max_seq_len
     if max_len < 2:
         raise UserError(f"--max-seq-len {max_len} is too short; a variant needs a context of at "
                         "least 2 tokens (Llama 2's is 4096).")
@@ -155,7 +156,8 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
     provenance = {**source.describe(), "exporter": f"llama2_onnx {__version__}",
                   "onnx_opset": "17 + com.microsoft 1",
                   "exported": datetime.date.today().isoformat()}
-    block = (req.block_size or DEFAULT_BLOCK_SIZE) if req.precision == "int4" else None
+    block = None if req.precision != "int4" else (
+        DEFAULT_BLOCK_SIZE if req.block_size is None else req.block_size)
     config = source.config.replace(dtype=req.precision, block_size=block, chat=req.chat,
                                    max_seq_len=max_len, provenance=provenance)
     return source, tokenizer_path, config
