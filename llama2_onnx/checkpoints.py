@@ -96,6 +96,8 @@ class Source(Protocol):
 
     def read(self, name: str) -> np.ndarray: ...
 
+    def where(self, name: str) -> str: ...  # the tensor's own name and file, for messages
+
     def describe(self) -> dict[str, str]: ...
 
 
@@ -145,6 +147,7 @@ class HFSource(_Checked):
         self.config = hf_config(self.folder / "config.json")
         self.tied = False
         self.infos: dict[str, safetensors_io.TensorInfo] = {}
+        self.keys: dict[str, str] = {}  # canonical name -> the checkpoint's own
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             hint = " (it has PyTorch .bin files: save it with safe_serialization=True)" if list(
@@ -156,6 +159,7 @@ class HFSource(_Checked):
         if "output.weight" not in self.infos and self._tie_word_embeddings:
             self.tied = True
             self.infos["output.weight"] = self.infos["tok_embeddings.weight"]
+            self.keys["output.weight"] = self.keys["tok_embeddings.weight"]
         self.available = set(self.infos)
         self._check_complete()
 
@@ -180,10 +184,13 @@ class HFSource(_Checked):
             )
         if name in self.infos:
             raise CheckpointError(f"tensor {key!r} appears in two files of {self.folder}.")
-        self.infos[name] = info
+        self.infos[name], self.keys[name] = info, key
 
     def read(self, name: str) -> np.ndarray:
         return self._check(name, safetensors_io.read_tensor(self.infos[name]))
+
+    def where(self, name: str) -> str:
+        return f"{self.keys[name]} in {self.infos[name].path}"
 
     def describe(self) -> dict[str, str]:
         return {"format": "huggingface", "source": self.folder.name}
@@ -300,6 +307,11 @@ class MetaSource(_Checked):
         elif name.endswith("attention.wk.weight"):
             arr = meta_to_half_split(arr, self.config.n_kv_heads)
         return self._check(name, arr)
+
+    def where(self, name: str) -> str:
+        files = self.paths[0] if len(self.paths) == 1 else \
+            f"the {len(self.paths)} shards consolidated.*.pth of {self.folder}"
+        return f"{name} in {files}"
 
     def describe(self) -> dict[str, str]:
         return {"format": "meta", "source": self.folder.name, "shards": str(len(self.paths))}

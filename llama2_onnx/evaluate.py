@@ -30,8 +30,8 @@ def perplexity(engine, tokens: Sequence[int], window: int | None = None,
     Raises:
         UserError when the text has fewer than two tokens or the window/stride do not fit.
     """
-    window = window or engine.context_len
-    stride = stride or window // 2
+    window = engine.context_len if window is None else window  # 0 is refused, not replaced
+    stride = window // 2 if stride is None else stride
     if len(tokens) < 2:
         raise UserError("the text has fewer than two tokens; give a longer text.")
     if not 0 < stride <= window - 1 or window > engine.context_len:

@@ -17,7 +17,13 @@ from .checkpoints import Source, open_source
 from .config import NP_DTYPES, Config
 from .errors import CheckpointError, UserError, VerificationError
 from .files import check_not_lfs_pointer, write_manifest
-from .graph import ExternalDataWriter, build_model, n_graph_tensors
+from .graph import (
+    ExternalDataWriter,
+    build_model,
+    largest_storable,
+    n_graph_tensors,
+    quantized,
+)
 from .layout import (
     CACHE_DIR,
     CONFIG,
@@ -142,7 +148,8 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
             f"vocab_size={source.config.vocab_size}; pass the tokenizer that came with these "
             "weights (--tokenizer)."
         )
-    max_len = req.max_seq_len or source.config.max_seq_len
+    # An explicit value is used or refused, never replaced (0 is not "not given").
+    max_len = source.config.max_seq_len if req.max_seq_len is None else req.max_seq_len
     if max_len < 2:
         raise UserError(f"--max-seq-len {max_len} is too short; a variant needs a context of at "
                         "least 2 tokens (Llama 2's is 4096).")
@@ -150,7 +157,8 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
     provenance = {**source.describe(), "exporter": f"llama2_onnx {__version__}",
                   "onnx_opset": "17 + com.microsoft 1",
                   "exported": datetime.date.today().isoformat()}
-    block = (req.block_size or DEFAULT_BLOCK_SIZE) if req.precision == "int4" else None
+    block = None if req.precision != "int4" else (
+        DEFAULT_BLOCK_SIZE if req.block_size is None else req.block_size)
     config = source.config.replace(dtype=req.precision, block_size=block, chat=req.chat,
                                    max_seq_len=max_len, provenance=provenance)
     return source, tokenizer_path, config
@@ -194,6 +202,7 @@ def _check_disk(folder: Path, config: Config) -> None:
 
 def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: Config,
                    req: ExportRequest) -> None:
+    source = _StorableSource(source, config)
     (folder / GRAPH_DIR).mkdir(parents=True)
     graph_path = folder / GRAPH_DIR / graph_name(req.variant)
     with _Progress(config, enabled=req.progress) as progress:
@@ -221,6 +230,58 @@ def _write_embeddings(path: Path, source: Source, config: Config) -> None:
     dtype = NP_DTYPES[config.dtype]
     spec = [("weight", np.dtype(dtype), (config.vocab_size, config.dim))]
     safetensors_io.write_streaming(path, spec, lambda _: source.read("tok_embeddings.weight"))
+
+
+class _StorableSource:
+    """The source with every tensor checked as it streams into the variant: finite, and no
+    larger than the variant's type stores (graph.largest_storable), so none becomes inf."""
+
+    def __init__(self, source: Source, variant: Config) -> None:
+        self.source, self.variant, self.config = source, variant, source.config
+
+    def read(self, name: str) -> np.ndarray:
+        array = self.source.read(name)
+        check_storable(name, array, self.variant, self.source.where(name))
+        return array
+
+    def where(self, name: str) -> str:
+        return self.source.where(name)
+
+    def describe(self) -> dict[str, str]:
+        return self.source.describe()
+
+
+def check_storable(name: str, array: np.ndarray, variant: Config, where: str) -> None:
+    """Refuse a tensor with NaN or inf, or one the variant's type cannot hold.
+
+    Args:
+        name: the canonical tensor name; where: its own name and file (Source.where).
+    Raises:
+        CheckpointError naming the tensor, its file, the value and where it is.
+    """
+    if not array.size:
+        return
+    high, low = float(array.max()), float(array.min())  # NaN propagates; no temporaries
+    limit = largest_storable(variant, name)
+    if not np.isfinite([high, low]).all():
+        kind = "NaN" if np.isnan([high, low]).any() else "an infinite value"
+        at = _index_of(~np.isfinite(array))
+        raise CheckpointError(f"tensor {name} ({where}) holds {kind} at {at}; the checkpoint "
+                              "is damaged: download it again (nothing was written).")
+    if max(high, -low) > limit:
+        value = high if high >= -low else low
+        stored = np.dtype(NP_DTYPES[variant.dtype]).name
+        what = (f"int4's {stored} block scales allow ({limit:g}, 8 x the largest {stored})"
+                if quantized(variant, name) else f"{stored} holds ({limit:g})")
+        raise CheckpointError(
+            f"tensor {name} ({where}) holds {value:g} at {_index_of(np.abs(array) > limit)}, "
+            f"more than {what}, so the variant would store inf there; export with --precision "
+            "float32, or repair that tensor (nothing was written).")
+
+
+def _index_of(mask: np.ndarray) -> list[int]:
+    """The index of the first true element of `mask`, as a list (e.g. [3, 17])."""
+    return [int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape)]
 
 
 class _Progress:
@@ -324,7 +385,11 @@ def verify_variant_against(folder: Path, source: Source) -> VerifyReport:
     Raises:
         VerificationError when a step's error exceeds the precision's BOUNDS.
     """
-    report = compare_with_reference(folder, source)
+    try:
+        report = compare_with_reference(folder, source)
+    except VerificationError as exc:  # non-finite logits: one sentence, its fix last
+        raise VerificationError(f"{str(exc).rstrip('.')} (the variant was not written).") \
+            from None
     if not report.ok:
         raise VerificationError(report.summary() + "; the variant was not written. Re-run with "
                                 "--precision float32 to check the source, or report a bug.")
@@ -333,7 +398,11 @@ def verify_variant_against(folder: Path, source: Source) -> VerifyReport:
 
 def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STEPS,
                            provider: str = "cpu") -> VerifyReport:
-    """Teacher-forced comparison: at each step both models see the reference's greedy tokens."""
+    """Teacher-forced comparison: at each step both models see the reference's greedy tokens.
+
+    Raises:
+        VerificationError when either model's logits hold inf or NaN (no error measures that).
+    """
     import torch
 
     from .generation import Engine
@@ -347,9 +416,10 @@ def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STE
         ref_logits = reference(torch.tensor([prompt]))[0]
     tokens = list(prompt)
     ort_logits = engine.prefill(prompt)
-    worst_abs, errors = 0.0, []
+    worst_abs, errors, dtype = 0.0, [], engine.config.dtype
     for step in range(steps):
         ref_last = ref_logits[-1].numpy()
+        _require_finite(ort_logits, ref_last, dtype, f"step {step + 1} of {steps}")
         worst_abs = max(worst_abs, float(np.abs(ort_logits - ref_last).max()))
         errors.append(step_errors(ort_logits, ref_last))
         tokens.append(int(ref_last.argmax()))
@@ -358,9 +428,21 @@ def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STE
                 ref_logits = reference(torch.tensor([tokens]))[0]
             ort_logits = engine.decode_step(tokens[-1])
     rel_rms, kl, top1 = np.asarray(errors, np.float64).T  # (3, steps)
-    dtype = engine.config.dtype
     return VerifyReport(dtype, worst_abs, float(rel_rms.max()), float(kl.max()),
                         float(top1.mean()), BOUNDS[dtype], steps)
+
+
+def _require_finite(ours: np.ndarray, reference: np.ndarray, precision: str, when: str) -> None:
+    if not np.isfinite(reference).all():
+        raise VerificationError(f"verify FAILED: the float32 PyTorch reference computed inf or "
+                                f"NaN logits at {when}, so the checkpoint's weights overflow "
+                                "even float32; check the checkpoint or download it again.")
+    if not np.isfinite(ours).all():
+        fix = "report a bug" if precision == "float32" else "export with --precision float32"
+        activations = np.dtype(NP_DTYPES[precision]).name
+        raise VerificationError(f"verify FAILED ({precision}): the variant computed inf or NaN "
+                                f"logits at {when} where the float32 reference's are finite, so "
+                                f"its {activations} activations overflow; {fix}.")
 
 
 def load_reference(source: Source, transformer_cls):

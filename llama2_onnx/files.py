@@ -9,7 +9,7 @@ import re
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from .errors import VariantError
+from .errors import UserError, VariantError
 from .layout import (
     CACHE_DIR,
     CONFIG,
@@ -219,3 +219,24 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_user_text(path: Path, flag: str, fix: str) -> str:
+    """The text of a file a user named with `flag` (a corpus, a text to score).
+
+    Raises:
+        UserError (one sentence ending in `fix`) when it is missing, or binary: not UTF-8,
+        or holding a NUL byte.
+    """
+    if not path.is_file():
+        raise UserError(f"{flag} {path} is not a file; {fix}.")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text, where = "", exc.start
+    else:
+        where = data.find(b"\0")
+    if where >= 0:
+        raise UserError(f"{flag} {path} is binary, not UTF-8 text (at byte {where}); {fix}.")
+    return text

@@ -209,6 +209,8 @@ class Engine:
         history = prompt if settings.repetition_penalty != 1.0 else ()
         try:
             while True:
+                if not np.isfinite(logits).all():  # inf/NaN: no token to choose, say so
+                    raise GenerationError(_NON_FINITE.format(name=self.name or "this variant"))
                 token = sample_token(logits, settings, rng, history[-REPETITION_WINDOW:])
                 if not stats.new_tokens:
                     stats.ttft_s = time.perf_counter() - start
@@ -238,6 +240,11 @@ class Engine:
         finally:
             stats.decode_s = time.perf_counter() - start - stats.ttft_s
             stats.stop_reason = stats.stop_reason or "stopped"
+
+
+_NON_FINITE = ("{name} produced non-finite logits (inf or NaN), so no token can be chosen; "
+               "check its files with `tools/export_and_publish.py verify` and re-export it "
+               "(with --precision float32 if float16 overflows).")
 
 
 def check_max_new_tokens(n: object, name: str = "max new tokens") -> None:

@@ -73,7 +73,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .config import INT4_QUANTIZES_OUTPUT, NP_DTYPES, Config
-from .quantize import THREADS, quantize
+from .quantize import THREADS, ZERO_POINT, quantize
 from .rope import rotary_cos_sin
 
 OPSET = 17
@@ -193,7 +193,7 @@ class _GraphBuilder:
         parts = [self.weights(w) for w in weights]
         array = parts[0] if len(parts) == 1 else np.concatenate(parts)  # (sum of outs, in)
         del parts
-        if self.config.dtype == "int4" and (name != "output.weight" or self.quantize_output):
+        if quantized(self.config, name, self.quantize_output):
             return self.matmul_nbits(x, name, array, out)
         self.initializers.append(self.writer.add(name + "_t", transposed(array, self.dtype)))
         self.node("MatMul", [x, name + "_t"], [out], out)
@@ -313,6 +313,25 @@ class _GraphBuilder:
         helper.set_model_props(model, {"max_seq_len": str(c.max_seq_len),
                                        "n_layers": str(c.n_layers)})
         return model
+
+
+def quantized(config: Config, name: str, quantize_output: bool | None = None) -> bool:
+    """Whether the graph stores matrix `name` (canonical, or fused like `...wqkv.weight`) as
+    4-bit codes with float16 block scales: every Linear weight of an int4 variant, the output
+    projection when `quantize_output` (default QUANTIZE_OUTPUT); never the norms or the
+    embedding table."""
+    if config.dtype != "int4" or name.endswith("norm.weight") or name == "tok_embeddings.weight":
+        return False
+    return name != "output.weight" or (QUANTIZE_OUTPUT if quantize_output is None
+                                       else quantize_output)
+
+
+def largest_storable(config: Config, name: str) -> float:
+    """The largest magnitude canonical tensor `name` may hold to be stored without becoming
+    inf: its storage type's largest value (float16: 65504), or for a 4-bit matrix 8 times
+    that, since a block stores its largest magnitude over 8 as a float16 scale (quantize.py)."""
+    top = float(np.finfo(NP_DTYPES[config.dtype]).max)
+    return top * ZERO_POINT if quantized(config, name) else top
 
 
 def build_model(config: Config, weights: Callable[[str], np.ndarray],

@@ -207,6 +207,7 @@ def push_variant(variant_dir: Path, url: str, message: str) -> str:
         PublishError: Git LFS is missing or the push was refused.
     """
     check_url(url)
+    _require_own_history(variant_dir)  # before anything in the folder changes
     _init_variant_repo(variant_dir)
     ensure_gitattributes(variant_dir)
     files, _ = published_files(variant_dir)
@@ -221,6 +222,57 @@ def push_variant(variant_dir: Path, url: str, message: str) -> str:
         raise PublishError(f"{url} does not show {sha} on {BRANCH} after the push; check that "
                            "nothing else pushes there and publish again.")
     return sha
+
+
+def _require_own_history(variant_dir: Path) -> None:
+    """Refuse a folder whose git history has a commit publish did not make.
+
+    Pushing HEAD sends every commit behind it, so each must hold only what the manifest check
+    covers: its own manifest.json and the files that manifest lists. Publish's commits are
+    exactly that (those of earlier publishes too, and those of a clone of the published
+    repository); a commit the user made with an `.env` in it is not, even when a later commit
+    deleted the file.
+    """
+    if not (variant_dir / ".git").exists():
+        return  # publish makes the repository
+    head = _git_out("rev-parse", "-q", "--verify", "HEAD", cwd=variant_dir, check=False)
+    history = _git_out("rev-list", head, cwd=variant_dir).split() if head else []
+    foreign = {c: why for c in history if (why := _outside_manifest(variant_dir, c))}
+    if not foreign:
+        return
+    commit = next(c for c in reversed(history) if c in foreign)  # the oldest
+    fix = f"move {variant_dir / '.git'} away if that history was never pushed"
+    base = _clean_base(variant_dir, head, set(foreign))
+    if base:
+        fix = (f"`git -C {variant_dir} reset --soft {base[:12]}` drops the commits after the "
+               f"last clean one (the files stay in the folder), or {fix}")
+    raise PublishError(f"{variant_dir} was not published because its git history has commit "
+                       f"{commit[:12]}, which publish did not make ({foreign[commit]}) and which "
+                       f"a push would send along; publish from a clean copy: {fix}.")
+
+
+def _clean_base(variant_dir: Path, head: str, foreign: set[str]) -> str:
+    """The newest first-parent ancestor of `head` with no foreign commit behind it, or ""."""
+    for commit in _git_out("rev-list", "--first-parent", head, cwd=variant_dir).split():
+        if commit not in foreign and foreign.isdisjoint(
+                _git_out("rev-list", commit, cwd=variant_dir).split()):
+            return commit
+    return ""
+
+
+def _outside_manifest(variant_dir: Path, commit: str) -> str:
+    """What in `commit`'s tree its own manifest.json does not cover ("" when nothing)."""
+    blob = _git("cat-file", "blob", f"{commit}:{MANIFEST}", cwd=variant_dir)
+    try:
+        listed = json.loads(blob.stdout)["files"] if blob.returncode == 0 else None
+    except (ValueError, TypeError, KeyError):
+        listed = None
+    if not isinstance(listed, dict):
+        return f"it has no readable {MANIFEST}"
+    tree = _git("ls-tree", "-r", "-z", "--name-only", commit, cwd=variant_dir).stdout
+    names = tree.decode("utf-8", "surrogateescape").split("\0")
+    stray = [rel for rel in names if rel and rel != MANIFEST and rel not in listed]
+    return f"it holds {stray[0]}, which its {MANIFEST} does not list" if stray else ""
 
 
 def _push_failed(variant_dir: Path, url: str, proc: subprocess.CompletedProcess) -> None:
@@ -365,16 +417,22 @@ def _stage_pin(dist: Path, env: dict[str, str], head: str | None, path: str, url
 
 
 def _gitmodules_with(dist: Path, text: str, path: str, url: str) -> tuple[str, str]:
-    """.gitmodules text with submodule `path` set to `url` (existing section name kept)."""
+    """.gitmodules text with submodule `path` set to `url`: the section that has this path
+    keeps its name; a new one is named after the path, or `<path>-2`, `-3`... when another
+    submodule's section already has that name (its path and URL are never changed)."""
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "gitmodules"
         file.write_text(text, encoding="utf-8")
         found = _git_out("config", "-f", str(file), "--get-regexp", r"^submodule\..*\.path$",
                          cwd=dist, check=False)
-        names = [key[len("submodule."):-len(".path")]
-                 for key, _, value in (line.partition(" ") for line in found.splitlines())
-                 if value == path]
-        name = names[0] if names else path
+        paths = {key[len("submodule."):-len(".path")]: value
+                 for key, _, value in (line.partition(" ") for line in found.splitlines())}
+        sections = _git_out("config", "-f", str(file), "--name-only", "--get-regexp",
+                            r"^submodule\.", cwd=dist, check=False)
+        taken = {key[len("submodule."):].rpartition(".")[0] for key in sections.splitlines()}
+        names = [name for name, value in paths.items() if value == path]
+        name = names[0] if names else next(
+            n for n in (path, *(f"{path}-{i}" for i in range(2, len(taken) + 3))) if n not in taken)
         _git_out("config", "-f", str(file), f"submodule.{name}.path", path, cwd=dist)
         _git_out("config", "-f", str(file), f"submodule.{name}.url", url, cwd=dist)
         return name, file.read_text(encoding="utf-8")

@@ -24,6 +24,10 @@ from pathlib import Path
 from .errors import Interrupted, UserError
 from .layout import CACHE_DIR, CONFIG, GRAPH_DIR, MANIFEST, STAGING_MARK
 
+# Written by the tools that make checkpoints (tools/make_random_checkpoint.py, train_demo.py)
+# into their --out folder, listing what they write: they write only into a new or empty folder
+# or one carrying it, so a downloaded checkpoint's config.json and shards are never replaced.
+TOOL_MARK = ".llama2_onnx-tool-output"
 _LEFTOVER = re.compile(r"^\.(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*)\.(partial|old)-(?P<pid>\d+)$")
 # Kept when a variant folder is replaced: its git repository (published variants) and caches.
 _KEPT = (".git",)
@@ -205,3 +209,67 @@ def _signals_held() -> Iterator[None]:
         _HOLD["active"] = False
     if _HOLD["pending"] is not None:
         raise Interrupted(_HOLD["pending"])
+
+
+def check_tool_out(out: Path) -> list[str]:
+    """Refuse a tool's `--out` unless it is new, an empty folder, or one a tool of this package
+    wrote (its TOOL_MARK lists every file in it; half-written `*.tmp` files aside).
+
+    Returns:
+        The files an earlier run wrote there (replaced by claim_tool_out); [] when none.
+    Raises:
+        UserError naming what is in the way and what to do.
+    """
+    if not out.exists():
+        if out.is_symlink():
+            raise UserError(f"--out {out} is a link to nothing; pass a new or empty folder.")
+        return []
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a new or empty folder to write into.")
+    entries = sorted(p.name for p in out.iterdir())
+    listed = _tool_mark_files(out)
+    if listed is None:
+        if not entries:
+            return []
+        raise UserError(f"--out {out} holds files this tool did not write (the first: "
+                        f"{entries[0]}), which it could replace; pass a new or empty folder.")
+    for name in entries:
+        path = out / name
+        ours = name in listed and (path.is_symlink() or not path.is_dir())
+        if name != TOOL_MARK and not ours and not (name.endswith(".tmp") and path.is_file()):
+            raise UserError(f"--out {out} holds {name}, which this tool did not write; move "
+                            "it away or pass a new or empty folder.")
+    return listed
+
+
+def claim_tool_out(out: Path, files: Sequence[str], tool: str) -> None:
+    """Make `out` ready for `tool` to write `files` (plain names) into, after check_tool_out:
+    an earlier run's files are removed and the mark lists `files` before any is written, so
+    an interrupted run can simply be run again."""
+    previous = check_tool_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_tool_mark(out, sorted({*previous, *files}), tool)  # covers both while removing
+    for name in previous:
+        (out / name).unlink(missing_ok=True)
+    _write_tool_mark(out, sorted(files), tool)
+
+
+def _write_tool_mark(out: Path, files: list[str], tool: str) -> None:
+    tmp = out / f"{TOOL_MARK}.tmp"
+    tmp.write_text(json.dumps({"written_by": tool, "files": files}, indent=2) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, out / TOOL_MARK)
+
+
+def _tool_mark_files(out: Path) -> list[str] | None:
+    """The plain file names a valid mark in `out` lists; None without one."""
+    mark = out / TOOL_MARK
+    try:
+        files = json.loads(mark.read_text(encoding="utf-8"))["files"] if mark.is_file() and \
+            not mark.is_symlink() else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    plain = isinstance(files, list) and all(
+        isinstance(f, str) and f not in ("", ".", "..", TOOL_MARK) and "/" not in f
+        and "\\" not in f for f in files)
+    return files if plain else None

@@ -16,6 +16,7 @@ import numpy as np
 from . import safetensors_io
 from .checkpoints import HF_LAYER_NAMES, HF_NAMES, META_SHARD_AXIS, canonical_shapes
 from .config import Config
+from .errors import UserError
 
 HF_FROM_CANONICAL = {v: k for k, v in HF_NAMES.items()}
 HF_LAYER_FROM_CANONICAL = {v: k for k, v in HF_LAYER_NAMES.items()}
@@ -50,22 +51,63 @@ def hf_config_dict(config: Config, torch_dtype: str = "float16") -> dict:
     }
 
 
+HF_INDEX = "model.safetensors.index.json"
+
+
+def hf_weight_files(shards: int) -> list[str]:
+    """The names of a Hugging Face checkpoint's weight files, as transformers saves them."""
+    if shards == 1:
+        return ["model.safetensors"]
+    return [f"model-{s + 1:05d}-of-{shards:05d}.safetensors" for s in range(shards)]
+
+
+def checkpoint_files(fmt: str, shards: int) -> list[str]:
+    """Every file write_hf ("hf") or write_meta ("meta") writes for `shards` weight files."""
+    if fmt == "hf":
+        return ["config.json", *hf_weight_files(shards), *([HF_INDEX] if shards > 1 else [])]
+    return ["params.json", *(f"consolidated.{s:02d}.pth" for s in range(shards))]
+
+
+def check_shards(config: Config, fmt: str, shards: int) -> None:
+    """Refuse a number of weight files that this model cannot be written in.
+
+    Raises:
+        UserError: fewer than 1; for "hf" more than the model's tensors (a file would be
+            empty); for "meta" one that does not divide every tensor's model-parallel axis.
+    """
+    shapes = canonical_shapes(config)
+    if not isinstance(shards, int) or shards < 1:
+        raise UserError(f"--shards {shards} must be at least 1 (the number of weight files).")
+    if fmt == "hf" and shards > len(shapes):
+        raise UserError(f"--shards {shards} is more than the model's {len(shapes)} tensors, so "
+                        f"a file would be empty; use at most {len(shapes)}.")
+    axes = {name: META_SHARD_AXIS[name.split(".", 2)[-1] if name.startswith("layers.") else name]
+            for name in shapes}
+    uneven = [n for n, axis in axes.items() if axis is not None and shapes[n][axis] % shards]
+    if fmt == "meta" and uneven:
+        raise UserError(f"--shards {shards} does not divide {uneven[0]} {shapes[uneven[0]]} "
+                        "along the axis Meta splits it on; use a number that divides the "
+                        "model's sizes, such as 1 or 2.")
+
+
 def write_hf(folder: Path, config: Config, seed: int = 0, dtype=np.float32,
              shards: int = 1) -> Path:
-    """Write config.json and `shards` .safetensors files with random weights."""
+    """Write config.json and `shards` .safetensors files with random weights.
+
+    Raises:
+        UserError for a number of shards the model cannot be split into (check_shards).
+    """
+    check_shards(config, "hf", shards)
     folder.mkdir(parents=True, exist_ok=True)
     torch_dtype = np.dtype(dtype).name
     (folder / "config.json").write_text(json.dumps(hf_config_dict(config, torch_dtype),
                                                    indent=2))
     shapes = list(canonical_shapes(config).items())
-    per_shard = -(-len(shapes) // shards)
     weight_map, total = {}, 0
-    for s in range(shards):
-        part = shapes[s * per_shard:(s + 1) * per_shard]
+    for s, name in enumerate(hf_weight_files(shards)):
+        part = shapes[s * len(shapes) // shards:(s + 1) * len(shapes) // shards]  # none empty
         specs = [(hf_name(n), np.dtype(dtype), shape) for n, shape in part]
         lookup = {hf_name(n): (n, shape) for n, shape in part}
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else \
-            "model.safetensors"
         safetensors_io.write_streaming(
             folder / name, specs,
             lambda key, lookup=lookup: random_tensor(*lookup[key], seed=seed, dtype=dtype),
@@ -74,7 +116,7 @@ def write_hf(folder: Path, config: Config, seed: int = 0, dtype=np.float32,
         total += sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, _, shape in specs)
     if shards > 1:  # what transformers (and tools built on it) use to find sharded tensors
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (folder / HF_INDEX).write_text(json.dumps(index, indent=2))
     return folder
 
 
@@ -88,9 +130,14 @@ def half_split_to_meta(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def write_meta(folder: Path, config: Config, seed: int = 0, shards: int = 1,
                bfloat16: bool = False) -> Path:
-    """Write params.json and consolidated.NN.pth shards (bfloat16, as Meta ships, on request)."""
+    """Write params.json and consolidated.NN.pth shards (bfloat16, as Meta ships, on request).
+
+    Raises:
+        UserError for a number of shards the model cannot be split into (check_shards).
+    """
     import torch
 
+    check_shards(config, "meta", shards)
     folder.mkdir(parents=True, exist_ok=True)
     params = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
               "n_kv_heads": config.n_kv_heads, "multiple_of": config.multiple_of,

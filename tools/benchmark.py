@@ -41,14 +41,14 @@ def folder_bytes(folder: Path) -> int:
 
 
 def bench_export(args: argparse.Namespace) -> dict:
-    name = args.variant or f"bench_{args.precision}"
+    name = f"bench_{args.precision}" if args.variant is None else args.variant
     source = ["--hf", str(args.hf)] if args.hf else ["--meta", str(args.meta)]
     cmd = [sys.executable, str(ROOT / "tools" / "export_and_publish.py"), "export", *source,
            "--precision", args.precision, "--variant", name, "--out", str(args.out),
            "--no-progress", "--force"] + (["--skip-verify"] if args.skip_verify else [])
     if args.tokenizer:
         cmd += ["--tokenizer", str(args.tokenizer)]
-    if args.block_size:
+    if args.block_size is not None:  # passed on as given: the exporter refuses a bad one
         cmd += ["--block-size", str(args.block_size)]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)

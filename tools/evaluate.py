@@ -23,7 +23,7 @@ from llama2_onnx import require_core_packages  # noqa: E402
 
 require_core_packages()
 
-from llama2_onnx.cli import run_main, spell_both  # noqa: E402
+from llama2_onnx.cli import check_engine_flags, run_main, spell_both  # noqa: E402
 from llama2_onnx.errors import UserError  # noqa: E402
 from llama2_onnx.placement import PROVIDER_CHOICES  # noqa: E402
 
@@ -46,13 +46,12 @@ def evaluate(args: argparse.Namespace) -> int:
     from llama2_onnx.generation import Engine
     from llama2_onnx.variants import resolve_variant
 
-    if not args.text.is_file():
-        raise UserError(f"--text {args.text} does not exist; pass a UTF-8 text file.")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UserError(f"--max-tokens {args.max_tokens} must be at least 2.")
+    check_engine_flags(args)
+    text = read_text(args.text)  # before loading anything
     folder = resolve_variant(args.variant, ROOT)
     engine = Engine.from_variant(folder, provider=args.provider, max_seq_len=args.max_seq_len)
-    text = args.text.read_text(encoding="utf-8")
     tokens = engine.tokenizer.encode(text)  # BOS first
     tokens = tokens[:args.max_tokens]
     start = time.perf_counter()
@@ -64,6 +63,16 @@ def evaluate(args: argparse.Namespace) -> int:
         "block_size": config.block_size, "window": result.window, "stride": result.stride,
         "seconds": round(time.perf_counter() - start, 1)}))
     return 0
+
+
+def read_text(path: Path) -> str:
+    """The text to score; refuses a missing, binary or empty file in one sentence."""
+    from llama2_onnx.files import read_user_text
+
+    text = read_user_text(path, "--text", "pass a UTF-8 text file")
+    if not text.strip():
+        raise UserError(f"--text {path} is empty; pass a text of at least a few words.")
+    return text
 
 
 if __name__ == "__main__":

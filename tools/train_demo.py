@@ -33,9 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama2_onnx import safetensors_io  # noqa: E402
 from llama2_onnx.checkpoints import canonical_shapes  # noqa: E402
+from llama2_onnx.cli import run_main  # noqa: E402
 from llama2_onnx.config import Config, write_text_atomic  # noqa: E402
+from llama2_onnx.errors import UserError  # noqa: E402
+from llama2_onnx.files import read_user_text  # noqa: E402
 from llama2_onnx.reference import Transformer, greedy_tokens  # noqa: E402
 from llama2_onnx.sampling import SamplingSettings, make_rng, sample_token  # noqa: E402
+from llama2_onnx.staging import check_tool_out, claim_tool_out  # noqa: E402
 from llama2_onnx.synthetic import hf_config_dict, hf_name  # noqa: E402
 
 BIBLE_RANGE = "Gen1:1-Rev22:21"
@@ -43,6 +47,11 @@ KJV_VERSES = 31102
 # One line of `bible -f`: book abbreviation, chapter:verse, text ("1Sm3:4 That the LORD...").
 VERSE_LINE = re.compile(r"^(\d?[A-Za-z]+\d+):\d+ (.+)$")
 PROMPTS = ("In the beginning", "And the LORD said unto Moses,", "Blessed are the")
+# What save_checkpoint writes into --out (a new or empty folder, or one a tool wrote before).
+OUT_FILES = ("config.json", "model.safetensors", "tokenizer.model", "training.json")
+CORPUS_FIX = f"create it with `bible -f {BIBLE_RANGE} </dev/null > {{path}}`"
+# SentencePiece's pieces besides the corpus' characters: <unk>, <s>, </s> and 256 bytes.
+SPECIAL_PIECES = 3 + 256
 
 EPILOG = f"""\
 corpus: King James Version of the Bible (1611), public domain (in the UK the Crown's letters
@@ -74,17 +83,16 @@ def read_corpus(path: Path | None) -> Corpus:
     """Read the KJV text from `path` (output of `bible -f`) or from the installed package.
 
     Raises:
-        SystemExit: naming the package to install when neither is available.
+        UserError: naming the package to install when neither is available, or when the
+            file is not the text `bible -f` writes.
     """
     if path is not None:
-        if not path.is_file():
-            raise SystemExit(f"--corpus {path} does not exist; create it with "
-                             f"`bible -f {BIBLE_RANGE} </dev/null > {path}`.")
-        return parse_bible_lines(path.read_text(encoding="utf-8"), str(path))
+        text = read_user_text(path, "--corpus", CORPUS_FIX.format(path=path))
+        return parse_bible_lines(text, str(path))
     program = shutil.which("bible")
     if program is None:
-        raise SystemExit("the `bible` program is missing: run `apt-get install bible-kjv` "
-                         "(King James Bible, public domain) or pass --corpus FILE.")
+        raise UserError("the `bible` program is missing: run `apt-get install bible-kjv` "
+                        "(King James Bible, public domain) or pass --corpus FILE.")
     result = subprocess.run([program, "-f", BIBLE_RANGE], stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, check=True)
     version = package_version("bible-kjv-text")
@@ -109,8 +117,8 @@ def parse_bible_lines(text: str, source: str) -> Corpus:
             chapters.setdefault(match.group(1), []).append(match.group(2).strip())
     n_verses = sum(map(len, chapters.values()))
     if n_verses < KJV_VERSES // 2:
-        raise SystemExit(f"{source} holds {n_verses} verses, not the {KJV_VERSES} of the "
-                         f"KJV; extract it with `bible -f {BIBLE_RANGE} </dev/null`.")
+        raise UserError(f"{source} holds {n_verses} verses, not the {KJV_VERSES} of the "
+                        f"KJV; extract it with `bible -f {BIBLE_RANGE} </dev/null`.")
     return Corpus(list(chapters.values()), source)
 
 
@@ -158,8 +166,9 @@ def split_chapters(chapters: list[list[str]], seed: int, every: int = 50):
 
 
 def build_config(args: argparse.Namespace, vocab_size: int) -> Config:
+    n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads  # 0 is refused
     return Config(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
-                  n_kv_heads=args.n_kv_heads or args.n_heads, vocab_size=vocab_size,
+                  n_kv_heads=n_kv_heads, vocab_size=vocab_size,
                   max_seq_len=args.seq_len, dtype="float32")
 
 
@@ -322,7 +331,7 @@ def save_checkpoint(out: Path, model: Transformer, tokenizer: bytes, info: dict)
 
     Each file is written under a temporary name and renamed, so none is ever half-written.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    claim_tool_out(out, OUT_FILES, "tools/train_demo.py")
     config = model.config
     state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     shapes = canonical_shapes(config)
@@ -344,14 +353,15 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but PyTorch sees no CUDA GPU; "
-                         "install a CUDA build of torch or use --device cpu.")
+        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; "
+                        "install a CUDA build of torch or use --device cpu.")
     return requested
 
 
 def prepare_data(args: argparse.Namespace):
     """Corpus, tokenizer bytes and the train/validation token streams on the device."""
     corpus = read_corpus(args.corpus)
+    check_vocab_size(args.vocab_size, corpus)
     tokenizer = train_tokenizer(corpus.verses, args.vocab_size, args.seed)
     sp = load_tokenizer(tokenizer)
     train_chapters, val_chapters = split_chapters(corpus.chapters, args.seed)
@@ -361,14 +371,60 @@ def prepare_data(args: argparse.Namespace):
           f"{len(corpus.verses)} verses; tokens: {len(train_ids):,} train, "
           f"{len(val_ids):,} validation (vocab {sp.vocab_size()})", flush=True)
     if len(val_ids) <= args.seq_len + 1:
-        raise SystemExit(f"--seq-len {args.seq_len} is longer than the validation text "
-                         f"({len(val_ids)} tokens); use a shorter window.")
+        raise UserError(f"--seq-len {args.seq_len} is longer than the validation text "
+                        f"({len(val_ids)} tokens); use a shorter window.")
     to_device = lambda ids: torch.from_numpy(ids).to(args.device)  # noqa: E731
     return corpus, tokenizer, sp, to_device(train_ids), to_device(val_ids)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad arguments before any work (reading the corpus, training): one sentence each.
+
+    Raises:
+        UserError naming the flag and the fix.
+    """
+    for name in ("steps", "batch_size", "seq_len", "vocab_size", "log_every", "eval_batches",
+                 "dim", "n_layers", "n_heads"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be a "
+                            "positive number.")
+    for name in ("warmup", "eval_every", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be 0 or "
+                            "more.")
+    if not 0 < args.lr < math.inf:
+        raise UserError(f"--lr {args.lr} must be a positive number.")
+    if args.n_kv_heads is not None and not 0 < args.n_kv_heads <= args.n_heads:
+        raise UserError(f"--n-kv-heads {args.n_kv_heads} must be between 1 and --n-heads "
+                        f"{args.n_heads} (leave it out for {args.n_heads}).")
+    head_dim = args.dim // args.n_heads
+    if args.dim % args.n_heads or head_dim % 16:
+        raise UserError(f"--dim {args.dim} with --n-heads {args.n_heads} does not give heads "
+                        "of a multiple of 16 values, which ONNX Runtime's attention needs; use "
+                        f"a --dim that is a multiple of {16 * args.n_heads}.")
+    build_config(args, vocab_size=args.vocab_size)  # anything else Config refuses
+    if args.corpus is not None:
+        check_corpus_path(args.corpus)
+    check_tool_out(args.out)
+
+
+def check_corpus_path(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"--corpus {path} is not a file; {CORPUS_FIX.format(path=path)}.")
+
+
+def check_vocab_size(vocab_size: int, corpus: Corpus) -> None:
+    """SentencePiece needs a piece for every character of the corpus besides the special ones."""
+    need = SPECIAL_PIECES + len(set("".join(corpus.verses)) | {" "})
+    if vocab_size < need:
+        raise UserError(f"--vocab-size {vocab_size} is too small for {corpus.source}: its "
+                        f"characters and the {SPECIAL_PIECES} special and byte pieces need at "
+                        f"least {need}; pass --vocab-size {need} or more.")
+
+
 def run_training(args: argparse.Namespace) -> Path:
     """Tokenizer, model, training, samples and the checkpoint folder; returns the folder."""
+    check_args(args)
     args.device = pick_device(args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -398,7 +454,8 @@ def run_training(args: argparse.Namespace) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write: new, "
+                   "empty, or one a tool of this project wrote")
     p.add_argument("--corpus", type=Path, help="text from `bible -f` (default: run `bible`)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=16)
@@ -418,15 +475,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=250, help="0: only at the end")
     p.add_argument("--eval-batches", type=int, default=8)
-    args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len", "vocab_size", "log_every", "eval_batches"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive number.")
-    return args
+    return p.parse_args(argv)
 
 
 def main() -> None:
-    run_training(parse_args())
+    args = parse_args()
+
+    def train() -> None:  # mistakes: one `error:` line and exit code 2 (cli.run_main)
+        run_training(args)
+
+    run_main(train)
 
 
 if __name__ == "__main__":
