@@ -80,7 +80,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 32,
     Args:
         engine: a loaded engine; the app runs one generation on it at a time.
         api_key: if set, every /v1 request needs `Authorization: Bearer <api_key>`.
-        max_queue: how many requests may wait behind the running one (more get 503).
+        max_queue: how many requests may wait behind the running one (more get 503; 0: a
+            request runs only when the engine is free).
         token_delay: seconds to pause per text piece (tests only).
 
     Raises:
@@ -161,9 +162,11 @@ class OpenAIServer:
         try:
             self.scheduler.submit(job)
         except QueueFull:
-            raise ApiError(503, f"the server is busy (its queue of {self.scheduler.max_waiting} "
-                           "waiting requests is full); retry shortly.", code="queue_full",
-                           kind="server_error") from None
+            waiting = self.scheduler.max_waiting
+            queue = (f"its queue of {waiting} waiting requests is full" if waiting else
+                     "it runs one request at a time and --max-queue 0 lets none wait")
+            raise ApiError(503, f"the server is busy ({queue}); retry shortly.",
+                           code="queue_full", kind="server_error") from None
         return job
 
     async def _stream(self, parsed: GenerationRequest, job: Job) -> AsyncIterator[str]:

@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", "--api_key", default=None,
                         help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
     parser.add_argument("--max-queue", "--max_queue", type=int, default=32,
-                        help="requests that may wait for the engine; more get 503 (default 32)")
+                        help="requests that may wait for the engine; more get 503 (default 32; "
+                        "0: a request runs only when the engine is free)")
     add_engine_args(parser)
     parser.add_argument("--token_delay", type=float, default=0.0, help=argparse.SUPPRESS)
     return spell_both(parser).parse_args(argv)
