@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 Endpoint = Literal["chat", "completion"]
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256  # no client needs more; each one's matcher is built on the engine's thread
 FINISH_REASONS = {"eos": "stop", "stop string": "stop", "max tokens": "length",
                   "context full": "length"}
 # Fields refused unless they hold the value that means "off".
@@ -219,14 +220,25 @@ def _max_tokens(body: dict, endpoint: Endpoint) -> int:
 
 
 def _stop(value: object) -> tuple[str, ...]:
+    """Up to MAX_STOP_STRINGS strings of 1 to MAX_STOP_CHARS characters (OpenAI allows 4)."""
     stops = [value] if isinstance(value, str) else value
     if stops is None:
         return ()
-    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stops)):
-        raise bad(f"stop={value!r} is invalid; use a non-empty string or a list of up to "
-                  f"{MAX_STOP_STRINGS} of them.", "stop")
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad(f"stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of "
+                  f"them, not {_short(value)}.", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad(f"stop has {len(stops)} strings; use at most {MAX_STOP_STRINGS}.", "stop")
+    if longest := max((len(s) for s in stops if len(s) > MAX_STOP_CHARS), default=0):
+        raise bad(f"a stop string has {longest} characters; use at most {MAX_STOP_CHARS} "
+                  "characters per stop string.", "stop")
     return tuple(stops)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr(value), cut to about `limit` characters (a value quoted in an error message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _flag(body: dict, name: str) -> bool:

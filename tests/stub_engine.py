@@ -32,17 +32,17 @@ def engine_over(tokenizer: Tokenizer, logits_after: Callable[[int], np.ndarray],
                   tiny_config(vocab), name="stub")
 
 
-def chain_engine(tokenizer: Tokenizer, prompt: Sequence[int], answer: Sequence[int],
-                 cache_len: int = 128) -> Engine:
-    """An engine that answers `prompt` (greedily) with `answer`, then EOS. The answer's
-    tokens must differ from each other and from the prompt's last token."""
-    chain = [prompt[-1], *answer, tokenizer.eos_id]
+def chain_engine(tokenizer: Tokenizer, answer: Sequence[int], cache_len: int = 128) -> Engine:
+    """An engine that answers any prompt (greedily) with `answer`, then EOS: after a token of
+    the answer comes the next one, after any other token the first. The answer's tokens must
+    all differ (and not be EOS)."""
+    chain = [*answer, tokenizer.eos_id]
     assert len(set(chain)) == len(chain), "a chain's tokens must all differ"
     follows = dict(zip(chain[:-1], chain[1:], strict=True))
 
     def logits_after(token: int) -> np.ndarray:
         logits = np.zeros(tokenizer.n_words, dtype=np.float32)
-        logits[follows.get(token, tokenizer.eos_id)] = 10.0
+        logits[follows.get(token, answer[0])] = 10.0
         return logits
 
     return engine_over(tokenizer, logits_after, cache_len)

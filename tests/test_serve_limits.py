@@ -6,6 +6,7 @@ HTTP layer itself is checked."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -21,10 +22,8 @@ ERROR_FIELDS = {"message", "type", "param", "code"}
 
 @pytest.fixture()
 def stub(tokenizer):
-    """An engine that answers "the" with " cat sat with you" (then EOS)."""
-    prompt = [tokenizer.bos_id, *piece_ids(tokenizer, "▁the")]
-    return chain_engine(tokenizer, prompt, piece_ids(tokenizer, "▁cat", "▁s", "at", "▁with",
-                                                     "▁you"))
+    """An engine that answers any prompt with " cat sat with you" (then EOS)."""
+    return chain_engine(tokenizer, piece_ids(tokenizer, "▁cat", "▁s", "at", "▁with", "▁you"))
 
 
 def http_client(engine, **options):
@@ -85,3 +84,57 @@ def test_max_queue_0_answers_one_request_after_another(stub):
         replies = [completion(http, max_tokens=3) for _ in range(3)]
     assert [r.status_code for r in replies] == [200, 200, 200]
     assert replies[0].json()["choices"][0]["text"] == " cat sat"
+
+
+def streamed(http, path: str, body: dict) -> tuple[str, list[dict]]:
+    """The text of a streamed response and its chunks (the stream must end with [DONE])."""
+    with http.stream("POST", path, json={**body, "stream": True}) as reply:
+        assert reply.status_code == 200
+        events = [line.removeprefix("data: ") for line in reply.iter_lines()
+                  if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    key = "text" if path == "/v1/completions" else "content"
+    text = "".join((c["choices"][0].get(key) or c["choices"][0].get("delta", {}).get(key) or "")
+                   for c in chunks if c["choices"])
+    return text, chunks
+
+
+@pytest.mark.parametrize("stop, max_tokens, text, finish, tokens", [
+    ("t sat w", 20, " ca", "stop", 4),  # over the pieces " cat", " s", "at", " with"
+    ([" sat", "zz"], 3, " cat", "stop", 3),  # completed by the last allowed token
+    (" sat", 2, " cat s", "length", 2),
+    (None, 20, " cat sat with you", "stop", 5),  # then EOS, which is not a completion token
+])
+def test_stop_strings_and_finish_reasons_streamed_and_whole(stub, stop, max_tokens, text,
+                                                             finish, tokens):
+    body = {"model": "stub", "prompt": "the", "temperature": 0, "max_tokens": max_tokens,
+            "stop": stop, "stream_options": {"include_usage": True}}
+    with http_client(stub) as http:
+        whole = completion(http, max_tokens=max_tokens, stop=stop).json()
+        got, chunks = streamed(http, "/v1/completions", body)
+        chat = http.post("/v1/chat/completions", json={
+            "model": "stub", "messages": [{"role": "user", "content": "the"}],
+            "temperature": 0, "max_tokens": max_tokens, "stop": stop}).json()
+    assert (whole["choices"][0]["text"], whole["choices"][0]["finish_reason"]) == (text, finish)
+    assert (got, chunks[-2]["choices"][0]["finish_reason"]) == (text, finish)
+    assert chat["choices"][0]["message"]["content"] == text.lstrip()
+    assert chat["choices"][0]["finish_reason"] == finish
+    for usage in (whole["usage"], chunks[-1]["usage"], chat["usage"]):
+        assert usage["completion_tokens"] == tokens
+
+
+@pytest.mark.parametrize("stop, message", [
+    (["a"] * 5, "stop has 5 strings; use at most 4."),
+    ("x" * 257, "a stop string has 257 characters; use at most 256 characters per stop string."),
+    (["ok", "x" * 2**20], "a stop string has 1048576 characters; use at most 256"),
+    ([""], "stop must be a non-empty string or a list of up to 4 of them, not ['']."),
+    ({"a": 1}, "stop must be a non-empty string"),
+])
+def test_stop_strings_are_bounded_in_number_and_length(stub, stop, message):
+    with http_client(stub) as http:
+        reply = completion(http, stop=stop)
+    assert reply.status_code == 400 and set(reply.json()["error"]) == ERROR_FIELDS
+    error = reply.json()["error"]
+    assert error["param"] == "stop" and error["message"].startswith(message)
+    assert len(error["message"]) < 200
