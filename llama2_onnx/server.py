@@ -16,7 +16,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,14 +344,26 @@ def serve(options: ServerOptions) -> None:
                                  graph_capture=options.graph_capture)
     app = create_app(engine, options.api_key, options.max_queue, options.token_delay)
     host, port = sock.getsockname()[:2]
-    log.info("serving %s (%s, context %d) at http://%s:%d/v1%s", engine.name,
-                engine.runner.provider, engine.context_len, _url_host(host), port,
-                " (API key required)" if options.api_key else "")
     if not options.api_key and not _is_loopback(host):
         log.warning("no --api-key: anyone who can reach %s:%d can use the model", host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30)
-    uvicorn.Server(config).run(sockets=[sock])
+    _run(uvicorn, config, sock, lambda: log.info(
+        "serving %s (%s, context %d) at http://%s:%d/v1%s", engine.name, engine.runner.provider,
+        engine.context_len, _url_host(host), port,
+        " (API key required)" if options.api_key else ""))
+
+
+def _run(uvicorn, config, sock: socket.socket, ready: Callable[[], None]) -> None:
+    """Serve on `sock` until interrupted; `ready()` once it accepts connections (uvicorn calls
+    listen() in its startup, after the app's lifespan has started)."""
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                ready()
+
+    Server(config).run(sockets=[sock])
 
 
 def _is_loopback(host: str) -> bool:

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from stub_engine import chain_engine, piece_ids
@@ -16,6 +20,8 @@ from llama2_onnx.generation import GenerationStats
 from llama2_onnx.sampling import SamplingSettings
 from llama2_onnx.scheduler import Job, QueueFull, Scheduler
 from llama2_onnx.server import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
@@ -138,3 +144,44 @@ def test_stop_strings_are_bounded_in_number_and_length(stub, stop, message):
     error = reply.json()["error"]
     assert error["param"] == "stop" and error["message"].startswith(message)
     assert len(error["message"]) < 200
+
+
+READY_SCRIPT = r"""
+import logging, os, re, socket, sys
+from pathlib import Path
+from llama2_onnx.server import ServerOptions, serve
+
+class ConnectWhenReady(logging.Handler):
+    def emit(self, record):
+        if found := re.search(r"serving .* at http://127\.0\.0\.1:(\d+)/v1", record.getMessage()):
+            try:
+                socket.create_connection(("127.0.0.1", int(found[1])), timeout=30).close()
+                print("connected", flush=True)
+            except OSError as exc:
+                print(f"could not connect: {exc}", flush=True)
+            os._exit(0)
+
+logging.getLogger("llama2_onnx.server").addHandler(ConnectWhenReady())
+logging.getLogger("llama2_onnx.server").setLevel(logging.INFO)
+serve(ServerOptions(variant=Path(sys.argv[1]), provider="cpu", port=0))
+"""
+
+
+def test_the_server_says_it_is_serving_only_once_it_accepts_connections():
+    """The "serving ... at" line is what scripts wait for: a connection made while it is being
+    logged (inside the logging call, before anything else runs) must be accepted."""
+    done = subprocess.run([sys.executable, "-c", READY_SCRIPT, str(ROOT / "demo")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout == "connected\n", done.stdout + done.stderr
+
+
+def test_the_serve_benchmark_waits_for_health_and_reports_each_level():
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "serve",
+                           "--variant", "demo", "--clients", "1,2", "--requests-per-client", "1",
+                           "--new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [level["requests"] for level in report["levels"]] == [1, 2]
+    assert report["prefix_reuse"]["warm"]["prefilled_tokens"] < report["prefix_reuse"]["cold"][
+        "prefilled_tokens"]
