@@ -8,21 +8,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from stub_engine import chain_engine, piece_ids
+from test_serve import KEY, start_server, stop_server
 
 from llama2_onnx.generation import GenerationStats
 from llama2_onnx.sampling import SamplingSettings
 from llama2_onnx.scheduler import Job, QueueFull, Scheduler
-from llama2_onnx.server import create_app
+from llama2_onnx.server import ApiOptions, create_app
 
 ROOT = Path(__file__).resolve().parent.parent
-
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
@@ -35,7 +38,7 @@ def stub(tokenizer):
 def http_client(engine, **options):
     from starlette.testclient import TestClient
 
-    return TestClient(create_app(engine, **options))
+    return TestClient(create_app(engine, ApiOptions(**options)))
 
 
 def completion(http, **changes):
@@ -144,6 +147,103 @@ def test_stop_strings_are_bounded_in_number_and_length(stub, stop, message):
     error = reply.json()["error"]
     assert error["param"] == "stop" and error["message"].startswith(message)
     assert len(error["message"]) < 200
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """tools/serve.py with its default limits (flags that existed before issue 19 only)."""
+    proc, url, log = start_server(tmp_path_factory.mktemp("plain"), "--api-key", KEY)
+    yield SimpleNamespace(url=url, log=log, port=port_of(url))
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """tools/serve.py with short time limits."""
+    proc, url, log = start_server(tmp_path_factory.mktemp("guarded"), "--api-key", KEY,
+                                  "--body_timeout", "2")
+    yield SimpleNamespace(url=url, log=log, port=port_of(url))
+    stop_server(proc)
+
+
+def head(path: str = "/v1/completions", host: str = "127.0.0.1", **fields: str) -> bytes:
+    """A POST request's head: Host, the key, JSON, and `fields` (Content_Length=...)."""
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Authorization: Bearer {KEY}",
+             "Content-Type: application/json"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in fields.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of one response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        assert more, f"the connection closed after {data!r}"
+        data += more
+    top, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = top.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        more = sock.recv(65536)
+        assert more, "the connection closed inside the body"
+        body += more
+    return int(status_line.split()[1]), headers, body
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closes the connection (reading what it still sends first)."""
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def assert_openai_error(status: int, body: bytes, expected: int, words: str) -> dict:
+    error = json.loads(body)["error"]
+    assert status == expected and set(error) == ERROR_FIELDS and words in error["message"]
+    return error
+
+
+def wait_for_log(log, text: str, seconds: float = 20) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and text not in log.read_text():
+        time.sleep(0.1)
+    return log.read_text()
+
+
+def test_a_chunked_body_is_refused_as_soon_as_it_passes_8_mib(plain):
+    chunk = b"x" * 2**20
+    with socket.create_connection(("127.0.0.1", plain.port), timeout=60) as sock:
+        sock.sendall(head(Transfer_Encoding="chunked"))
+        for _ in range(8):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        sock.sendall(b"1\r\nx\r\n")  # one byte over 8 MiB, and the body goes on
+        status, headers, body = read_response(sock)
+        assert_openai_error(status, body, 413, "over 8 MiB")
+        assert headers["connection"] == "close" and closed_by_server(sock)
+
+
+def test_a_body_that_never_finishes_is_408_and_the_connection_closes(guarded):
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=60) as sock:
+        sock.sendall(head(Content_Length="100") + b'{"model": ')
+        status, headers, body = read_response(sock)
+        error = assert_openai_error(status, body, 408, "did not arrive within 2 s")
+        assert error["code"] == "request_timeout" and closed_by_server(sock)
+
+
+def test_a_client_leaving_mid_body_is_one_quiet_log_line(plain):
+    with socket.create_connection(("127.0.0.1", plain.port), timeout=60) as sock:
+        sock.sendall(head(Content_Length="100") + b'{"model": ')
+    log = wait_for_log(plain.log, "went away")
+    assert log.count("the client went away before sending its whole request") == 1
+    assert "Traceback" not in log and "Exception" not in log
 
 
 READY_SCRIPT = r"""

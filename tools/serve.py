@@ -25,7 +25,7 @@ require_core_packages()
 
 from llama2_onnx.cli import add_engine_args, check_engine_flags, run_main, spell_both  # noqa: E402
 from llama2_onnx.errors import UserError  # noqa: E402
-from llama2_onnx.server import API_KEY_ENV, ServerOptions, serve  # noqa: E402
+from llama2_onnx.server import API_KEY_ENV, BODY_TIMEOUT_S, ServerOptions, serve  # noqa: E402
 from llama2_onnx.variants import resolve_variant  # noqa: E402
 
 
@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "0: a request runs only when the engine is free)")
     add_engine_args(parser)
     parser.add_argument("--token_delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--body_timeout", type=float, default=BODY_TIMEOUT_S,
+                        help=argparse.SUPPRESS)  # tests only, as --token_delay
     return spell_both(parser).parse_args(argv)
 
 
@@ -58,7 +60,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
     return ServerOptions(variant=resolve_variant(args.variant, ROOT), provider=args.provider,
                          host=args.host, port=args.port, max_seq_len=args.max_seq_len,
                          api_key=key, max_queue=args.max_queue,
-                         graph_capture=args.graph_capture,
+                         graph_capture=args.graph_capture, body_timeout=args.body_timeout,
                          token_delay=args.token_delay)
 
 
