@@ -18,6 +18,7 @@ of responses, stream chunks and errors. No HTTP here: server.py moves these over
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .generation import Engine, GenerationStats
 
 Endpoint = Literal["chat", "completion"]
+MAX_JSON_DEPTH = 64  # a request needs a handful of levels; deeper ones only cost recursion
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256  # no client needs more; each one's matcher is built on the engine's thread
 FINISH_REASONS = {"eos": "stop", "stop string": "stop", "max tokens": "length",
@@ -76,6 +78,42 @@ class GenerationRequest:
     include_usage: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+def decode_body(raw: bytes) -> object:
+    """The JSON value of a request body.
+
+    Raises:
+        ApiError: 400 for a body that is not JSON or nests more than MAX_JSON_DEPTH levels.
+    """
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
+    except (ValueError, UnicodeDecodeError):
+        raise bad("the request body is not valid JSON.") from None
+    if _nests_deeper_than(value, MAX_JSON_DEPTH):
+        raise _too_deep()
+    return value
+
+
+def _nests_deeper_than(value: object, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:  # a loop, not recursion: any depth is fine here
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in item)
+    return False
+
+
+def _too_deep() -> ApiError:
+    return bad(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep; send a "
+               "flatter JSON object (a request needs only a few levels).")
 
 
 def parse_request(endpoint: Endpoint, body: object, engine: Engine, model: str

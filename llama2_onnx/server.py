@@ -33,6 +33,7 @@ from .openai_api import (
     GenerationRequest,
     LeadingSpaceFilter,
     chunk_body,
+    decode_body,
     finish_reason,
     models_body,
     parse_request,
@@ -152,8 +153,8 @@ class OpenAIServer:
         try:
             self._authorize(request)
             body = await _read_body(request, self.body_timeout)
-            parsed = await asyncio.to_thread(parse_request, endpoint, _decode(body),
-                                             self.engine, self.model)  # long prompts: off the loop
+            parsed = await asyncio.to_thread(_parse, endpoint, body, self.engine,
+                                             self.model)  # big bodies, long prompts: off the loop
             job = self._submit(parsed)
         except ApiError as exc:
             log.info("%s %s: %d %s", request.method, request.url.path, exc.status, exc.message)
@@ -308,11 +309,8 @@ def _too_large() -> ApiError:
                     "shorter prompt.", code="request_too_large")
 
 
-def _decode(body: bytes) -> object:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON.") from None
+def _parse(endpoint: Endpoint, body: bytes, engine: Engine, model: str) -> GenerationRequest:
+    return parse_request(endpoint, decode_body(body), engine, model)
 
 
 def _event(body: dict) -> str:

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -285,3 +287,36 @@ def test_the_serve_benchmark_waits_for_health_and_reports_each_level():
     assert [level["requests"] for level in report["levels"]] == [1, 2]
     assert report["prefix_reuse"]["warm"]["prefilled_tokens"] < report["prefix_reuse"]["cold"][
         "prefilled_tokens"]
+
+
+def nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000 + b"]" * 100_000,  # deeper than json.loads can go
+    json.dumps({"model": "stub", "prompt": "the", "stop": nested(64)}).encode(),  # 65 levels
+])
+def test_deeply_nested_json_is_a_400_in_openais_shape(stub, body):
+    with http_client(stub) as http:
+        reply = http.post("/v1/completions", content=body,
+                          headers={"Content-Type": "application/json"})
+    assert_openai_error(reply.status_code, reply.content, 400, "nested more than 64 levels")
+
+
+def test_64_levels_of_json_are_read(stub):
+    with http_client(stub) as http:
+        reply = completion(http, stop=nested(63))
+    assert_openai_error(reply.status_code, reply.content, 400, "stop must be")
+
+
+def test_deeply_nested_json_leaves_no_traceback_in_the_log(plain):
+    request = urllib.request.Request(plain.url + "/completions", b"[" * 100_000, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert_openai_error(caught.value.code, caught.value.read(), 400, "nested more than 64")
+    assert "Traceback" not in plain.log.read_text()
