@@ -14,10 +14,12 @@ of responses, stream chunks and errors. No HTTP here: server.py moves these over
 # sends it back with one more message.
 #
 # Parameters this server cannot honour (n > 1, logprobs, tools, penalties other than
-# repetition) are refused with a 400 naming them, never silently ignored.
+# repetition) are refused with a 400 naming them, never silently ignored; so are parameters
+# it does not know (a misspelt `temprature` would otherwise change nothing).
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 import uuid
@@ -44,6 +46,12 @@ _UNSUPPORTED_OFF_VALUES = {
     "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
     "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
 }
+# Every top-level field a request may have, besides its input (INPUT_FIELD).
+_PARAMETERS = frozenset({
+    "model", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_tokens",
+    "max_completion_tokens", "stop", "stream", "stream_options", "n", "response_format", "user",
+    *_UNSUPPORTED_OFF_VALUES})
+INPUT_FIELD = {"chat": "messages", "completion": "prompt"}
 
 
 class ApiError(Exception):
@@ -136,6 +144,7 @@ def parse_request(endpoint: Endpoint, body: object, engine: Engine, model: str
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object.")
     _check_model(body.get("model"), model)
+    _refuse_unknown(body, endpoint)
     _refuse_unsupported(body)
     if endpoint == "chat":
         prompt = _chat_prompt(body.get("messages"), engine)
@@ -161,6 +170,26 @@ def _check_model(value: object, model: str) -> None:
                        f"{model!r} (GET /v1/models lists it).", "model", "model_not_found")
 
 
+def _refuse_unknown(body: dict, endpoint: Endpoint) -> None:
+    known = _PARAMETERS | {INPUT_FIELD[endpoint]}
+    unknown = [name for name in body if name not in known]
+    if not unknown:
+        return
+    named = ", ".join(_short(name, 40) + _guess(name, known, endpoint) for name in unknown[:3])
+    more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+    raise bad(f"unknown parameter{'s' if len(unknown) > 1 else ''} {named}{more}; remove or "
+              "rename it (the README's server section lists the parameters).",
+              unknown[0][:80], "unknown_parameter")
+
+
+def _guess(name: str, known: frozenset[str], endpoint: Endpoint) -> str:
+    other = INPUT_FIELD["completion" if endpoint == "chat" else "chat"]
+    if name == other:
+        return f" (this endpoint reads {INPUT_FIELD[endpoint]!r})"
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _refuse_unsupported(body: dict) -> None:
     n = body.get("n")
     if n is not None and n != 1:
@@ -170,6 +199,9 @@ def _refuse_unsupported(body: dict) -> None:
         if body.get(name) not in off:
             raise bad(f"{name}={body[name]!r} is not supported by this server; leave it "
                       "out.", name)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad(f"user={_short(body['user'])} is invalid; use a string naming your end user, "
+                  "or leave it out.", "user")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise bad("response_format other than {'type': 'text'} is not supported.",

@@ -320,3 +320,44 @@ def test_deeply_nested_json_leaves_no_traceback_in_the_log(plain):
         urllib.request.urlopen(request, timeout=60)
     assert_openai_error(caught.value.code, caught.value.read(), 400, "nested more than 64")
     assert "Traceback" not in plain.log.read_text()
+
+
+CHAT = {"model": "stub", "messages": [{"role": "user", "content": "the"}], "temperature": 0}
+COMPLETION = {"model": "stub", "prompt": "the", "temperature": 0}
+
+
+@pytest.mark.parametrize("path, request_body, param, words", [
+    ("/v1/completions", {**COMPLETION, "max_new_tokens": 3}, "max_new_tokens",
+     "unknown parameter 'max_new_tokens' (did you mean 'max_tokens'?); remove or rename it"),
+    ("/v1/chat/completions", {**CHAT, "temprature": 0.5}, "temprature",
+     "unknown parameter 'temprature' (did you mean 'temperature'?)"),
+    ("/v1/chat/completions", {**CHAT, "prompt": "the"}, "prompt",
+     "unknown parameter 'prompt' (this endpoint reads 'messages')"),
+    ("/v1/completions", {**COMPLETION, "messages": []}, "messages",
+     "unknown parameter 'messages' (this endpoint reads 'prompt')"),
+    ("/v1/completions", {**COMPLETION, "a1": 1, "a2": 2, "a3": 3, "a4": 4}, "a1",
+     "unknown parameters 'a1', 'a2', 'a3' and 1 more;"),
+    ("/v1/completions", {**COMPLETION, "user": 7}, "user", "user=7 is invalid"),
+])
+def test_unknown_parameters_are_refused_by_name(stub, path, request_body, param, words):
+    with http_client(stub) as http:
+        reply = http.post(path, json=request_body)
+    error = assert_openai_error(reply.status_code, reply.content, 400, words)
+    assert error["param"] == param
+
+
+@pytest.mark.parametrize("path, request_body", [(p, r) for p, r in (
+    ("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION))])
+def test_documented_parameters_that_change_nothing_are_accepted(stub, path, request_body):
+    harmless = {"user": "u-1", "n": 1, "logprobs": False, "top_logprobs": None,
+                "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "tools": [],
+                "tool_choice": "none", "response_format": {"type": "text"}, "seed": 3,
+                "top_p": 1, "top_k": 0, "repetition_penalty": 1.0, "max_completion_tokens": 2,
+                "stop": None, "echo": False, "best_of": 1, "suffix": None}
+    with http_client(stub) as http:
+        whole = http.post(path, json={**request_body, **harmless})
+        text, _ = streamed(http, path, {**request_body, **harmless,
+                                        "stream_options": {"include_usage": True}})
+    assert whole.status_code == 200, whole.text
+    choice = whole.json()["choices"][0]
+    assert text == choice.get("text", choice.get("message", {}).get("content"))
