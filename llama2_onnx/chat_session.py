@@ -98,19 +98,22 @@ def fit_history(fmt: PromptBuilder, conv: Conversation, user: str, settings: Cha
         The prompt tokens.
 
     Raises:
-        GenerationError: if the message (with the system prompt) does not fit alone.
+        GenerationError: if the message (with the system prompt) does not fit alone; then
+            `conv` is left as it was, so the next message still sees the conversation.
     """
     budget = history_budget(settings, context_len)
+    start = conv.start
     while True:
-        prompt = fmt.prompt(settings.system, conv.exchanges[conv.start:], user)
+        prompt = fmt.prompt(settings.system, conv.exchanges[start:], user)
         if len(prompt) <= budget:
+            conv.start = start
             return prompt
-        if conv.start >= len(conv.exchanges):
+        if start >= len(conv.exchanges):
             raise GenerationError(
                 f"the message needs {len(prompt)} tokens but the history allows {budget} "
                 f"(context {context_len}); shorten it or the system prompt, or lower max "
                 "new tokens / raise max history tokens.")
-        conv.start += 1
+        start += 1
 
 
 @dataclass

@@ -253,26 +253,57 @@ def check_max_new_tokens(n: object, name: str = "max new tokens") -> None:
 
 
 class _StopFilter:
-    """Holds back text that might be the start of a stop string."""
+    """Holds back text that might be the start of a stop string.
+
+    Each stop string has a Knuth-Morris-Pratt matcher that remembers how much of it the text
+    ends with, so a piece costs time linear in its own length, however long the text is.
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
-        self.pending = ""
+        self.fallback = [_kmp_fallback(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # how much of each stop string the text ends with
+        self.pending = ""  # the text not yet given out: the longest of those matches
 
     def push(self, piece: str) -> tuple[str, bool]:
+        """The text that can be given out now, and whether a stop string was completed (then
+        the text ends before the earliest one, the longest of those ending at the same place)."""
         if not self.stops:
             return piece, False
-        self.pending += piece
-        for s in self.stops:
-            if (i := self.pending.find(s)) >= 0:
-                out, self.pending = self.pending[:i], ""
-                return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s))
-                    if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[:len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
-        return out, False
+        text = self.pending + piece
+        for end, char in enumerate(piece, len(self.pending) + 1):
+            found = 0
+            for k, stop in enumerate(self.stops):
+                self.matched[k] = m = self._step(k, char)
+                if m == len(stop):
+                    found = max(found, m)
+            if found:
+                self.pending, self.matched = "", [0] * len(self.stops)
+                return text[:end - found], True
+        hold = max(self.matched)
+        self.pending = text[len(text) - hold:]
+        return text[:len(text) - hold], False
+
+    def _step(self, k: int, char: str) -> int:
+        """How much of stop string k the text ends with once `char` is added."""
+        stop, m = self.stops[k], self.matched[k]
+        while stop[m] != char:
+            if not m:
+                return 0
+            m = self.fallback[k][m - 1]
+        return m + 1
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+def _kmp_fallback(stop: str) -> list[int]:
+    """fallback[i]: the longest proper prefix of stop[:i + 1] that is also its suffix."""
+    fallback, m = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while m and stop[i] != stop[m]:
+            m = fallback[m - 1]
+        m += stop[i] == stop[m]
+        fallback[i] = m
+    return fallback

@@ -14,10 +14,13 @@ of responses, stream chunks and errors. No HTTP here: server.py moves these over
 # sends it back with one more message.
 #
 # Parameters this server cannot honour (n > 1, logprobs, tools, penalties other than
-# repetition) are refused with a 400 naming them, never silently ignored.
+# repetition) are refused with a 400 naming them, never silently ignored; so are parameters
+# it does not know (a misspelt `temprature` would otherwise change nothing).
 
 from __future__ import annotations
 
+import difflib
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,7 +34,9 @@ if TYPE_CHECKING:
     from .generation import Engine, GenerationStats
 
 Endpoint = Literal["chat", "completion"]
+MAX_JSON_DEPTH = 64  # a request needs a handful of levels; deeper ones only cost recursion
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256  # no client needs more; each one's matcher is built on the engine's thread
 FINISH_REASONS = {"eos": "stop", "stop string": "stop", "max tokens": "length",
                   "context full": "length"}
 # Fields refused unless they hold the value that means "off".
@@ -41,6 +46,12 @@ _UNSUPPORTED_OFF_VALUES = {
     "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
     "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
 }
+# Every top-level field a request may have, besides its input (INPUT_FIELD).
+_PARAMETERS = frozenset({
+    "model", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_tokens",
+    "max_completion_tokens", "stop", "stream", "stream_options", "n", "response_format", "user",
+    *_UNSUPPORTED_OFF_VALUES})
+INPUT_FIELD = {"chat": "messages", "completion": "prompt"}
 
 
 class ApiError(Exception):
@@ -77,6 +88,42 @@ class GenerationRequest:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+def decode_body(raw: bytes) -> object:
+    """The JSON value of a request body.
+
+    Raises:
+        ApiError: 400 for a body that is not JSON or nests more than MAX_JSON_DEPTH levels.
+    """
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
+    except (ValueError, UnicodeDecodeError):
+        raise bad("the request body is not valid JSON.") from None
+    if _nests_deeper_than(value, MAX_JSON_DEPTH):
+        raise _too_deep()
+    return value
+
+
+def _nests_deeper_than(value: object, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:  # a loop, not recursion: any depth is fine here
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in item)
+    return False
+
+
+def _too_deep() -> ApiError:
+    return bad(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep; send a "
+               "flatter JSON object (a request needs only a few levels).")
+
+
 def parse_request(endpoint: Endpoint, body: object, engine: Engine, model: str
                   ) -> GenerationRequest:
     """Check a request body and turn it into prompt tokens and settings.
@@ -97,6 +144,7 @@ def parse_request(endpoint: Endpoint, body: object, engine: Engine, model: str
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object.")
     _check_model(body.get("model"), model)
+    _refuse_unknown(body, endpoint)
     _refuse_unsupported(body)
     if endpoint == "chat":
         prompt = _chat_prompt(body.get("messages"), engine)
@@ -122,6 +170,26 @@ def _check_model(value: object, model: str) -> None:
                        f"{model!r} (GET /v1/models lists it).", "model", "model_not_found")
 
 
+def _refuse_unknown(body: dict, endpoint: Endpoint) -> None:
+    known = _PARAMETERS | {INPUT_FIELD[endpoint]}
+    unknown = [name for name in body if name not in known]
+    if not unknown:
+        return
+    named = ", ".join(_short(name, 40) + _guess(name, known, endpoint) for name in unknown[:3])
+    more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+    raise bad(f"unknown parameter{'s' if len(unknown) > 1 else ''} {named}{more}; remove or "
+              "rename it (the README's server section lists the parameters).",
+              unknown[0][:80], "unknown_parameter")
+
+
+def _guess(name: str, known: frozenset[str], endpoint: Endpoint) -> str:
+    other = INPUT_FIELD["completion" if endpoint == "chat" else "chat"]
+    if name == other:
+        return f" (this endpoint reads {INPUT_FIELD[endpoint]!r})"
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _refuse_unsupported(body: dict) -> None:
     n = body.get("n")
     if n is not None and n != 1:
@@ -131,6 +199,9 @@ def _refuse_unsupported(body: dict) -> None:
         if body.get(name) not in off:
             raise bad(f"{name}={body[name]!r} is not supported by this server; leave it "
                       "out.", name)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad(f"user={_short(body['user'])} is invalid; use a string naming your end user, "
+                  "or leave it out.", "user")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise bad("response_format other than {'type': 'text'} is not supported.",
@@ -209,14 +280,25 @@ def _max_tokens(body: dict, endpoint: Endpoint) -> int:
 
 
 def _stop(value: object) -> tuple[str, ...]:
+    """Up to MAX_STOP_STRINGS strings of 1 to MAX_STOP_CHARS characters (OpenAI allows 4)."""
     stops = [value] if isinstance(value, str) else value
     if stops is None:
         return ()
-    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stops)):
-        raise bad(f"stop={value!r} is invalid; use a non-empty string or a list of up to "
-                  f"{MAX_STOP_STRINGS} of them.", "stop")
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad(f"stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of "
+                  f"them, not {_short(value)}.", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad(f"stop has {len(stops)} strings; use at most {MAX_STOP_STRINGS}.", "stop")
+    if longest := max((len(s) for s in stops if len(s) > MAX_STOP_CHARS), default=0):
+        raise bad(f"a stop string has {longest} characters; use at most {MAX_STOP_CHARS} "
+                  "characters per stop string.", "stop")
     return tuple(stops)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr(value), cut to about `limit` characters (a value quoted in an error message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _flag(body: dict, name: str) -> bool:

@@ -57,13 +57,15 @@ class Job:
 class Scheduler:
     """Runs jobs on `engine` one at a time, in the order they were submitted.
 
-    At most `max_waiting` jobs wait behind the running one; `submit` refuses more.
-    `token_delay` (seconds per text piece) slows generation down for tests only.
+    At most `max_waiting` jobs wait behind the running one; `submit` refuses more (with 0, a
+    job runs only when the engine is free). `token_delay` (seconds per text piece) slows
+    generation down for tests only.
     """
 
     def __init__(self, engine: Engine, max_waiting: int = 32, token_delay: float = 0.0) -> None:
         self.engine, self.max_waiting, self.token_delay = engine, max_waiting, token_delay
         self._waiting: collections.deque[Job] = collections.deque()
+        self._running: Job | None = None
         self._ready = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
@@ -73,12 +75,12 @@ class Scheduler:
         """Queue `job`.
 
         Raises:
-            QueueFull: when `max_waiting` jobs are already waiting.
+            QueueFull: when `job` would make more than `max_waiting` jobs wait.
         """
         with self._ready:
             self._waiting = collections.deque(j for j in self._waiting
                                               if not j.cancelled.is_set())
-            if len(self._waiting) >= self.max_waiting:
+            if len(self._waiting) + (self._running is not None) > self.max_waiting:
                 raise QueueFull
             self._waiting.append(job)
             self._ready.notify()
@@ -96,17 +98,26 @@ class Scheduler:
             self._ready.notify()
 
     def _next(self) -> Job | None:
+        """The next job to run (now counted as running), or None once closed."""
         with self._ready:
-            while not self._waiting and not self._closed:
+            while not self._closed:
+                while self._waiting and self._waiting[0].cancelled.is_set():
+                    self._waiting.popleft()
+                if self._waiting:
+                    self._running = self._waiting.popleft()
+                    return self._running
                 self._ready.wait()
-            return None if self._closed else self._waiting.popleft()
+            return None
 
     def _work(self) -> None:
         while (job := self._next()) is not None:
-            if not job.cancelled.is_set():
-                self._run(job)
+            last = self._run(job)
+            with self._ready:
+                self._running = None  # before the client hears "done": it may send the next
+            job.post(*last)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> tuple[str, object]:
+        """Stream the job's pieces; returns its last event, ("done", stats) or ("error", exc)."""
         engine = self.engine
         try:
             pieces = engine.generate(job.prompt, job.sampling, job.max_tokens, job.stop,
@@ -117,10 +128,9 @@ class Scheduler:
                     time.sleep(self.token_delay)
         except Exception as exc:  # noqa: BLE001  # reported to the client, the worker goes on
             log.exception("%s failed", job.name)
-            job.post("error", exc)
-            return
-        job.post("done", engine.last_stats)
+            return "error", exc
         _log_stats(job, engine.last_stats)
+        return "done", engine.last_stats
 
 
 def _log_stats(job: Job, stats: GenerationStats) -> None:

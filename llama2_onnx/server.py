@@ -6,6 +6,10 @@
 # collect them into one JSON response. A client that goes away cancels its job: a stream is
 # cancelled by Starlette when the connection drops, a whole response by a task that waits
 # for the disconnect. Either way the engine stops before its next token.
+#
+# A body is read as it arrives, counting bytes (413 the moment it passes MAX_BODY_BYTES, also
+# for `Transfer-Encoding: chunked`), within `body_timeout` (408); a client that leaves while
+# sending it costs one log line. 413 and 408 close the connection, so its rest is never read.
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ from .openai_api import (
     GenerationRequest,
     LeadingSpaceFilter,
     chunk_body,
+    decode_body,
     finish_reason,
     models_body,
     parse_request,
@@ -46,6 +51,7 @@ INSTALL_HINT = ("the server needs Starlette and uvicorn; install them with "
 API_KEY_ENV = "LLAMA2_ONNX_API_KEY"
 KEEPALIVE_S = 5.0  # an SSE comment this often while a stream waits in the queue
 MAX_BODY_BYTES = 8 * 2**20
+BODY_TIMEOUT_S = 60.0  # from the end of the headers to the end of the body: 8 MiB at 1 Mbit/s
 log = logging.getLogger("llama2_onnx.server")
 
 
@@ -59,7 +65,18 @@ class ServerOptions:
     port: int = 8000
     api_key: str | None = None
     max_queue: int = 32
+    body_timeout: float = BODY_TIMEOUT_S
     token_delay: float = 0.0  # seconds per text piece; only for tests
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    """How the app answers requests (see create_app)."""
+
+    api_key: str | None = None
+    max_queue: int = 32
+    body_timeout: float = BODY_TIMEOUT_S
+    token_delay: float = 0.0
 
 
 def import_server_stack():
@@ -72,15 +89,16 @@ def import_server_stack():
     return starlette.applications, uvicorn
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 32,
-               token_delay: float = 0.0):
+def create_app(engine: Engine, options: ApiOptions | None = None):
     """The ASGI app serving `engine` under its variant name.
 
     Args:
         engine: a loaded engine; the app runs one generation on it at a time.
-        api_key: if set, every /v1 request needs `Authorization: Bearer <api_key>`.
-        max_queue: how many requests may wait behind the running one (more get 503).
-        token_delay: seconds to pause per text piece (tests only).
+        options: `api_key`: if set, every /v1 request needs `Authorization: Bearer <api_key>`;
+            `max_queue`: how many requests may wait behind the running one (more get 503; 0: a
+            request runs only when the engine is free); `body_timeout`: seconds a request body
+            may take to arrive (then 408); `token_delay`: seconds to pause per text piece
+            (tests only).
 
     Raises:
         UserError: if Starlette is not installed.
@@ -89,7 +107,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 32,
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
-    api = OpenAIServer(engine, api_key, max_queue, token_delay)
+    api = OpenAIServer(engine, options or ApiOptions())
 
     @asynccontextmanager
     async def lifespan(app):
@@ -108,11 +126,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 32,
 class OpenAIServer:
     """The route handlers, sharing one engine through one scheduler."""
 
-    def __init__(self, engine: Engine, api_key: str | None, max_queue: int,
-                 token_delay: float) -> None:
-        self.engine, self.model = engine, engine.name
-        self.api_key = api_key.encode() if api_key else None
-        self.scheduler = Scheduler(engine, max_queue, token_delay)
+    def __init__(self, engine: Engine, options: ApiOptions) -> None:
+        self.engine, self.model, self.body_timeout = engine, engine.name, options.body_timeout
+        self.api_key = options.api_key.encode() if options.api_key else None
+        self.scheduler = Scheduler(engine, options.max_queue, options.token_delay)
         self.started = int(time.time())
 
     async def health(self, request):
@@ -134,13 +151,17 @@ class OpenAIServer:
     async def _generate(self, request, endpoint: Endpoint):
         try:
             self._authorize(request)
-            body = await _read_json(request)
-            parsed = await asyncio.to_thread(parse_request, endpoint, body, self.engine,
-                                             self.model)  # long prompts: tokenize off the loop
+            body = await _read_body(request, self.body_timeout)
+            parsed = await asyncio.to_thread(_parse, endpoint, body, self.engine,
+                                             self.model)  # big bodies, long prompts: off the loop
             job = self._submit(parsed)
         except ApiError as exc:
             log.info("%s %s: %d %s", request.method, request.url.path, exc.status, exc.message)
             return _error(exc)
+        except ClientGone:
+            log.info("%s %s: the client went away before sending its whole request",
+                     request.method, request.url.path)
+            return _error(ApiError(400, "the request body ended early."))  # nobody reads it
         if parsed.stream:
             return _sse(self._stream(parsed, job), job)
         return await self._whole(request, parsed, job)
@@ -160,9 +181,11 @@ class OpenAIServer:
         try:
             self.scheduler.submit(job)
         except QueueFull:
-            raise ApiError(503, f"the server is busy (its queue of {self.scheduler.max_waiting} "
-                           "waiting requests is full); retry shortly.", code="queue_full",
-                           kind="server_error") from None
+            waiting = self.scheduler.max_waiting
+            queue = (f"its queue of {waiting} waiting requests is full" if waiting else
+                     "it runs one request at a time and --max-queue 0 lets none wait")
+            raise ApiError(503, f"the server is busy ({queue}); retry shortly.",
+                           code="queue_full", kind="server_error") from None
         return job
 
     async def _stream(self, parsed: GenerationRequest, job: Job) -> AsyncIterator[str]:
@@ -244,18 +267,49 @@ def _generation_failed(exc: Exception) -> ApiError:
     return ApiError(500, f"generation failed: {exc}", kind="server_error")
 
 
-async def _read_json(request) -> object:
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB.",
-                       code="request_too_large")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB.",
-                       code="request_too_large")
+class ClientGone(Exception):
+    """The client closed the connection before its request body was read."""
+
+
+async def _read_body(request, timeout: float) -> bytes:
+    """The body, counted as it arrives.
+
+    Raises:
+        ApiError: 413 as soon as it passes MAX_BODY_BYTES, 408 if it takes over `timeout` s.
+        ClientGone: if the client leaves first.
+    """
+    from starlette.requests import ClientDisconnect
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _too_large()
+            chunks.append(chunk)
+
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON.") from None
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s; send the "
+                       "whole request at once.", code="request_timeout") from None
+    except ClientDisconnect:
+        raise ClientGone from None
+    return b"".join(chunks)
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB; send a "
+                    "shorter prompt.", code="request_too_large")
+
+
+def _parse(endpoint: Endpoint, body: bytes, engine: Engine, model: str) -> GenerationRequest:
+    return parse_request(endpoint, decode_body(body), engine, model)
 
 
 def _event(body: dict) -> str:
@@ -270,6 +324,8 @@ def _json(body: dict, status: int = 200):
 
 def _error(exc: ApiError):
     response = _json(exc.body(), exc.status)
+    if exc.status in (408, 413):  # the rest of the body is not worth reading
+        response.headers["Connection"] = "close"
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     if exc.status == 503:
@@ -304,7 +360,7 @@ def _job_stream_class():
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (port 0: any free port).
+    """A socket bound to host:port (port 0: any free port); uvicorn listens on it.
 
     Raises:
         UserError: if the port is out of range or the address cannot be used.
@@ -336,16 +392,29 @@ def serve(options: ServerOptions) -> None:
     from .generation import Engine
 
     engine = Engine.from_variant(options.variant, options.run)
-    app = create_app(engine, options.api_key, options.max_queue, options.token_delay)
+    app = create_app(engine, ApiOptions(options.api_key, options.max_queue,
+                                        options.body_timeout, options.token_delay))
     host, port = sock.getsockname()[:2]
-    log.info("serving %s (%s, context %d) at http://%s:%d/v1%s", engine.name,
-                engine.runner.provider, engine.context_len, _url_host(host), port,
-                " (API key required)" if options.api_key else "")
     if not options.api_key and not _is_loopback(host):
         log.warning("no --api-key: anyone who can reach %s:%d can use the model", host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30)
-    uvicorn.Server(config).run(sockets=[sock])
+    _run(uvicorn, config, sock, lambda: log.info(
+        "serving %s (%s, context %d) at http://%s:%d/v1%s", engine.name, engine.runner.provider,
+        engine.context_len, _url_host(host), port,
+        " (API key required)" if options.api_key else ""))
+
+
+def _run(uvicorn, config, sock: socket.socket, ready: Callable[[], None]) -> None:
+    """Serve on `sock` until interrupted; `ready()` once it accepts connections (uvicorn calls
+    listen() in its startup, after the app's lifespan has started)."""
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                ready()
+
+    Server(config).run(sockets=[sock])
 
 
 def _is_loopback(host: str) -> bool:

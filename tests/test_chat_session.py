@@ -101,8 +101,27 @@ def test_clipping_keeps_the_newest_exchanges_that_fit(tokenizer):
     assert prompt == fmt.prompt("be kind", conv.exchanges[conv.start:], "the sun")
     one_more = fmt.prompt("be kind", conv.exchanges[conv.start - 1:], "the sun")
     assert len(one_more) > 90
+    start = conv.start
     with pytest.raises(GenerationError, match="shorten it"):
         fit_history(fmt, conv, "the moon " * 40, settings, context_len=128)
+    assert conv.start == start
+
+
+def test_a_message_too_long_for_the_history_changes_nothing(pool, chat_variant):
+    conv = Conversation(variant=chat_variant)
+    settings = ChatSettings(sampling=SamplingSettings(temperature=0), max_new_tokens=8,
+                            max_history_tokens=100)
+    turn(pool, conv, "the cat sat", settings)
+    turn(pool, conv, "the dog ran", settings)
+    before = (conv.start, list(conv.exchanges), conv.messages())
+    with pytest.raises(GenerationError, match="history allows 100"):
+        turn(pool, conv, "the moon " * 60, settings)
+    assert (conv.start, conv.exchanges, conv.messages()) == before and not conv.busy
+    turn(pool, conv, "he was", settings)
+    slot = pool.get(chat_variant)
+    seen = slot.fmt.prompt("", conv.exchanges[:2], "he was")
+    assert conv.start == 0 and slot.engine.last_stats.prompt_tokens == len(seen)
+    assert slot.engine.tokens[:len(seen)] == seen
 
 
 def test_long_chat_drops_oldest_exchanges_and_keeps_answering(pool, chat_variant):

@@ -370,6 +370,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
             raise SystemExit(line + server.stderr.read())
         threading.Thread(target=server.stderr.read, daemon=True).start()  # keep the pipe empty
         model, url = found.groups()
+        _wait_for_health(url, server)
         _stream_chat(url, model, [{"role": "user", "content": "warm up"}], 8)
         levels = [_serve_level(url, model, n, args) for n in args.clients]
         return {"command": " ".join(cmd), "model": model, "max_tokens": args.new_tokens,
@@ -378,6 +379,23 @@ def bench_serve(args: argparse.Namespace) -> dict:
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _wait_for_health(url: str, server: subprocess.Popen, seconds: float = 60) -> None:
+    """Return once GET /health answers 200: the server accepts requests."""
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the server at {url} did not answer /health within {seconds:g} s.")
+        time.sleep(0.1)
 
 
 def _serve_level(url: str, model: str, clients: int, args: argparse.Namespace) -> dict:

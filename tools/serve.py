@@ -31,7 +31,7 @@ from llama2_onnx.cli import (  # noqa: E402
     spell_both,
 )
 from llama2_onnx.errors import UserError  # noqa: E402
-from llama2_onnx.server import API_KEY_ENV, ServerOptions, serve  # noqa: E402
+from llama2_onnx.server import API_KEY_ENV, BODY_TIMEOUT_S, ServerOptions, serve  # noqa: E402
 from llama2_onnx.variants import resolve_variant  # noqa: E402
 
 
@@ -49,9 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", "--api_key", default=None,
                         help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
     parser.add_argument("--max-queue", "--max_queue", type=int, default=32,
-                        help="requests that may wait for the engine; more get 503 (default 32)")
+                        help="requests that may wait for the engine; more get 503 (default 32; "
+                        "0: a request runs only when the engine is free)")
     add_engine_args(parser)
     parser.add_argument("--token_delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--body_timeout", type=float, default=BODY_TIMEOUT_S,
+                        help=argparse.SUPPRESS)  # tests only, as --token_delay
     return spell_both(parser).parse_args(argv)
 
 
@@ -62,7 +65,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         raise UserError("--api-key is empty; give a key, or leave the flag out for no key.")
     return ServerOptions(variant=resolve_variant(args.variant, ROOT),
                          run=run_options_from_args(args), host=args.host, port=args.port,
-                         api_key=key, max_queue=args.max_queue, token_delay=args.token_delay)
+                         api_key=key, max_queue=args.max_queue, body_timeout=args.body_timeout,
+                         token_delay=args.token_delay)
 
 
 def main() -> None:
