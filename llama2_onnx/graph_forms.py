@@ -41,12 +41,14 @@ from onnx import TensorProto, helper, numpy_helper
 EXPORTED, PACKED, PACKED_FLOAT32 = "exported", "packed", "packed_float32"
 
 
-def form_for(provider: str, dtype: str = "float16") -> str:
+def form_for(provider: str, dtype: str = "float16", float16: bool = True) -> str:
     """Which form `provider` runs a `dtype` variant in: DirectML the exported one, the CPU
-    int4 variants in float32, the rest the packed one."""
+    int4 variants and float16/int4 ones on a device without float16 arithmetic (`float16`
+    False: a WebGPU adapter without shader-f16) in float32, the rest the packed one."""
     if provider == "dml":
         return EXPORTED
-    return PACKED_FLOAT32 if provider == "cpu" and dtype == "int4" else PACKED
+    wide = dtype != "float32" and (not float16 or (provider == "cpu" and dtype == "int4"))
+    return PACKED_FLOAT32 if wide else PACKED
 
 
 def to_form(model: onnx.ModelProto, form: str, folder: Path | None = None) -> int:

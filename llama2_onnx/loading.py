@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import safetensors_io
+from . import safetensors_io, webgpu
 from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
@@ -157,15 +157,22 @@ def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Conf
         graph_capture = default_graph_capture(provider, config)
     cache_len = context_length(config, max_seq_len)
     check_memory(graph, config, provider, cache_len)
+    # WebGPU: an adapter without shader-f16 computes float16 and int4 variants in float32.
+    float16 = provider != "webgpu" or config.dtype == "float32" or webgpu.has_shader_f16()
+    form = form_for(provider, config.dtype, float16)
     session = create_session(graph, provider, cache_len, graph_capture, dtype=config.dtype,
-                             form=form_for(provider, config.dtype), profile=profile)
-    check_graph_matches(session, config, graph, form_for(provider, config.dtype))
+                             form=form, profile=profile)
+    check_graph_matches(session, config, graph, form)
     chunk = DEFAULT_PREFILL_CHUNK.get(provider) if prefill_chunk == "auto" else prefill_chunk
     runtime = Runtime(session, config, provider, cache_len, graph_capture, max_chunk=chunk or None)
     if runtime.max_chunk is not None:
         runtime.warm_up()
-    return EngineParts(runtime, tokenizer, table, config, name or graph.stem,
-                       old_cache_notes(graph))
+    notes = old_cache_notes(graph)
+    if not float16:
+        notes.append(f"this WebGPU adapter has no float16 arithmetic (shader-f16), so this "
+                     f"{config.dtype} variant computes in float32 (its KV cache takes twice the "
+                     "memory).")
+    return EngineParts(runtime, tokenizer, table, config, name or graph.stem, notes)
 
 
 def old_cache_notes(graph: Path) -> list[str]:

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from . import graph_forms
+from . import graph_forms, webgpu
 from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 
@@ -27,11 +27,11 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 PROVIDERS = {"dml": "DmlExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "cpu": "CPUExecutionProvider"}
+             "webgpu": webgpu.EP_NAME, "cpu": "CPUExecutionProvider"}
 PACKAGES = {"dml": "onnxruntime-directml (Windows only)",
             "cuda": "onnxruntime-gpu (uninstall the plain onnxruntime package first)",
-            "cpu": "onnxruntime"}
-PROVIDER_CHOICES = ("auto", "dml", "cuda", "cpu")
+            "webgpu": "onnxruntime-ep-webgpu", "cpu": "onnxruntime"}
+PROVIDER_CHOICES = ("auto", "dml", "cuda", "webgpu", "cpu")
 OPSET_ZEROS = 17
 
 
@@ -41,6 +41,9 @@ def resolve_provider(name: str) -> str:
     Raises:
         UserError when the name is unknown or its provider is not installed.
     """
+    if name == "webgpu":  # a plugin: listed once registered, which webgpu.device() does
+        webgpu.device()
+        return name
     available = ort.get_available_providers()
     if name == "auto":
         return next(p for p in ("dml", "cuda", "cpu") if PROVIDERS[p] in available)
@@ -70,6 +73,8 @@ def provider_list(provider: str, device_id: int = 0, graph_capture: bool = False
         return [(PROVIDERS["cuda"], options), PROVIDERS["cpu"]]
     if provider == "dml":
         return [(PROVIDERS["dml"], {"device_id": str(device_id)}), PROVIDERS["cpu"]]
+    if provider == "webgpu":  # the session options select it (webgpu.add_to); CPU follows
+        return []
     return [PROVIDERS["cpu"]]
 
 
@@ -110,6 +115,8 @@ def session_options(provider: str, cache_len: int, graph_capture: bool = False
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if graph_capture:
             so.add_session_config_entry("ep.dml.enable_graph_capture", "1")
+    if provider == "webgpu":
+        webgpu.add_to(so, graph_capture)
     return so
 
 
@@ -149,6 +156,7 @@ def _open(path: Path, model: str | bytes, so: ort.SessionOptions, providers: lis
     try:
         return ort.InferenceSession(model, sess_options=so, providers=providers)
     except Exception as exc:  # ORT raises Fail, InvalidProtobuf, RuntimeException...
+        webgpu.check_session_error(exc)  # WebGPU's "no adapter" is not the files' fault
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise VariantError(f"ONNX Runtime cannot load {path} ({first}); check the files with "
                            "`python tools/export_and_publish.py verify <variant>`.") from None
@@ -229,7 +237,7 @@ class Runtime:
         # Prefill runs in power-of-two chunks up to max_chunk (None: the whole input at once).
         self.max_chunk = None if max_chunk is None else 1 << (
             min(max_chunk, cache_len).bit_length() - 1)
-        self.device = {"cuda": "cuda", "dml": "dml"}.get(provider, "cpu")
+        self.device = {"cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}.get(provider, "cpu")
         # DirectML's GroupQueryAttention ignores the past when seq > 1 (ONNX Runtime's
         # DmlOperatorGroupQueryAttention), so continued prefill goes one token at a time there.
         self.supports_continued_prefill = provider != "dml"
@@ -245,15 +253,26 @@ class Runtime:
         # On the CPU and CUDA the KV cache is one allocation, and so are a decode step's three
         # inputs, their parts bound by address: one copy to the device per step instead of
         # three, and a cache that takes exactly its size (as 64 buffers it grew ONNX Runtime's
-        # arena by 1 GiB more on a 7B). DirectML buffers have no addresses to offset, so there
-        # each part is its own OrtValue (`by_address` False; tests run that way on the CPU).
-        self.by_address = provider != "dml" if by_address is None else by_address
+        # arena by 1 GiB more on a 7B). DirectML and WebGPU buffers have no addresses to offset,
+        # so there each part is its own OrtValue (`by_address` False; tests run that way on the
+        # CPU).
+        self.by_address = self.device not in ("dml", "webgpu") if by_address is None \
+            else by_address
         self._step_buffers()  # before the cache: see _cache_block
         self.caches = self._bind_caches()  # the device address of each cache buffer
         self.logits = np.zeros((1, 1, config.vocab_size), np.float32)
-        self.binding.bind_ortvalue_output("logits", self._value(self.logits, "cpu"))
+        self.logits_value = self._value(self.logits, "cpu")
+        # WebGPU: the logits land in a fixed device buffer, copied into self.logits after each
+        # run (a replayed captured graph does not refresh an output bound on the CPU), and with
+        # graph capture total_sequence_length is a device buffer too (GroupQueryAttention then
+        # reads it on the GPU; a CPU value would be frozen into the captured graph).
+        self.logits_device = (self._value(self.logits, "webgpu") if self.device == "webgpu"
+                              else None)
+        self.binding.bind_ortvalue_output(
+            "logits", self.logits_value if self.logits_device is None else self.logits_device)
         self.total = np.zeros((), np.int32)
-        self.total_value = self._value(self.total, "cpu")
+        self.total_on_device = self.device == "webgpu" and graph_capture
+        self.total_value = self._value(self.total, "webgpu" if self.total_on_device else "cpu")
         self.binding.bind_ortvalue_input("total_sequence_length", self.total_value)
         self.step_bound = False
         # With graph capture on, decode steps (fixed shapes and addresses) replay graph 1;
@@ -399,6 +418,8 @@ class Runtime:
         # tells the real length; prefill always states its exact total.
         decode_total = self.cache_len if self.graph_capture else start + 1
         self.total[...] = decode_total if seq == 1 else start + seq
+        if self.total_on_device:
+            self.total_value.update_inplace(self.total)
         self.run_options = self.decode_options if seq == 1 else self.prefill_options
         if seq == 1:
             self._bind_step(embeds, start)
@@ -410,6 +431,8 @@ class Runtime:
             if self.pads:
                 b.bind_cpu_input(graph_forms.LOGITS_AT, np.array([(real or seq) - 1], np.int64))
         self._run()
+        if self.logits_device is not None:
+            ort.copy_tensors([self.logits_device], [self.logits_value])
 
     def _bind_step(self, embeds: np.ndarray, start: int) -> None:
         self.step["inputs_embeds"][0, 0] = embeds[0]
