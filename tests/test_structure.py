@@ -75,3 +75,13 @@ def test_variant_file_names_are_spelled_in_one_module():
         allowed = {layout.CONFIG, layout.TOKENIZER} if module in CHECKPOINT_MODULES else set()
         spelled = (set(names) & literals) - allowed
         assert not spelled, f"{module}.py spells {spelled}; use llama2_onnx.layout"
+
+
+def test_the_webgpu_plugin_is_handled_in_one_module():
+    """Registering the plugin, finding its device and selecting it live in webgpu.py."""
+    spellings = ("onnxruntime_ep_webgpu", "register_execution_provider_library",
+                 "get_ep_devices", "add_provider_for_devices", "enableGraphCapture")
+    for module in modules():
+        text = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+        found = [s for s in spellings if s in text]
+        assert module == "webgpu" or not found, f"{module}.py spells {found}; use webgpu.py"
