@@ -133,6 +133,17 @@ def test_greedy_tokens_equal_the_cpu_providers(engines, cpu_engines, precision):
     assert len([n for n in engine.notes if "shader-f16" in n]) == (precision != "float32")
 
 
+def test_a_float16_variant_computes_in_float32_its_weights_widened_at_load(
+        software_adapter, make_variant, cpu_engines, monkeypatch):
+    """As a float16 variant's weights are (graph_forms.WIDEN_IN_GRAPH_BYTES): a Cast left for
+    WebGPU to run would fail here ("requires f16 but the device does not support it")."""
+    monkeypatch.setattr(graph_forms, "WIDEN_IN_GRAPH_BYTES", 0)
+    engine = Engine.from_variant(make_variant("hf", "float16", True), provider="webgpu")
+    assert engine.runner.dtype == np.float32
+    prompt = engine.tokenizer.encode("the moon was far away")
+    assert greedy(engine, prompt) == greedy(cpu_engines("float16"), prompt)
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_a_continued_turn_equals_a_cold_prefill(engines, cpu_engines, precision):
     """A second chat turn pre-fills only its new tokens, a multi-token run with a past, which
