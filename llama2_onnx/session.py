@@ -36,7 +36,8 @@ OPSET_ZEROS = 17
 
 
 def resolve_provider(name: str) -> str:
-    """Turn `auto|dml|cuda|cpu` into an installed provider's short name.
+    """Turn `auto|dml|cuda|webgpu|cpu` into an installed provider's short name (`auto` does
+    not pick WebGPU yet).
 
     Raises:
         UserError when the name is unknown or its provider is not installed.
