@@ -60,14 +60,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", help="variant name (a folder in the repository) or path; "
                         "default: the first ready variant, else the demo variant")
     parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto",
-                        help="execution provider (auto: DirectML, then CUDA, then CPU)")
+                        help="execution provider (auto: DirectML, then CUDA, then WebGPU, "
+                        "then CPU: the first installed)")
     parser.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None,
                         help="context length to allocate the KV cache for (default: the model's)")
     capture = parser.add_mutually_exclusive_group()
     capture.add_argument("--graph_capture", "--graph-capture", action="store_const", const=True,
                          default="auto",
-                         help="capture the decode step as a GPU graph (default: on with CUDA "
-                         "for float16 variants; this turns it on for DirectML too)")
+                         help="capture the decode step as a GPU graph (default: on with CUDA; "
+                         "this turns it on for WebGPU too)")
     capture.add_argument("--no_graph_capture", "--no-graph-capture", action="store_const",
                          const=False, dest="graph_capture",
                          help="run decode steps without graph capture")

@@ -81,14 +81,27 @@ def take_logits_at(graph: onnx.GraphProto) -> bool:
     return False
 
 
+# float16 initializers up to this size are widened into the in-memory graph; larger ones (a
+# float16 variant's weights, which would pass protobuf's 2 GiB limit) stay in the data file and
+# a Cast node widens each, which ONNX Runtime's constant folding runs once, on the CPU, at load.
+WIDEN_IN_GRAPH_BYTES = 1 << 20
+
+
 def widen_to_float32(graph: onnx.GraphProto, folder: Path) -> None:
-    """Make every float16 input, output and initializer of `graph` float32; float16
-    initializers are read from the external data file and stored in the graph itself."""
+    """Make every float16 input, output and initializer of `graph` float32: small float16
+    initializers are read from the external data file and stored in the graph itself, larger
+    ones are widened by a Cast node at load (WIDEN_IN_GRAPH_BYTES)."""
     for value in (*graph.input, *graph.output):
         if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
             value.type.tensor_type.elem_type = TensorProto.FLOAT
+    casts = []
     for tensor in graph.initializer:
         if tensor.data_type != TensorProto.FLOAT16:
+            continue
+        if 2 * int(np.prod(tensor.dims)) > WIDEN_IN_GRAPH_BYTES:
+            casts.append(helper.make_node("Cast", [tensor.name + "/f16"], [tensor.name],
+                                          tensor.name + "/widen", to=TensorProto.FLOAT))
+            tensor.name += "/f16"
             continue
         wide = numpy_helper.to_array(tensor, base_dir=str(folder)).astype(np.float32)
         tensor.CopyFrom(numpy_helper.from_array(wide, tensor.name))
@@ -96,6 +109,9 @@ def widen_to_float32(graph: onnx.GraphProto, folder: Path) -> None:
         for attr in node.attribute:
             if attr.name == "to" and attr.i == TensorProto.FLOAT16:
                 attr.i = TensorProto.FLOAT
+    nodes = [*casts, *graph.node]  # the widened weights first, in topological order
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def pack_attention(graph: onnx.GraphProto) -> int:

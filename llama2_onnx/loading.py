@@ -133,7 +133,7 @@ def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Conf
     if runtime.max_chunk is not None:
         runtime.warm_up()
     return EngineParts(runtime, tokenizer, table, config, name or graph.stem,
-                       old_cache_notes(graph))
+                       [*placement.notes, *old_cache_notes(graph)])
 
 
 def old_cache_notes(graph: Path) -> list[str]:

@@ -18,17 +18,20 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from . import graph_forms
+from . import graph_forms, webgpu
 from .config import NP_DTYPES, Config
 from .errors import UserError
 from .resources import free_cuda_memory
 
 PROVIDERS = {"dml": "DmlExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "cpu": "CPUExecutionProvider"}
+             "webgpu": webgpu.EP_NAME, "cpu": "CPUExecutionProvider"}
 PACKAGES = {"dml": "onnxruntime-directml (Windows only)",
             "cuda": "onnxruntime-gpu (uninstall the plain onnxruntime package first)",
-            "cpu": "onnxruntime"}
-AUTO_ORDER = ("dml", "cuda", "cpu")
+            "webgpu": "onnxruntime-ep-webgpu", "cpu": "onnxruntime"}
+# `auto` takes the first installed: a vendor's own provider where one is installed (DirectML
+# on Windows, CUDA with onnxruntime-gpu), else WebGPU where its plugin finds a GPU adapter
+# (any vendor; the only GPU path on a Mac), else the CPU.
+AUTO_ORDER = ("dml", "cuda", "webgpu", "cpu")
 PROVIDER_CHOICES = ("auto", *AUTO_ORDER)
 # Graph contracts a placement is made for: ours (graph.py) or the original Llama-2-Onnx one.
 OURS, ORIGINAL = "ours", "original"
@@ -47,7 +50,7 @@ def _whole(value: object, least: int) -> bool:
 class RunOptions:
     """How the user asked a variant to run; checked here, decided by place().
 
-    provider: auto|dml|cuda|cpu. max_seq_len: tokens of KV cache (None: the model's context).
+    provider: auto|dml|cuda|webgpu|cpu. max_seq_len: tokens of KV cache (None: the model's context).
     graph_capture: replay decode steps as a captured GPU graph; "auto": where it is shown
     token-identical (CUDA). prefill_chunk: longest prefill run (a power of two); None: whole
     prompts at once; "auto": the provider's default. check_files / verify: check the manifest's
@@ -81,7 +84,7 @@ class Placement:
     """Where and how one variant runs (see the module docstring); made by place()."""
 
     provider: str  # the installed provider's short name (PROVIDERS)
-    device: str  # where OrtValues live: "cuda", "dml" or "cpu"
+    device: str  # where OrtValues live: "cuda", "dml", "webgpu" or "cpu"
     form: str  # the graph form the session opens (graph_forms)
     activation: str  # the session's activation type, "float16" or "float32"
     cache_len: int  # KV cache positions
@@ -91,6 +94,7 @@ class Placement:
     by_address: bool  # buffers bound as parts of one block (else one OrtValue each)
     contract: str = OURS
     profile: str | None = None  # ONNX Runtime's profile goes to files with this prefix
+    notes: tuple[str, ...] = ()  # what the user should know about this placement
 
     @property
     def dtype(self) -> type:
@@ -102,6 +106,15 @@ class Placement:
         """Whether a prefill run is padded up to a length seen at load: the packed forms take
         the position their logits come from (graph_forms.LOGITS_AT)."""
         return self.form != graph_forms.EXPORTED
+
+    @property
+    def outputs_on_device(self) -> bool:
+        """Whether the logits (and, under graph capture, total_sequence_length) are bound to
+        fixed device buffers, the logits copied back after each run. WebGPU needs it: a
+        replayed captured graph does not refresh an output bound in host memory, and its
+        GroupQueryAttention reads total_sequence_length on the GPU under capture, so a host
+        value would be frozen into the captured graph."""
+        return self.device == "webgpu"
 
     @property
     def on_host(self) -> bool:
@@ -145,6 +158,8 @@ class Placement:
             return [(PROVIDERS["cuda"], options), cpu]
         if self.provider == "dml":
             return [(PROVIDERS["dml"], {"device_id": "0"}), cpu]
+        if self.provider == "webgpu":  # its session options select it (webgpu.add_to)
+            return []
         return [cpu]
 
     def session_options(self) -> ort.SessionOptions:
@@ -167,8 +182,8 @@ class Placement:
         if self.provider == "dml":
             so.enable_mem_pattern = False
             so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            if self.graph_capture:
-                so.add_session_config_entry("ep.dml.enable_graph_capture", "1")
+        if self.provider == "webgpu":
+            webgpu.add_to(so, self.graph_capture)
         return so
 
 
@@ -184,17 +199,23 @@ def kv_cache_bytes(config: Config, cache_len: int, activation: str) -> int:
 
 
 def installed_providers() -> list[str]:
-    """Short names of the providers this onnxruntime can run, in `auto`'s order."""
+    """Short names of the providers this onnxruntime can run, in `auto`'s order (WebGPU when
+    its plugin is installed and offers a device)."""
     available = ort.get_available_providers()
-    return [p for p in AUTO_ORDER if PROVIDERS[p] in available]
+    return [p for p in AUTO_ORDER if PROVIDERS[p] in available
+            or (p == "webgpu" and webgpu.available())]
 
 
 def resolve_provider(name: str, installed: list[str] | None = None) -> str:
-    """Turn `auto|dml|cuda|cpu` into an installed provider's short name.
+    """Turn `auto|dml|cuda|webgpu|cpu` into an installed provider's short name.
 
     Raises:
-        UserError when the name is unknown or its provider is not installed.
+        UserError when the name is unknown or its provider is not installed; for WebGPU, the
+        sentence that names what is missing (the plugin, the Vulkan loader, an adapter).
     """
+    if name == "webgpu" and installed is None:
+        webgpu.device()  # registers the plugin, or says what is missing
+        return name
     installed = installed_providers() if installed is None else installed
     if name == "auto":
         return installed[0] if installed else "cpu"
@@ -208,25 +229,39 @@ def resolve_provider(name: str, installed: list[str] | None = None) -> str:
 
 
 def place(config: Config, options: RunOptions, installed: list[str] | None = None,
-          contract: str = OURS) -> Placement:
+          contract: str = OURS, float16: bool | None = None) -> Placement:
     """Decide where and how a variant described by `config` runs.
 
+    Args:
+        installed: the providers to choose from (default: what is installed).
+        float16: whether the device computes in float16 (default: WebGPU's adapter is asked,
+            webgpu.has_shader_f16; every other provider does).
     Raises:
-        UserError for a provider that is not installed or cannot run this variant, and a
-        context longer than the variant's.
+        UserError for a provider that is not installed or cannot run this variant, graph
+        capture where it is not shown token-identical, and a context longer than the
+        variant's.
     """
     provider = _provider_for(config, options.provider, installed, contract)
     cache_len = context_length(config, options.max_seq_len)
+    if float16 is None:
+        float16 = provider != "webgpu" or config.dtype == "float32" or webgpu.has_shader_f16()
+    form = _form(provider, config.dtype, contract, float16)
+    wide = form == graph_forms.PACKED_FLOAT32 and provider == "webgpu"
     return Placement(
-        provider=provider, device=provider if provider in ("cuda", "dml") else "cpu",
-        form=_form(provider, config.dtype, contract), activation=_activation(provider, config),
+        provider=provider, device=provider if provider in ("cuda", "dml", "webgpu") else "cpu",
+        form=form, activation=_activation(form, config),
         cache_len=cache_len, graph_capture=_graph_capture(provider, options, contract),
         prefill_chunk=_prefill_chunk(provider, options.prefill_chunk, cache_len, contract),
         # DirectML's GroupQueryAttention ignores the past when seq > 1 (ONNX Runtime's
         # DmlOperatorGroupQueryAttention), so continued prefill goes one token at a time there.
         continued_prefill=contract == ORIGINAL or provider != "dml",
-        # DirectML buffers have no addresses to offset: each part is its own OrtValue there.
-        by_address=provider != "dml", contract=contract, profile=options.profile)
+        # DirectML and WebGPU buffers have no addresses to offset: each part is its own
+        # OrtValue there.
+        by_address=provider not in ("dml", "webgpu"), contract=contract,
+        profile=options.profile,
+        notes=(f"this WebGPU adapter has no float16 arithmetic (shader-f16), so this "
+               f"{config.dtype} variant computes in float32 (its KV cache takes twice the "
+               "memory).",) if wide else ())
 
 
 def _provider_for(config: Config, requested: str, installed: list[str] | None,
@@ -245,27 +280,36 @@ def _provider_for(config: Config, requested: str, installed: list[str] | None,
     return provider
 
 
-def _form(provider: str, dtype: str, contract: str) -> str:
-    """DirectML (and the original format) run the graph as exported, the CPU int4 variants in
-    float32, the rest the packed form (graph_forms)."""
+def _form(provider: str, dtype: str, contract: str, float16: bool = True) -> str:
+    """DirectML (and the original format) run the graph as exported; the CPU's int4 variants,
+    and float16/int4 ones on a device without float16 arithmetic (a WebGPU adapter without
+    shader-f16), in float32; the rest the packed form (graph_forms). WebGPU's
+    GroupQueryAttention takes the packed form (packed qkv, built-in rotary)."""
     if provider == "dml" or contract == ORIGINAL:
         return graph_forms.EXPORTED
-    if provider == "cpu" and dtype == "int4":
+    if dtype != "float32" and (not float16 or (provider == "cpu" and dtype == "int4")):
         return graph_forms.PACKED_FLOAT32
     return graph_forms.PACKED
 
 
-def _activation(provider: str, config: Config) -> str:
-    if _form(provider, config.dtype, OURS) == graph_forms.PACKED_FLOAT32:
+def _activation(form: str, config: Config) -> str:
+    if form == graph_forms.PACKED_FLOAT32:
         return "float32"
     return np.dtype(NP_DTYPES[config.dtype]).name
 
 
+# Where decode-step graph capture is shown token-identical to the uncaptured path: CUDA over a
+# long scripted chat with sampling, regenerate, removed turns and clipping
+# (tools/graph_capture_check.py), WebGPU over tests/test_webgpu.py and that script. The CPU
+# has no capture: asking for it there runs the captured path's bindings (whole-cache total
+# length), which tests compare with the plain path. DirectML's has never been run.
+CAPTURE_SHOWN = ("cuda", "webgpu", "cpu")
+CAPTURE_DEFAULT = ("cuda",)
+
+
 def _graph_capture(provider: str, options: RunOptions, contract: str) -> bool:
-    """CUDA replays the decode step as a captured CUDA graph by default: shown token-identical
-    over a long scripted chat with sampling, regenerate, removed turns and clipping
-    (tools/graph_capture_check.py). DirectML's capture is not yet shown equal, so it stays
-    opt-in there; the original format's runtime has no fixed buffers to capture."""
+    """On by default where shown and faster (CUDA); refused where not shown; the original
+    format's runtime has no fixed buffers to capture."""
     if contract == ORIGINAL:
         if options.graph_capture is True:
             raise UserError("graph capture needs this repository's graph contract; the "
@@ -273,7 +317,10 @@ def _graph_capture(provider: str, options: RunOptions, contract: str) -> bool:
                             "--graph_capture).")
         return False
     if options.graph_capture == "auto":
-        return provider == "cuda"
+        return provider in CAPTURE_DEFAULT
+    if options.graph_capture and provider not in CAPTURE_SHOWN:
+        raise UserError(f"graph capture is not shown to give the same tokens on {provider} "
+                        "yet, so it is not offered there; drop --graph_capture.")
     return bool(options.graph_capture)
 
 

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from . import graph_forms
+from . import graph_forms, webgpu
 from .config import Config
 from .errors import VariantError
 from .placement import Placement
@@ -61,6 +61,7 @@ def _open(path: Path, model: str | bytes, so: ort.SessionOptions, providers: lis
     try:
         return ort.InferenceSession(model, sess_options=so, providers=providers)
     except Exception as exc:  # ORT raises Fail, InvalidProtobuf, RuntimeException...
+        webgpu.check_session_error(exc)  # WebGPU's "no adapter" is not the files' fault
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise VariantError(f"ONNX Runtime cannot load {path} ({first}); check the files with "
                            "`python tools/export_and_publish.py verify <variant>`.") from None
@@ -142,9 +143,17 @@ class Runtime:
         self._step_buffers()  # before the cache: see _cache_block
         self.caches = self._bind_caches()  # the device address of each cache buffer
         self.logits = np.zeros((1, 1, config.vocab_size), np.float32)
-        self.binding.bind_ortvalue_output("logits", self._value(self.logits, on_host=True))
+        self.logits_value = self._value(self.logits, on_host=True)
+        # Where the placement keeps outputs on the device (WebGPU), the logits land in a fixed
+        # device buffer copied into self.logits after each run, and under graph capture
+        # total_sequence_length is a device buffer too (Placement.outputs_on_device).
+        on_device = placement.outputs_on_device
+        self.logits_device = self._value(self.logits, on_host=False) if on_device else None
+        self.binding.bind_ortvalue_output(
+            "logits", self.logits_value if self.logits_device is None else self.logits_device)
         self.total = np.zeros((), np.int32)
-        self.total_value = self._value(self.total, on_host=True)
+        self.total_on_device = on_device and placement.graph_capture
+        self.total_value = self._value(self.total, on_host=not self.total_on_device)
         self.binding.bind_ortvalue_input("total_sequence_length", self.total_value)
         self.step_bound = False
         # With graph capture on, decode steps (fixed shapes and addresses) replay graph 1;
@@ -289,6 +298,8 @@ class Runtime:
         # tells the real length; prefill always states its exact total.
         decode_total = self.cache_len if self.graph_capture else start + 1
         self.total[...] = decode_total if seq == 1 else start + seq
+        if self.total_on_device:
+            self.total_value.update_inplace(self.total)
         self.run_options = self.decode_options if seq == 1 else self.prefill_options
         if seq == 1:
             self._bind_step(embeds, start)
@@ -300,6 +311,8 @@ class Runtime:
             if self.pads:
                 b.bind_cpu_input(graph_forms.LOGITS_AT, np.array([(real or seq) - 1], np.int64))
         self._run()
+        if self.logits_device is not None:
+            ort.copy_tensors([self.logits_device], [self.logits_value])
 
     def _bind_step(self, embeds: np.ndarray, start: int) -> None:
         self.step["inputs_embeds"][0, 0] = embeds[0]

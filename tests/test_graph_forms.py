@@ -96,6 +96,26 @@ def test_int4_on_the_cpu_runs_in_float32_and_stays_within_float16s_error(make_va
         assert a.argmax() == b.argmax()
 
 
+@pytest.mark.parametrize("precision", ["float16", "int4"])
+def test_large_float16_weights_are_widened_at_load_with_the_same_logits(make_variant, precision,
+                                                                          monkeypatch):
+    """Weights over WIDEN_IN_GRAPH_BYTES stay float16 in the data file (a float16 7B widened
+    into the graph would pass protobuf's 2 GiB); a Cast that constant folding runs at load
+    widens each, to the same numbers as widening them into the graph."""
+    folder = make_variant("hf", precision, True)
+    base = Engine.from_variant(folder, provider="cpu")
+    ids = [int(i) for i in np.random.default_rng(5).integers(3, base.config.vocab_size, 16)]
+    in_graph = form_logits(engine_in_form(base, folder, graph_forms.PACKED_FLOAT32), ids)
+    monkeypatch.setattr(graph_forms, "WIDEN_IN_GRAPH_BYTES", 0)
+    model = onnx.load(str(graph_of(folder)), load_external_data=False)
+    graph_forms.to_form(model, graph_forms.PACKED_FLOAT32, graph_of(folder).parent)
+    assert not any(t.raw_data for t in model.graph.initializer)  # nothing read into the graph
+    assert {t.data_type for t in model.graph.initializer} & {onnx.TensorProto.FLOAT16}
+    at_load = form_logits(engine_in_form(base, folder, graph_forms.PACKED_FLOAT32), ids)
+    for a, b in zip(at_load, in_graph, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_graph_without_the_pattern_is_refused_in_one_sentence(variant):
     graph = graph_of(variant)
     model = onnx.load(str(graph), load_external_data=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnxruntime as ort
 import pytest
 
-from llama2_onnx import graph_forms
+from llama2_onnx import graph_forms, webgpu
 from llama2_onnx.config import Config
 from llama2_onnx.errors import UserError
 from llama2_onnx.placement import (
@@ -19,7 +19,7 @@ from llama2_onnx.placement import (
     resolve_provider,
 )
 
-ALL = ["dml", "cuda", "cpu"]
+ALL = ["dml", "cuda", "webgpu", "cpu"]
 
 
 def config(dtype: str = "float16", max_seq_len: int = 64) -> Config:
@@ -27,8 +27,9 @@ def config(dtype: str = "float16", max_seq_len: int = 64) -> Config:
                   block_size=32 if dtype == "int4" else None)
 
 
-def placed(provider: str, dtype: str = "float16", installed=ALL, **options):
-    return place(config(dtype), RunOptions(provider=provider, **options), installed)
+def placed(provider: str, dtype: str = "float16", installed=ALL, float16=True, **options):
+    return place(config(dtype), RunOptions(provider=provider, **options), installed,
+                 float16=float16)
 
 
 def test_providers_that_are_not_installed_name_their_package():
@@ -41,8 +42,9 @@ def test_providers_that_are_not_installed_name_their_package():
             with pytest.raises(UserError, match=package):
                 resolve_provider(short)
     assert resolve_provider("auto") == installed[0]  # auto's documented order
-    assert installed == [p for p in ("dml", "cuda", "cpu")
-                         if PROVIDERS[p] in ort.get_available_providers()]
+    assert installed == [p for p in ("dml", "cuda", "webgpu", "cpu")
+                         if PROVIDERS[p] in ort.get_available_providers()
+                         or (p == "webgpu" and webgpu.available())]
     assert resolve_provider("auto", ["cuda", "cpu"]) == "cuda"
 
 
@@ -71,6 +73,30 @@ def test_float32_variants_are_refused_on_cuda_and_auto_takes_the_cpu():
     assert original.provider == "cuda" and original.form == graph_forms.EXPORTED
 
 
+def test_webgpu_runs_the_packed_form_and_widens_where_the_adapter_lacks_float16():
+    for dtype in ("float32", "float16", "int4"):
+        p = placed("webgpu", dtype)
+        assert (p.device, p.form, p.by_address, p.outputs_on_device) == (
+            "webgpu", graph_forms.PACKED, False, True)
+        assert p.activation == ("float32" if dtype == "float32" else "float16") and not p.notes
+        wide = placed("webgpu", dtype, float16=False)
+        if dtype == "float32":
+            assert wide.form == graph_forms.PACKED and not wide.notes
+        else:
+            assert (wide.form, wide.activation) == (graph_forms.PACKED_FLOAT32, "float32")
+            assert len(wide.notes) == 1 and "shader-f16" in wide.notes[0]
+    assert placed("webgpu").execution_providers() == []  # its session options select it
+    assert not placed("cuda").outputs_on_device and not placed("cpu").outputs_on_device
+
+
+def test_auto_takes_webgpu_only_without_a_vendors_provider():
+    assert resolve_provider("auto", ["webgpu", "cpu"]) == "webgpu"
+    assert resolve_provider("auto", ["cuda", "webgpu", "cpu"]) == "cuda"
+    assert resolve_provider("auto", ["dml", "webgpu", "cpu"]) == "dml"
+    with pytest.raises(UserError, match="onnxruntime-ep-webgpu"):
+        resolve_provider("webgpu", ["cpu"])
+
+
 def test_devices_binding_and_continued_prefill_per_provider():
     dml, cuda, cpu = placed("dml"), placed("cuda"), placed("cpu")
     assert (dml.device, cuda.device, cpu.device) == ("dml", "cuda", "cpu")
@@ -83,8 +109,11 @@ def test_devices_binding_and_continued_prefill_per_provider():
 
 def test_graph_capture_is_on_by_default_where_shown_and_refused_for_the_original_format():
     assert placed("cuda").graph_capture and not placed("cpu").graph_capture
-    assert not placed("dml").graph_capture and placed("dml", graph_capture=True).graph_capture
+    assert not placed("webgpu").graph_capture and placed("webgpu", graph_capture=True).graph_capture
     assert not placed("cuda", graph_capture=False).graph_capture
+    assert not placed("dml").graph_capture  # never run there: refused, never silently on
+    with pytest.raises(UserError, match="not shown to give the same tokens on dml"):
+        placed("dml", graph_capture=True)
     with pytest.raises(UserError, match="original Llama-2-Onnx format runs without it"):
         place(config(), RunOptions(provider="cpu", graph_capture=True), ALL, contract=ORIGINAL)
 
@@ -138,10 +167,9 @@ def test_cpu_threads_spin_only_with_a_core_to_spare(monkeypatch):
 
 
 def test_session_options_and_providers_follow_each_providers_rules():
-    so = placed("dml", graph_capture=True).session_options()
+    so = placed("dml").session_options()
     assert so.enable_mem_pattern is False
     assert so.execution_mode.name == "ORT_SEQUENTIAL"
-    assert so.get_session_config_entry("ep.dml.enable_graph_capture") == "1"
     assert placed("cuda").execution_providers()[0] == (
         "CUDAExecutionProvider", {"device_id": "0", "enable_cuda_graph": "1",
                                   "arena_extend_strategy": "kSameAsRequested"})

@@ -122,3 +122,13 @@ def test_entry_points_build_prompts_only_through_the_prompt_builder():
         encodes = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute)
                    and n.attr == "encode" and "tokenizer" in ast.unparse(n.value)]
         assert not encodes, f"{name} encodes a prompt itself: {ast.unparse(encodes[0])}"
+
+
+def test_the_webgpu_plugin_is_handled_in_one_module():
+    """Registering the plugin, finding its device and selecting it live in webgpu.py."""
+    spellings = ("onnxruntime_ep_webgpu", "register_execution_provider_library",
+                 "get_ep_devices", "add_provider_for_devices", "enableGraphCapture")
+    for module in modules():
+        text = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+        found = [s for s in spellings if s in text]
+        assert module == "webgpu" or not found, f"{module}.py spells {found}; use webgpu.py"
