@@ -32,7 +32,7 @@ from llama2_onnx.cli import (  # noqa: E402
 from llama2_onnx.errors import UserError  # noqa: E402
 from llama2_onnx.generation import check_max_new_tokens  # noqa: E402
 from llama2_onnx.tokenizer import check_text  # noqa: E402
-from llama2_onnx.variants import list_variants  # noqa: E402
+from llama2_onnx.variants import DEMO_VARIANT, list_variants  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +66,16 @@ def complete(args: argparse.Namespace) -> None:
     engine, load_s = open_engine_from_args(args, ROOT)
     prompt = prompt_tokens(engine, args)
     engine.check_fits(prompt)  # before printing anything
-    print(f"[{engine.name} on {engine.runner.provider}]", file=sys.stderr)
+    chosen = "" if args.variant or args.onnx_file else " (the first ready variant; --variant " \
+        "picks another, --list shows them)"
+    print(f"[{engine.name} on {engine.runner.provider}]{chosen}", file=sys.stderr)
+    if engine.name == DEMO_VARIANT:
+        print("note: the demo is a 4.5 M-parameter model this project trained on the King James "
+              "Bible, not Llama 2; README 'Exporting and publishing' makes a Llama 2 variant.",
+              file=sys.stderr)
+    if args.verify:
+        print(f"note: every file of {engine.name} matches its manifest (sizes and sha256).",
+              file=sys.stderr)
     for note in engine.notes:
         print(f"note: {note}", file=sys.stderr)
     if not engine.config.chat:

@@ -190,8 +190,8 @@ def build_app(options: AppOptions):
     Raises:
         UserError: if Gradio is missing or `options.variant` names no variant.
     """
+    choices, not_ready = variant_choices(options.root, options.variant)  # before Gradio loads
     gr = import_gradio()
-    choices, not_ready = variant_choices(options.root, options.variant)
     with gr.Blocks(title="Llama 2 chat (ONNX Runtime)") as app:
         gr.Markdown("# Llama 2 chat on ONNX Runtime")
         if not choices:

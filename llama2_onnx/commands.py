@@ -25,7 +25,12 @@ def export_command(args: argparse.Namespace, root: Path) -> int:
                             skip_verify=args.skip_verify, progress=not args.no_progress,
                             lfs=not args.no_lfs,
                             on_verified=lambda report: print(report.summary(), flush=True))
-    folder = export_variant(request)
+    try:
+        folder = export_variant(request)
+    except KeyboardInterrupt:  # the staging folder is gone by now (export's finally clauses)
+        print(f"interrupted: the partial export of {args.variant} was removed; nothing was "
+              "written.", file=sys.stderr)
+        raise
     print(f"exported {folder}")
     if args.publish:
         _publish(folder, args)

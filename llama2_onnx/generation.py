@@ -173,8 +173,11 @@ class Engine:
             raise GenerationError(self._too_long(len(prompt)))
 
     def _too_long(self, n: int) -> str:
-        return (f"the prompt has {n} tokens but the context holds {self.context_len}; shorten "
-                f"it or raise --max_seq_len (this variant allows up to {self.config.max_seq_len}).")
+        fix = "shorten it"
+        if self.context_len < self.config.max_seq_len:
+            fix += (f" or raise --max_seq_len (this variant allows up to "
+                    f"{self.config.max_seq_len})")
+        return f"the prompt has {n} tokens but the context holds {self.context_len}; {fix}."
 
     def generate(self, prompt: Sequence[int], settings: SamplingSettings | None = None,
                  max_new_tokens: int = 256, stop: Sequence[str] = (),

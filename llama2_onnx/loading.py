@@ -19,6 +19,7 @@ from .layout import (
     EMPTY,
     GRAPH_DIR,
     LEGACY,
+    MANIFEST,
     OURS,
     TOKENIZER,
     UNKNOWN,
@@ -55,6 +56,9 @@ def load_variant(path: Path, options: RunOptions) -> EngineParts:
         raise VariantError(f"{path} holds neither config.json nor an original Llama-2-Onnx "
                            "graph (ONNX/*.onnx with embeddings.pth); is it a variant folder?")
     if kind == LEGACY:
+        if options.verify:
+            raise UserError(f"--verify checks a variant's {MANIFEST}, and {path} is in the "
+                            "original Llama-2-Onnx format, which has none; drop --verify.")
         graph, embeddings, tokenizer = legacy_files(path)
         return load_legacy(graph, embeddings, tokenizer, options)
     check_not_lfs_pointer(path / CONFIG)
@@ -79,6 +83,9 @@ def open_explicit(graph: Path, embeddings: Path | None, tokenizer: Path | None,
     """
     if not graph.is_file():
         raise UserError(f"--onnx_file {graph} does not exist{slot_hint(graph)}.")
+    if options.verify:
+        raise UserError("--verify checks a variant folder's manifest; use it with --variant "
+                        "FOLDER instead of --onnx_file.")
     folder = graph.parent.parent
     tokenizer = Path(tokenizer or folder / TOKENIZER)
     if folder_format(folder) == OURS:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ class PublishResult:
     commit: str        # the variant commit the submodule is pinned at
     dist_commit: str   # the distribution commit that records the pin
     left_out: tuple[str, ...] = ()  # files in the folder the manifest does not list
+
+    def __str__(self) -> str:
+        return (f"published {self.variant} at {self.url} (commit {self.commit[:12]}); the "
+                f"distribution pins it as submodule {self.path} in commit "
+                f"{self.dist_commit[:12]}.")
 
     @property
     def warning(self) -> str:
@@ -275,12 +281,35 @@ def _outside_manifest(variant_dir: Path, commit: str) -> str:
     return f"it holds {stray[0]}, which its {MANIFEST} does not list" if stray else ""
 
 
+# What git and Git LFS say when a push goes to a repository that does not exist (LFS says
+# only "EOF" when its own transfer to a missing local repository fails).
+MISSING_REMOTE = re.compile(r"does not appear to be a git repository|repository not found|"
+                            r"not found|\beof\b", re.IGNORECASE)
+
+
+def _local_path(url: str) -> Path | None:
+    """The folder a local remote names (a path or a file:// URL); None for a network URL or
+    git's scp-like `host:path`."""
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    if "://" in url or (re.match(r"^[^/\\]+:", url) and not re.match(r"^[A-Za-z]:[/\\]", url)):
+        return None
+    return Path(url)
+
+
 def _push_failed(variant_dir: Path, url: str, proc: subprocess.CompletedProcess) -> None:
     err = " ".join(proc.stderr.decode("utf-8", "replace").strip().splitlines()[-4:])
     hint = ""
+    local = _local_path(url)
+    if local is not None and not local.exists():
+        raise PublishError(f"the remote {url} does not exist; create it first (an empty "
+                           f"repository: `git init --bare {local}`), then publish again.")
     if "non-fast-forward" in err or "fetch first" in err:
         hint = " The remote has commits this folder lacks: push to a new remote, or run " \
                f"`git -C {variant_dir} pull origin {BRANCH}` first."
+    elif MISSING_REMOTE.search(err):
+        hint = " The remote repository may not exist: create it first (an empty one: " \
+               "`git init --bare PATH` for a path, or on the host's website), then publish again."
     raise PublishError(f"pushing {variant_dir.name} to {url} failed ({err}); check the URL and "
                        f"that you may push there (credentials come from git, never the URL).{hint}")
 

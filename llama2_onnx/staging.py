@@ -148,23 +148,23 @@ def check_replaceable(final: Path, force: bool, protected: Sequence[Path]) -> No
                             "another --variant or --out.")
     stranger = _first_unlisted_file(final)
     if stranger is not None:
-        raise UserError(f"--force only replaces a folder this exporter wrote, and {final} "
-                        f"holds {stranger}, which it did not write; move that away or choose "
-                        "another --variant/--out.")
+        raise UserError(f"--force only replaces a folder this exporter wrote, but {final} "
+                        f"holds {stranger}; move it away or choose another --variant/--out.")
 
 
 def _first_unlisted_file(folder: Path) -> str | None:
-    """The first file in `folder` that its exporter's manifest does not list, or a sentence
-    saying the folder has no exporter's manifest; None when every file is accounted for."""
+    """What `folder` holds that its exporter did not write, as words that finish "it holds ..."
+    (the first file its manifest does not list, or the missing manifest); None when every file
+    is accounted for."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
         listed = set(manifest["files"])
         exporter = str(config.get("provenance", {}).get("exporter", ""))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return "files but no manifest.json/config.json written by this exporter"
+        return f"no {MANIFEST} and {CONFIG} of this exporter"
     if not exporter.startswith(EXPORTER_TAG):
-        return "a config.json written by another tool"
+        return f"a {CONFIG} written by another tool"
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if path.is_dir() and not path.is_symlink() or rel == MANIFEST:
@@ -172,7 +172,7 @@ def _first_unlisted_file(folder: Path) -> str | None:
         if rel in _KEPT or rel.startswith(_IGNORED_PREFIXES) or rel.endswith(".tmp"):
             continue
         if rel not in listed:
-            return rel
+            return f"{rel}, which it did not write"
     return None
 
 

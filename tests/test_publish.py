@@ -122,6 +122,9 @@ def test_publish_pushes_commit_and_lfs_objects(tmp_path: Path, dist: Path) -> No
     remote = bare(tmp_path)
     result = publish_variant(dist / NAME, f"file://{remote}")
     assert git("rev-parse", "main", cwd=remote) == result.commit
+    assert str(result) == (f"published {NAME} at file://{remote} (commit {result.commit[:12]}); "
+                           f"the distribution pins it as submodule {NAME} in commit "
+                           f"{result.dist_commit[:12]}.")
     for rel in LARGE:
         oid = sha256_file(dist / NAME / rel)
         assert (remote / "lfs" / "objects" / oid[:2] / oid[2:4] / oid).is_file()
@@ -257,8 +260,9 @@ def test_relative_url_against_origin_with_credentials_is_refused(dist: Path) -> 
 def test_failed_push_leaves_dist_unchanged(tmp_path: Path, dist: Path) -> None:
     make_variant(dist / NAME)
     before = [git(*args, cwd=dist) for args in (("rev-parse", "HEAD"), ("ls-files", "-s"))]
-    with pytest.raises(PublishError, match="failed"):
-        publish_variant(dist / NAME, str(tmp_path / "missing" / "nowhere.git"))
+    for url in (str(tmp_path / "missing" / "nowhere.git"), f"file://{tmp_path}/nowhere.git"):
+        with pytest.raises(PublishError, match="does not exist; create it first.*git init --bare"):
+            publish_variant(dist / NAME, url)
     after = [git(*args, cwd=dist) for args in (("rev-parse", "HEAD"), ("ls-files", "-s"))]
     assert after == before
     assert not (dist / ".gitmodules").exists()

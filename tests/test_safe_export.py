@@ -112,6 +112,9 @@ def test_force_refuses_folders_it_did_not_write(tmp_path, hf_args):
     for name in ("notes", "afile"):
         run = export_cli(*hf_args, "--out", str(tmp_path), "--variant", name, "--force")
         assert_refused(run, "--force")
+    run = export_cli(*hf_args, "--out", str(tmp_path), "--variant", "notes", "--force")
+    assert f"but {notes} holds no manifest.json and config.json of this exporter; move it " \
+        "away or choose another --variant/--out." in " ".join(run.stderr.split())
     assert tree_digest(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "notes"]  # no leftovers
 
@@ -122,6 +125,7 @@ def test_force_refuses_an_export_with_a_file_added(tmp_path, hf_args):
     before = tree_digest(tmp_path)
     run = export_cli(*hf_args, "--out", str(tmp_path), "--variant", "v", "--force")
     assert_refused(run, ".env")
+    assert "holds .env, which it did not write; move it away" in run.stderr
     assert tree_digest(tmp_path) == before
 
 
@@ -194,6 +198,8 @@ def test_signals_leave_the_previous_variant_and_no_partial(tmp_path, hf_args, si
         assert proc.returncode in (128 + sig, 0, -sig), err
         if proc.returncode != -sig:
             assert "Traceback" not in err
+        if proc.returncode == 128 + sig:  # the cleanup is said, not silent
+            assert "interrupted: the partial export of v was removed" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
     after = tree_digest(tmp_path / "v")
     assert after == before or proc.returncode == 0  # an export that finished wrote the same
