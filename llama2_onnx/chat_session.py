@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .chat_format import Exchange, Message, PromptBuilder
-from .errors import GenerationError, UserError
+from .errors import GenerationError, UserError, is_whole_number
 from .sampling import SamplingSettings
 from .tokenizer import check_text
 
@@ -54,7 +54,7 @@ class ChatSettings:
         check_text(self.system, "the system prompt")
         for name in ("max_new_tokens", "max_history_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_whole_number(value):
                 raise GenerationError(f"{name.replace('_', ' ')}={value!r} is invalid; use a "
                                       "whole number of at least 1.")
 

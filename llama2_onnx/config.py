@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, is_whole_number
 from .files import write_text_atomic
 
 # Bumped whenever graph input/output names, shapes or meanings change (see DESIGN.md).
@@ -23,9 +23,9 @@ DTYPES: tuple[str, ...] = ("float32", "float16", "int4")
 # hold 4-bit weights for the linear layers and compute in float16 (see graph.py).
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int4": np.float16}
 INT4_BLOCK_SIZES = (32, 64, 128)
-# int4 variants quantize the output projection (vocab x dim) too: on the demo model it costs
-# +0.4 % perplexity (22.706 against 22.608 with it in float16), and it is a fifth of a 110M
-# model's weights: CPU decode 341 tokens/s against 72 with a float16 output projection.
+# int4 variants quantize the output projection (vocab x dim) too: it costs a little perplexity
+# on the demo model, and it is a fifth of a small model's weights, which a CPU decodes several
+# times faster in int4 than in float16 (the numbers: docs/export.md, "int4 variants").
 INT4_QUANTIZES_OUTPUT = True
 # What a variant's config.json must state (the rest have Llama 2's defaults).
 REQUIRED_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len",
@@ -89,7 +89,7 @@ class Config:
 
     def _check_types(self) -> None:
         def whole(v):
-            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+            return is_whole_number(v)
 
         def real(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf

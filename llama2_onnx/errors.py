@@ -65,3 +65,9 @@ class PublishError(UserError):
 
     def __init__(self, message: str) -> None:
         super().__init__(mask_secrets(message))
+
+
+def is_whole_number(value: object, least: int = 1) -> bool:
+    """Whether `value` is an int (not a bool) of at least `least`: the one check of counts that
+    users give (tokens, lengths, chunks), each caller saying what the count is."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least

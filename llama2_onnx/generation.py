@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from .config import Config
-from .errors import GenerationError
+from .errors import GenerationError, is_whole_number
 from .loading import load_variant
 from .placement import RunOptions
 from .sampling import REPETITION_WINDOW, SamplingSettings, make_rng, sample_token
@@ -251,7 +251,7 @@ _NON_FINITE = ("{name} produced non-finite logits (inf or NaN), so no token can 
 
 
 def check_max_new_tokens(n: object, name: str = "max new tokens") -> None:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if not is_whole_number(n):
         raise GenerationError(f"{name} must be a whole number of at least 1, not {n!r}.")
 
 

@@ -53,12 +53,10 @@ activations, norms, rotary tables, KV cache and the embedding table are float16.
   no type listed for zero points (its kernel also refuses the g_idx and bias inputs), hence
   symmetric codes with the implicit zero point 8 and only the A, B, scales inputs.
 - Scales share A's type on every provider, so one graph has one activation type. float16 it is:
-  CUDA's GroupQueryAttention needs it, and on the CPU (2 cores, 110M-class model, before the
-  q/k/v fusion) the float16 int4 graph decoded at 341 tokens/s against 391 for a float32-
-  activation copy (119/207 against 134/217 in a busier moment), a 5-13 % gap that does not pay
-  for a second graph per variant; float32 variants decoded at 94 there.
+  CUDA's GroupQueryAttention needs it; the CPU runs a float32 form derived in memory
+  (graph_forms), so no second graph per variant is shipped.
 - accuracy_level 4 lets the CPU kernel quantize activations to int8 per block and use integer
-  dot products (211 -> 341 tokens/s; perplexity unchanged within 0.1 %); GPU kernels ignore it.
+  dot products (faster on the CPU, perplexity unchanged: docs/export.md); GPU kernels ignore it.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .chat_format import Message, PromptBuilder
-from .errors import GenerationError
+from .errors import GenerationError, is_whole_number
 from .sampling import SamplingSettings
 
 if TYPE_CHECKING:
@@ -274,7 +274,7 @@ def _max_tokens(body: dict, endpoint: Endpoint) -> int:
     value = body.get(name)
     if value is None:
         return 2**31 if endpoint == "chat" else 16
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_whole_number(value):
         raise bad(f"{name}={value!r} is invalid; use a whole number of at least 1.", name)
     return value
 

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from . import graph_forms, webgpu
 from .config import NP_DTYPES, Config
-from .errors import UserError
+from .errors import UserError, is_whole_number
 from .resources import free_cuda_memory
 
 PROVIDERS = {"dml": "DmlExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -40,10 +40,6 @@ OURS, ORIGINAL = "ours", "original"
 # are all seen once at load. DirectML cannot continue a prefill (one token at a time after the
 # first run) and the CPU has no such first-time cost: both run the whole prompt at once.
 PREFILL_CHUNK = {"cuda": 1024}
-
-
-def _whole(value: object, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 @dataclass(frozen=True)
@@ -69,12 +65,12 @@ class RunOptions:
         if self.provider not in PROVIDER_CHOICES:
             raise UserError(f"--provider {self.provider!r} is not one of "
                             f"{', '.join(PROVIDER_CHOICES)}.")
-        if self.max_seq_len is not None and not _whole(self.max_seq_len, 2):
+        if self.max_seq_len is not None and not is_whole_number(self.max_seq_len, 2):
             raise UserError(f"--max_seq_len {self.max_seq_len!r} is too short; use at least 2 "
                             "(or leave it out for the model's context).")
         if self.graph_capture not in (True, False, "auto"):
             raise UserError(f"graph capture {self.graph_capture!r} must be on, off or auto.")
-        if self.prefill_chunk not in ("auto", None) and not _whole(self.prefill_chunk, 1):
+        if self.prefill_chunk not in ("auto", None) and not is_whole_number(self.prefill_chunk):
             raise UserError(f"prefill chunk {self.prefill_chunk!r} must be a whole number of "
                             "at least 1, or None for whole prompts.")
 

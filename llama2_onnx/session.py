@@ -74,7 +74,7 @@ def device_zeros(session: ort.InferenceSession, count: int, dtype: type,
 
     A tiny session of its own (ConstantOfShape) allocates them from an arena that grows by what
     is asked; ONNX Runtime's Python-side allocator rounds up to powers of two (a 7B float16's
-    2 GiB cache took 4 GiB on an H100) and would copy the zeros from the host.
+    cache could take twice its size) and would copy the zeros from the host.
 
     Returns:
         (OrtValue, the session whose arena holds it): keep both for as long as it is used.
@@ -167,7 +167,7 @@ class Runtime:
 
     def _fast_run(self):
         """Call the native Run directly when this onnxruntime exposes it: the Python wrapper's
-        per-call checks cost ~200 us, more than a whole decode step of a small model on CPU."""
+        per-call checks cost more than a whole decode step of a small model on the CPU."""
         native = getattr(self.session, "_sess", None)
         binding = getattr(self.binding, "_iobinding", None)
         if native is None or binding is None:
@@ -284,8 +284,9 @@ class Runtime:
 
     def warm_up(self) -> None:
         """Run every chunk length once, so no input shape is new to ONNX Runtime during a chat
-        (a new shape costs 0.1-0.9 s on CUDA the first time). The cache contents written here
-        are garbage that the next prefill overwrites: only positions below `seqlens_k` count."""
+        (a new shape costs a lot on CUDA the first time: docs/design.md). The cache contents
+        written here are garbage that the next prefill overwrites: only positions below
+        `seqlens_k` count."""
         zeros = np.zeros((max(self.prefill_lengths(), default=1), self.config.dim), self.dtype)
         for size in self.prefill_lengths():
             self._run_once(zeros[:size], 0)
