@@ -110,6 +110,7 @@ class Engine:
         self.last_prefill_count = 0
         self.last_stats = GenerationStats()
         self.notes: list[str] = []  # things the user should know about how it was loaded
+        self.files = None  # session.FileStamps of files the session reads in place, if any
 
     @classmethod
     def from_variant(cls, path: Path, options: RunOptions | None = None, **fields) -> Engine:
@@ -126,7 +127,7 @@ class Engine:
     def from_parts(cls, parts: EngineParts) -> Engine:
         """An engine over parts opened by loading.load_variant / open_files / legacy."""
         engine = cls(parts.runner, parts.tokenizer, parts.embeddings, parts.config, parts.name)
-        engine.notes = list(parts.notes)
+        engine.notes, engine.files = list(parts.notes), parts.files
         return engine
 
     @property
@@ -195,6 +196,11 @@ class Engine:
         """
         settings = settings or SamplingSettings()
         check_max_new_tokens(max_new_tokens)
+        changed = self.files.changed() if self.files is not None else None
+        if changed is not None:
+            raise GenerationError(f"{changed} changed on disk after {self.name} was loaded "
+                                  "(reading it now could crash); restart to load the new "
+                                  "files.")
         self.check_fits(prompt)
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
         eos = -1 if ignore_eos else self.tokenizer.eos_id

@@ -32,7 +32,7 @@ from .layout import (
 from .legacy import load_legacy
 from .placement import Placement, RunOptions, place
 from .resources import GiB, free_host_memory, require
-from .session import EngineParts, Runtime, create_session
+from .session import EngineParts, FileStamps, Runtime, create_session
 from .tokenizer import Tokenizer, check_vocab
 from .variants import slot_hint
 
@@ -115,8 +115,9 @@ def load_embeddings(path: Path, config: Config) -> np.ndarray:
     infos = safetensors_io.read_header(path)
     if "weight" not in infos:
         raise VariantError(f"{path} has no 'weight' tensor; re-export the variant.")
-    # A plain array over the map: slicing a np.memmap costs more per decode step.
-    table = np.asarray(safetensors_io.map_tensor(infos["weight"]))
+    # Copied into memory, not left mapped: a mapped file truncated under a running process
+    # kills it (SIGBUS), and the table is small beside the weights.
+    table = np.array(safetensors_io.map_tensor(infos["weight"]))
     if table.shape != (config.vocab_size, config.dim):
         raise VariantError(f"{path} has shape {table.shape} but the model needs "
                            f"({config.vocab_size}, {config.dim}); re-export the variant.")
@@ -139,8 +140,9 @@ def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Conf
     runtime = Runtime(session, config, placement)
     if runtime.max_chunk is not None:
         runtime.warm_up()
+    stamps = FileStamps([graph, data_path(graph)]) if placement.on_host else None
     return EngineParts(runtime, tokenizer, table, config, name or graph.stem,
-                       [*placement.notes, *old_cache_notes(graph)])
+                       [*placement.notes, *old_cache_notes(graph)], stamps)
 
 
 def old_cache_notes(graph: Path) -> list[str]:

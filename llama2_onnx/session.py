@@ -116,6 +116,30 @@ class EngineParts:
     config: Config
     name: str
     notes: list[str] = field(default_factory=list)
+    files: FileStamps | None = None  # the files the session reads in place
+
+
+class FileStamps:
+    """Size, modification time and inode of files a session keeps reading after it opened
+    them. ONNX Runtime maps a CPU session's weights file into memory, so truncating or
+    replacing it under a running process kills it (SIGBUS, no message); checked before every
+    generation, a changed file is refused in one sentence instead (a change during one
+    generation cannot be caught: docs/design.md)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.stamps = {path: self._stamp(path) for path in paths}
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int, int] | None:
+        try:
+            info = path.stat()
+        except OSError:
+            return None
+        return info.st_size, info.st_mtime_ns, info.st_ino
+
+    def changed(self) -> Path | None:
+        """The first file that changed since these stamps were taken, else None."""
+        return next((p for p, s in self.stamps.items() if self._stamp(p) != s), None)
 
 
 class Runtime:

@@ -48,3 +48,30 @@ def test_a_too_long_prompt_offers_a_longer_context_only_when_there_is_one(make_v
     short = Engine.from_variant(folder, provider="cpu", max_seq_len=16)
     with pytest.raises(GenerationError, match="raise --max_seq_len .this variant allows up to"):
         short.check_fits(list(range(16)))
+
+
+def test_a_weights_file_replaced_under_a_running_engine_is_refused(variant):
+    """ONNX Runtime maps a CPU session's weights file; truncated under the process it would
+    die of SIGBUS with no message. Checked before each generation, a change is one sentence."""
+    import os
+    import shutil
+
+    engine = Engine.from_variant(variant, provider="cpu")
+    prompt = engine.tokenizer.encode("the cat")
+    assert list(engine.generate(prompt, max_new_tokens=2))
+    data = next((variant / "ONNX").glob("*.onnx.data"))
+    copy = data.with_name("copy.tmp")
+    shutil.copyfile(data, copy)
+    os.replace(copy, data)  # same bytes, another file: the mapped one is not this any more
+    with pytest.raises(GenerationError, match="changed on disk after .* restart"):
+        list(engine.generate(prompt, max_new_tokens=2))
+
+
+def test_the_embedding_table_is_read_into_memory_not_mapped(variant):
+    engine = Engine.from_variant(variant, provider="cpu")
+    import mmap
+
+    base = engine.embeddings
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    assert not isinstance(base, mmap.mmap)
