@@ -33,7 +33,8 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llama2_onnx.cli import add_checkpoint_args  # noqa: E402
+from llama2_onnx.cli import add_checkpoint_args, run_main  # noqa: E402
+from llama2_onnx.errors import UserError, is_whole_number  # noqa: E402
 
 
 def folder_bytes(folder: Path) -> int:
@@ -551,13 +552,39 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         "the provider's")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad counts and lists before anything loads (one sentence each, exit code 2)."""
+    for name in ("prompt_tokens", "new_tokens", "reps", "requests_per_client", "vocab_size"):
+        value = getattr(args, name, None)
+        if value is not None and not is_whole_number(value):
+            raise UserError(f"--{name.replace('_', '-')} {value} is invalid; use a whole number "
+                            "of at least 1.")
+    if getattr(args, "prompt_tokens", None) is not None and args.prompt_tokens < 2 \
+            and args.command == "compare":
+        raise UserError("--prompt-tokens must be at least 2 for compare (BOS and one token).")
+    lengths = getattr(args, "lengths", None)
+    if lengths is not None and not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", lengths):
+        raise UserError(f"--lengths {lengths!r} is invalid; give prompt lengths of at least 1 "
+                        "separated by commas, e.g. 128,512,1000.")
+    if args.command == "compare" and not any(args.variants.split(",")) and not args.genai:
+        raise UserError("--variants is empty; name the variants to compare, separated by "
+                        "commas (e.g. --variants demo,/data/out/r_int4).")
+    if args.command == "serve" and not all(n >= 1 for n in args.clients):
+        raise UserError(f"--clients {args.clients} is invalid; give concurrency levels of at "
+                        "least 1, e.g. 1,4,16.")
+
+
 def main() -> None:
     args = parse_args()
     commands = {"export": bench_export, "run": bench_run, "ttft": bench_ttft,
                 "load": bench_load, "startup": bench_startup, "compare": bench_compare,
                 "serve": bench_serve}
-    result = commands[args.command](args)
-    print(json.dumps(result, indent=2))
+
+    def run() -> None:
+        check_args(args)
+        print(json.dumps(commands[args.command](args), indent=2))
+
+    run_main(run)
 
 
 if __name__ == "__main__":
