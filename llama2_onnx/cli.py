@@ -97,9 +97,12 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
 
 
 def run_options_from_args(args: argparse.Namespace) -> RunOptions:
-    """The flags of add_engine_args as one value, checked (RunOptions refuses bad values)."""
-    return RunOptions(provider=args.provider, max_seq_len=args.max_seq_len,
-                      graph_capture=args.graph_capture, verify=getattr(args, "verify", False))
+    """The flags of add_engine_args as one value, checked (RunOptions refuses bad values); a
+    tool that offers only some of them gets the defaults for the rest."""
+    return RunOptions(provider=getattr(args, "provider", "auto"),
+                      max_seq_len=getattr(args, "max_seq_len", None),
+                      graph_capture=getattr(args, "graph_capture", "auto"),
+                      verify=getattr(args, "verify", False))
 
 
 def open_engine_from_args(args: argparse.Namespace, root: Path):

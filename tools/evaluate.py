@@ -23,7 +23,7 @@ from llama2_onnx import require_core_packages  # noqa: E402
 
 require_core_packages()
 
-from llama2_onnx.cli import check_engine_flags, run_main, spell_both  # noqa: E402
+from llama2_onnx.cli import check_engine_flags, run_main, run_options_from_args, spell_both  # noqa: E402
 from llama2_onnx.errors import UserError  # noqa: E402
 from llama2_onnx.placement import PROVIDER_CHOICES  # noqa: E402
 
@@ -51,7 +51,7 @@ def evaluate(args: argparse.Namespace) -> int:
     check_engine_flags(args)
     text = read_text(args.text)  # before loading anything
     folder = resolve_variant(args.variant, ROOT)
-    engine = Engine.from_variant(folder, provider=args.provider, max_seq_len=args.max_seq_len)
+    engine = Engine.from_variant(folder, run_options_from_args(args))
     tokens = engine.tokenizer.encode(text)  # BOS first
     tokens = tokens[:args.max_tokens]
     start = time.perf_counter()
