@@ -1,11 +1,12 @@
 """An OpenAI-compatible HTTP server over one engine (Starlette on uvicorn): /v1/models,
 /v1/chat/completions and /v1/completions, streamed as server-sent events or whole."""
 
-# Request path: check the key -> parse the body (openai_api) -> queue a job (scheduler; 503
-# when full) -> stream its pieces as `data: {chunk}` events ending with `data: [DONE]`, or
-# collect them into one JSON response. A client that goes away cancels its job: a stream is
-# cancelled by Starlette when the connection drops, a whole response by a task that waits
-# for the disconnect. Either way the engine stops before its next token.
+# Request path: check the Host (http_guard) -> check the key -> require a JSON body -> parse
+# it (openai_api) -> queue a job (scheduler; 503 when full) -> stream its pieces as
+# `data: {chunk}` events ending with `data: [DONE]`, or collect them into one JSON response.
+# A client that goes away cancels its job: a stream is cancelled by Starlette when the
+# connection drops, a whole response by a task that waits for the disconnect. Either way the
+# engine stops before its next token.
 #
 # A body is read as it arrives, counting bytes (413 the moment it passes MAX_BODY_BYTES, also
 # for `Transfer-Encoding: chunked`), within `body_timeout` (408); a client that leaves while
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .http_guard import HostCheck, allowed_host_names
 from .openai_api import (
     ApiError,
     Endpoint,
@@ -66,6 +68,7 @@ class ServerOptions:
     api_key: str | None = None
     max_queue: int = 32
     graph_capture: bool | str = "auto"
+    allowed_hosts: tuple[str, ...] = ()  # Host names to answer besides loopback's
     body_timeout: float = BODY_TIMEOUT_S
     token_delay: float = 0.0  # seconds per text piece; only for tests
 
@@ -76,6 +79,7 @@ class ApiOptions:
 
     api_key: str | None = None
     max_queue: int = 32
+    allowed_hosts: frozenset[str] | None = None
     body_timeout: float = BODY_TIMEOUT_S
     token_delay: float = 0.0
 
@@ -97,7 +101,8 @@ def create_app(engine: Engine, options: ApiOptions | None = None):
         engine: a loaded engine; the app runs one generation on it at a time.
         options: `api_key`: if set, every /v1 request needs `Authorization: Bearer <api_key>`;
             `max_queue`: how many requests may wait behind the running one (more get 503; 0: a
-            request runs only when the engine is free); `body_timeout`: seconds a request body
+            request runs only when the engine is free); `allowed_hosts`: the Host names it
+            answers (http_guard.allowed_host_names), None: any; `body_timeout`: seconds a body
             may take to arrive (then 408); `token_delay`: seconds to pause per text piece
             (tests only).
 
@@ -106,9 +111,11 @@ def create_app(engine: Engine, options: ApiOptions | None = None):
     """
     applications, _ = import_server_stack()
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.routing import Route
 
-    api = OpenAIServer(engine, options or ApiOptions())
+    options = options or ApiOptions()
+    api = OpenAIServer(engine, options)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -118,7 +125,9 @@ def create_app(engine: Engine, options: ApiOptions | None = None):
     routes = [Route("/health", api.health), Route("/v1/models", api.models),
               Route("/v1/chat/completions", api.chat, methods=["POST"]),
               Route("/v1/completions", api.completions, methods=["POST"])]
-    app = applications.Starlette(routes=routes, lifespan=lifespan,
+    guards = [] if options.allowed_hosts is None else [
+        Middleware(HostCheck, allowed=options.allowed_hosts)]
+    app = applications.Starlette(routes=routes, lifespan=lifespan, middleware=guards,
                                  exception_handlers={HTTPException: _http_error})
     app.state.api = api
     return app
@@ -152,6 +161,7 @@ class OpenAIServer:
     async def _generate(self, request, endpoint: Endpoint):
         try:
             self._authorize(request)
+            _require_json(request)
             body = await _read_body(request, self.body_timeout)
             parsed = await asyncio.to_thread(_parse, endpoint, body, self.engine,
                                              self.model)  # big bodies, long prompts: off the loop
@@ -266,6 +276,17 @@ def _generation_failed(exc: Exception) -> ApiError:
     if isinstance(exc, UserError):
         return ApiError(400, str(exc))
     return ApiError(500, f"generation failed: {exc}", kind="server_error")
+
+
+def _require_json(request) -> None:
+    """Refuse a body not declared as JSON: what a web page can send to another site without
+    asking first (a form, text/plain) never reaches the model."""
+    given = request.headers.get("content-type", "")
+    if given.partition(";")[0].strip().lower() != "application/json":
+        shown = repr(given[:80]) if given else "none"
+        raise ApiError(415, f"the request body must be JSON sent with `Content-Type: "
+                       f"application/json` (this request's Content-Type: {shown}); set that "
+                       "header.", code="unsupported_media_type")
 
 
 class ClientGone(Exception):
@@ -395,9 +416,10 @@ def serve(options: ServerOptions) -> None:
     engine = Engine.from_variant(options.variant, provider=options.provider,
                                  max_seq_len=options.max_seq_len,
                                  graph_capture=options.graph_capture)
-    app = create_app(engine, ApiOptions(options.api_key, options.max_queue,
-                                        options.body_timeout, options.token_delay))
     host, port = sock.getsockname()[:2]
+    app = create_app(engine, ApiOptions(options.api_key, options.max_queue,
+                                        allowed_host_names(host, options.allowed_hosts),
+                                        options.body_timeout, options.token_delay))
     if not options.api_key and not _is_loopback(host):
         log.warning("no --api-key: anyone who can reach %s:%d can use the model", host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False,

@@ -23,6 +23,7 @@ from stub_engine import chain_engine, piece_ids
 from test_serve import KEY, start_server, stop_server
 
 from llama2_onnx.generation import GenerationStats
+from llama2_onnx.http_guard import allowed_host_names, host_name
 from llama2_onnx.sampling import SamplingSettings
 from llama2_onnx.scheduler import Job, QueueFull, Scheduler
 from llama2_onnx.server import ApiOptions, create_app
@@ -167,7 +168,8 @@ def plain(tmp_path_factory):
 def guarded(tmp_path_factory):
     """tools/serve.py with short time limits."""
     proc, url, log = start_server(tmp_path_factory.mktemp("guarded"), "--api-key", KEY,
-                                  "--body_timeout", "2")
+                                  "--body_timeout", "2", "--allowed-host", "LLM.example:80",
+                                  "--allowed_host", "10.1.2.3")
     yield SimpleNamespace(url=url, log=log, port=port_of(url))
     stop_server(proc)
 
@@ -361,3 +363,65 @@ def test_documented_parameters_that_change_nothing_are_accepted(stub, path, requ
     assert whole.status_code == 200, whole.text
     choice = whole.json()["choices"][0]
     assert text == choice.get("text", choice.get("message", {}).get("content"))
+
+
+def ask(server, method: str, path: str, host: str | None = None, body: bytes | None = None,
+        content_type: str | None = "application/json") -> tuple[int, bytes]:
+    """One request over http.client with the key, an explicit Host and Content-Type."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = {"Authorization": f"Bearer {KEY}", "Host": host or f"127.0.0.1:{server.port}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    conn.request(method, path, body, headers)
+    reply = conn.getresponse()
+    status, data = reply.status, reply.read()
+    conn.close()
+    return status, data
+
+
+ONE_TOKEN = json.dumps({"model": "demo", "prompt": "And", "max_tokens": 1}).encode()
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_a_post_body_that_is_not_declared_json_is_415(plain, content_type):
+    status, body = ask(plain, "POST", "/v1/completions", body=ONE_TOKEN,
+                       content_type=content_type)
+    error = assert_openai_error(status, body, 415, "Content-Type: application/json")
+    assert error["code"] == "unsupported_media_type"
+    assert ask(plain, "POST", "/v1/completions", body=ONE_TOKEN,
+               content_type="Application/JSON; charset=utf-8")[0] == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "localhost.evil.example",
+                                  "127.0.0.1.evil.example", ""])
+def test_a_server_on_loopback_answers_only_loopback_host_names(plain, host):
+    for path in ("/health", "/v1/models"):
+        status, body = ask(plain, "GET", path, host=host or " ")
+        error = assert_openai_error(status, body, 400, "--allowed-host")
+        assert error["code"] == "invalid_host"
+    status, _ = ask(plain, "POST", "/v1/completions", host=host or " ", body=ONE_TOKEN)
+    assert status == 400
+
+
+@pytest.mark.parametrize("host", ["localhost", "LocalHost:8000", "127.0.0.1", "[::1]:1234"])
+def test_loopback_host_names_are_answered(plain, host):
+    assert ask(plain, "GET", "/v1/models", host=host)[0] == 200
+
+
+def test_allowed_host_adds_names(guarded):
+    for host in ("llm.example", "LLM.EXAMPLE:8080", "10.1.2.3:9", "localhost"):
+        assert ask(guarded, "GET", "/v1/models", host=host)[0] == 200, host
+    assert ask(guarded, "GET", "/v1/models", host="other.example")[0] == 400
+
+
+def test_host_names_are_checked_on_loopback_or_when_given():
+    assert host_name(" [::1]:80 ") == "[::1]" and host_name("A.b:1") == "a.b"
+    assert allowed_host_names("127.0.0.1") == {"localhost", "127.0.0.1", "[::1]"}
+    assert allowed_host_names("::1", ["x.y"]) == {"localhost", "127.0.0.1", "[::1]", "x.y"}
+    assert allowed_host_names("0.0.0.0") is None and allowed_host_names("10.0.0.5") is None
+    assert allowed_host_names("10.0.0.5", ["x.y"]) == {"localhost", "127.0.0.1", "[::1]", "x.y",
+                                                      "10.0.0.5"}
+    assert "x.y" in allowed_host_names("0.0.0.0", ["x.y:80"])

@@ -25,6 +25,7 @@ require_core_packages()
 
 from llama2_onnx.cli import add_engine_args, check_engine_flags, run_main, spell_both  # noqa: E402
 from llama2_onnx.errors import UserError  # noqa: E402
+from llama2_onnx.http_guard import check_allowed_host  # noqa: E402
 from llama2_onnx.server import API_KEY_ENV, BODY_TIMEOUT_S, ServerOptions, serve  # noqa: E402
 from llama2_onnx.variants import resolve_variant  # noqa: E402
 
@@ -40,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address to listen on (default 127.0.0.1: this computer only; "
                         "0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any)")
+    parser.add_argument("--allowed-host", "--allowed_host", action="append", default=[],
+                        metavar="NAME", help="also answer requests whose Host header is NAME "
+                        "(repeatable); on 127.0.0.1 only localhost, 127.0.0.1 and [::1] are "
+                        "answered without it, keeping web pages out (DNS rebinding)")
     parser.add_argument("--api-key", "--api_key", default=None,
                         help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
     parser.add_argument("--max-queue", "--max_queue", type=int, default=32,
@@ -59,6 +64,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         raise UserError("--api-key is empty; give a key, or leave the flag out for no key.")
     return ServerOptions(variant=resolve_variant(args.variant, ROOT), provider=args.provider,
                          host=args.host, port=args.port, max_seq_len=args.max_seq_len,
+                         allowed_hosts=tuple(map(check_allowed_host, args.allowed_host)),
                          api_key=key, max_queue=args.max_queue,
                          graph_capture=args.graph_capture, body_timeout=args.body_timeout,
                          token_delay=args.token_delay)
