@@ -1,5 +1,15 @@
-"""What guards the server below its routes: the Host check that keeps web pages away from a
-server on loopback (DNS rebinding)."""
+"""What guards the server below its routes: a time limit on request headers, a cap on open
+connections, and the Host check that keeps web pages away from a server on loopback."""
+
+# Why a protocol of our own: uvicorn closes an idle keep-alive connection (timeout_keep_alive)
+# and bounds a request head's size (h11_max_incomplete_event_size), but a connection that sends
+# part of a head, or nothing, stays open for good; enough of them exhaust the process's file
+# descriptors, and then nothing (not even /health) is accepted while asyncio logs a traceback
+# per failed accept. So each connection gets `header_timeout` seconds, from when it opens or
+# its last response ended, to finish its next request's head. (The body has its own limit,
+# server.BODY_TIMEOUT_S.) At most `max_connections` are open: when a new one would pass that,
+# the oldest connection still waiting for a head is closed, so idle connections cannot lock
+# out a health check; when none waits, the new one gets a 503 and is closed.
 
 # Why a Host check: a page on evil.example can make a browser send requests to a name that
 # resolves to 127.0.0.1 (DNS rebinding); the browser then treats the server's answers as
@@ -10,13 +20,19 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
+import time
 from collections.abc import Sequence
 
 from .errors import UserError
 from .openai_api import ApiError
 
+HEADER_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 256
+WARN_EVERY_S = 60.0  # the "connections are full" warning at most this often
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+log = logging.getLogger("llama2_onnx.server")
 _HOST = re.compile(r"([a-z0-9]([a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(:[0-9]+)?")  # and port
 
 
@@ -85,3 +101,67 @@ async def _send_error(send, error: ApiError) -> None:
     await send({"type": "http.response.start", "status": error.status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+def guarded_protocol(max_connections: int = MAX_CONNECTIONS,
+                     header_timeout: float = HEADER_TIMEOUT_S) -> type:
+    """uvicorn's h11 protocol with a header time limit and a cap on open connections (see the
+    comment at the top), for `uvicorn.Config(http=...)`."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    waiting: dict[H11Protocol, None] = {}  # connections waiting for a head, oldest first
+    warned = [-WARN_EVERY_S]
+
+    class GuardedProtocol(H11Protocol):
+        head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                if not waiting:
+                    self._refuse()
+                    return
+                oldest = next(iter(waiting))  # the connection idle longest makes room
+                oldest._stop_waiting()
+                oldest.transport.close()
+            self._wait_for_head()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's head arrived
+                self._stop_waiting()
+
+        def on_response_complete(self) -> None:
+            self._wait_for_head()  # first: a pipelined request's head stops it again
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def _wait_for_head(self) -> None:
+            self._stop_waiting()
+            waiting[self] = None
+            self.head_timer = self.loop.call_later(header_timeout, self.transport.close)
+
+        def _stop_waiting(self) -> None:
+            waiting.pop(self, None)
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def _refuse(self) -> None:
+            if time.monotonic() - warned[0] >= WARN_EVERY_S:
+                warned[0] = time.monotonic()
+                log.warning("%d connections are open, all in requests (--max-connections); "
+                            "new ones get 503 until some close", max_connections)
+            error = ApiError(503, f"the server has {max_connections} connections open; retry "
+                             "shortly.", code="too_many_connections", kind="server_error")
+            body = json.dumps(error.body()).encode()
+            self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: "
+                                 b"application/json\r\ncontent-length: %d\r\nretry-after: 1"
+                                 b"\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
+    return GuardedProtocol

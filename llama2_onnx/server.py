@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .http_guard import HostCheck, allowed_host_names
+from .http_guard import (
+    HEADER_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    HostCheck,
+    allowed_host_names,
+    guarded_protocol,
+)
 from .openai_api import (
     ApiError,
     Endpoint,
@@ -53,6 +59,7 @@ API_KEY_ENV = "LLAMA2_ONNX_API_KEY"
 KEEPALIVE_S = 5.0  # an SSE comment this often while a stream waits in the queue
 MAX_BODY_BYTES = 8 * 2**20
 BODY_TIMEOUT_S = 60.0  # from the end of the headers to the end of the body: 8 MiB at 1 Mbit/s
+FD_RESERVE = 64  # file descriptors kept for the model's files, logs and pipes
 log = logging.getLogger("llama2_onnx.server")
 
 
@@ -69,6 +76,8 @@ class ServerOptions:
     max_queue: int = 32
     graph_capture: bool | str = "auto"
     allowed_hosts: tuple[str, ...] = ()  # Host names to answer besides loopback's
+    max_connections: int = MAX_CONNECTIONS
+    header_timeout: float = HEADER_TIMEOUT_S
     body_timeout: float = BODY_TIMEOUT_S
     token_delay: float = 0.0  # seconds per text piece; only for tests
 
@@ -410,6 +419,9 @@ def serve(options: ServerOptions) -> None:
     _, uvicorn = import_server_stack()
     if options.max_queue < 0:
         raise UserError(f"--max-queue {options.max_queue} is invalid; use 0 or more.")
+    if options.max_connections < 1:
+        raise UserError(f"--max-connections {options.max_connections} is invalid; use 1 or "
+                        "more.")
     sock = listen(options.host, options.port)
     from .generation import Engine
 
@@ -422,7 +434,9 @@ def serve(options: ServerOptions) -> None:
                                         options.body_timeout, options.token_delay))
     if not options.api_key and not _is_loopback(host):
         log.warning("no --api-key: anyone who can reach %s:%d can use the model", host, port)
-    config = uvicorn.Config(app, log_level="warning", access_log=False,
+    protocol = guarded_protocol(_connection_cap(options.max_connections),
+                                options.header_timeout)
+    config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30)
     _run(uvicorn, config, sock, lambda: log.info(
         "serving %s (%s, context %d) at http://%s:%d/v1%s", engine.name, engine.runner.provider,
@@ -440,6 +454,30 @@ def _run(uvicorn, config, sock: socket.socket, ready: Callable[[], None]) -> Non
                 ready()
 
     Server(config).run(sockets=[sock])
+
+
+def _connection_cap(wanted: int) -> int:
+    """`wanted`, raising the process's limit on open files to fit it if need be; less (with a
+    warning) if that limit cannot be raised: past it, no connection would be accepted."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit for sockets
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    try:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    except (ValueError, OSError):
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft >= needed:
+        return wanted
+    cap = max(soft - FD_RESERVE, 1)
+    log.warning("--max-connections %d is more than this process may open (%d files); serving "
+                "at most %d connections", wanted, soft, cap)
+    return cap
 
 
 def _is_loopback(host: str) -> bool:

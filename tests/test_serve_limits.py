@@ -166,9 +166,10 @@ def plain(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    """tools/serve.py with short time limits."""
+    """tools/serve.py with short time limits, 3 connections at most and two more Host names."""
     proc, url, log = start_server(tmp_path_factory.mktemp("guarded"), "--api-key", KEY,
-                                  "--body_timeout", "2", "--allowed-host", "LLM.example:80",
+                                  "--body_timeout", "3", "--header_timeout", "2",
+                                  "--max-connections", "3", "--allowed-host", "LLM.example:80",
                                   "--allowed_host", "10.1.2.3")
     yield SimpleNamespace(url=url, log=log, port=port_of(url))
     stop_server(proc)
@@ -238,7 +239,7 @@ def test_a_body_that_never_finishes_is_408_and_the_connection_closes(guarded):
     with socket.create_connection(("127.0.0.1", guarded.port), timeout=60) as sock:
         sock.sendall(head(Content_Length="100") + b'{"model": ')
         status, headers, body = read_response(sock)
-        error = assert_openai_error(status, body, 408, "did not arrive within 2 s")
+        error = assert_openai_error(status, body, 408, "did not arrive within 3 s")
         assert error["code"] == "request_timeout" and closed_by_server(sock)
 
 
@@ -425,3 +426,56 @@ def test_host_names_are_checked_on_loopback_or_when_given():
     assert allowed_host_names("10.0.0.5", ["x.y"]) == {"localhost", "127.0.0.1", "[::1]", "x.y",
                                                       "10.0.0.5"}
     assert "x.y" in allowed_host_names("0.0.0.0", ["x.y:80"])
+
+
+def connect(server, timeout: float = 60) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+
+
+def test_a_connection_that_never_finishes_its_head_is_closed(plain):
+    with connect(plain) as sock:  # the default limit, 10 s
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert sock.recv(100) == b""
+
+
+def test_a_silent_or_trickling_connection_is_closed_after_the_head_time_limit(guarded):
+    with connect(guarded) as silent, connect(guarded) as trickling:
+        trickling.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, _, _ = read_response(trickling)  # a whole request is answered, and then
+        for _ in range(3):  # the next head must come whole within the limit, too
+            trickling.sendall(b"G")
+            time.sleep(0.2)
+        assert status == 200 and closed_by_server(trickling) and silent.recv(100) == b""
+
+
+def busy(server) -> socket.socket:
+    """A connection inside a request: its head read (the server asked for the body with
+    100 Continue), its body not sent."""
+    sock = connect(server)
+    sock.sendall(head(Content_Length="100", Expect="100-continue"))
+    assert sock.recv(100).startswith(b"HTTP/1.1 100 ")
+    return sock
+
+
+def test_past_max_connections_the_idle_one_makes_room_or_a_new_one_gets_503(guarded):
+    idle = [connect(guarded) for _ in range(3)]
+    time.sleep(0.2)  # accepted, in this order
+    status, _ = ask(guarded, "GET", "/health")  # the oldest idle connection makes room
+    assert status == 200 and closed_by_server(idle[0])
+    for sock in idle[1:]:
+        sock.close()
+    working = []
+    try:
+        working = [busy(guarded) for _ in range(3)]
+        with connect(guarded) as extra:
+            status, headers, body = read_response(extra)
+            error = assert_openai_error(status, body, 503, "3 connections open; retry shortly")
+            assert error["code"] == "too_many_connections" and headers["retry-after"] == "1"
+    finally:
+        for sock in working:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while ask(guarded, "GET", "/health")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the closed ones are let go
+    log = guarded.log.read_text()
+    assert log.count("connections are open, all in requests") == 1 and "Traceback" not in log

@@ -75,3 +75,9 @@ def test_variant_file_names_are_spelled_in_one_module():
         allowed = {layout.CONFIG, layout.TOKENIZER} if module in CHECKPOINT_MODULES else set()
         spelled = (set(names) & literals) - allowed
         assert not spelled, f"{module}.py spells {spelled}; use llama2_onnx.layout"
+
+
+def test_uvicorn_internals_are_used_by_one_module():
+    users = [m for m in modules()
+             if "uvicorn.protocols" in (PACKAGE / f"{m}.py").read_text(encoding="utf-8")]
+    assert users == ["http_guard"], "only http_guard may reach below uvicorn's public API"

@@ -25,7 +25,11 @@ require_core_packages()
 
 from llama2_onnx.cli import add_engine_args, check_engine_flags, run_main, spell_both  # noqa: E402
 from llama2_onnx.errors import UserError  # noqa: E402
-from llama2_onnx.http_guard import check_allowed_host  # noqa: E402
+from llama2_onnx.http_guard import (  # noqa: E402
+    HEADER_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    check_allowed_host,
+)
 from llama2_onnx.server import API_KEY_ENV, BODY_TIMEOUT_S, ServerOptions, serve  # noqa: E402
 from llama2_onnx.variants import resolve_variant  # noqa: E402
 
@@ -50,10 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queue", "--max_queue", type=int, default=32,
                         help="requests that may wait for the engine; more get 503 (default 32; "
                         "0: a request runs only when the engine is free)")
+    parser.add_argument("--max-connections", "--max_connections", type=int,
+                        default=MAX_CONNECTIONS, help="connections open at once; past it the "
+                        f"one idle longest is closed, or a new one gets 503 (default "
+                        f"{MAX_CONNECTIONS})")
     add_engine_args(parser)
     parser.add_argument("--token_delay", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--body_timeout", type=float, default=BODY_TIMEOUT_S,
                         help=argparse.SUPPRESS)  # tests only, as --token_delay
+    parser.add_argument("--header_timeout", type=float, default=HEADER_TIMEOUT_S,
+                        help=argparse.SUPPRESS)
     return spell_both(parser).parse_args(argv)
 
 
@@ -66,7 +76,9 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
                          host=args.host, port=args.port, max_seq_len=args.max_seq_len,
                          allowed_hosts=tuple(map(check_allowed_host, args.allowed_host)),
                          api_key=key, max_queue=args.max_queue,
-                         graph_capture=args.graph_capture, body_timeout=args.body_timeout,
+                         graph_capture=args.graph_capture,
+                         max_connections=args.max_connections,
+                         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                          token_delay=args.token_delay)
 
 
