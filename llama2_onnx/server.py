@@ -93,6 +93,30 @@ class ApiOptions:
     token_delay: float = 0.0
 
 
+def check_api_key(key: str | None, source: str = "--api-key") -> str | None:
+    """The key as requests must send it: without surrounding whitespace (a file's trailing
+    newline, as a Kubernetes Secret made with --from-file has), said in one log line.
+
+    Raises:
+        UserError: for an empty key, or one with a character that is not printable ASCII
+            (no HTTP client can send it, so no request would ever match).
+    """
+    if key is None:
+        return None
+    stripped = key.strip()
+    if not stripped:
+        raise UserError(f"{source} is empty; give a key, or leave it out for no key.")
+    for position, char in enumerate(stripped, 1):
+        if not " " <= char <= "~":
+            raise UserError(f"the key in {source} has a character that is not printable ASCII "
+                            f"(U+{ord(char):04X} at position {position}), which no client can "
+                            "send in a header; use letters, digits and punctuation.")
+    if stripped != key:
+        log.info("the key in %s had whitespace around it (a file's trailing newline?); using "
+                 "it without", source)
+    return stripped
+
+
 def import_server_stack():
     """Import starlette and uvicorn, or raise a UserError naming the install command."""
     try:

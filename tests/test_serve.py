@@ -145,7 +145,7 @@ def test_a_seed_gives_the_same_text_twice(client):
 
 
 def test_a_wrong_or_missing_key_is_refused(server):
-    for key in ("wrong", ""):
+    for key in ("wrong", "", KEY + "x", KEY[:-1], " " + KEY[1:]):
         bad = openai.OpenAI(base_url=server.url, api_key=key or "x", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as caught:
             bad.models.list() if key else bad.chat.completions.create(
@@ -318,6 +318,9 @@ def test_a_client_leaving_right_after_its_request_costs_no_generation(slow_serve
     (["--max-seq-len", "1"], "--max_seq_len 1 is too short"),
     (["--allowed-host", "http://llm.example/"], "--allowed-host 'http://llm.example/' is not a "
      "host name; give the name alone"),
+    (["--api-key", "k\u00e9y"], "the key in --api-key has a character that is not printable "
+     "ASCII (U+00E9 at position 2), which no client can send in a header; use letters"),
+    (["--api-key", "a\tb"], "(U+0009 at position 2)"),
 ])
 def test_command_line_mistakes_give_one_error_line(args, message):
     done = subprocess.run([sys.executable, str(SERVE), *args], capture_output=True, text=True,

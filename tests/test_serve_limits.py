@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 from stub_engine import chain_engine, piece_ids
-from test_serve import KEY, start_server, stop_server
+from test_serve import KEY, load_cli, start_server, stop_server
 
 from llama2_onnx.generation import GenerationStats
 from llama2_onnx.http_guard import allowed_host_names, host_name
@@ -479,3 +479,16 @@ def test_past_max_connections_the_idle_one_makes_room_or_a_new_one_gets_503(guar
         time.sleep(0.1)  # the closed ones are let go
     log = guarded.log.read_text()
     assert log.count("connections are open, all in requests") == 1 and "Traceback" not in log
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_a_key_with_a_trailing_newline_is_used_without_it(monkeypatch, caplog, flag):
+    cli = load_cli()
+    monkeypatch.setenv("LLAMA2_ONNX_API_KEY", "" if flag else KEY + "\r\n")
+    caplog.set_level("INFO", logger="llama2_onnx.server")
+    options = cli.options_from_args(cli.parse_args(["--api-key", f" {KEY}\n"] if flag else []))
+    assert options.api_key == KEY
+    source = "--api-key" if flag else "$LLAMA2_ONNX_API_KEY"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the key in {source} had whitespace around it (a file's trailing newline?); using it "
+        "without"]

@@ -30,7 +30,13 @@ from llama2_onnx.http_guard import (  # noqa: E402
     MAX_CONNECTIONS,
     check_allowed_host,
 )
-from llama2_onnx.server import API_KEY_ENV, BODY_TIMEOUT_S, ServerOptions, serve  # noqa: E402
+from llama2_onnx.server import (  # noqa: E402
+    API_KEY_ENV,
+    BODY_TIMEOUT_S,
+    ServerOptions,
+    check_api_key,
+    serve,
+)
 from llama2_onnx.variants import resolve_variant  # noqa: E402
 
 
@@ -69,9 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     check_engine_flags(args)
-    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    if key is not None and not key.strip():
-        raise UserError("--api-key is empty; give a key, or leave the flag out for no key.")
+    if args.api_key is not None:
+        key = check_api_key(args.api_key, "--api-key")
+    else:
+        key = check_api_key(os.environ.get(API_KEY_ENV) or None, f"${API_KEY_ENV}")
     return ServerOptions(variant=resolve_variant(args.variant, ROOT), provider=args.provider,
                          host=args.host, port=args.port, max_seq_len=args.max_seq_len,
                          allowed_hosts=tuple(map(check_allowed_host, args.allowed_host)),
