@@ -1,5 +1,6 @@
-"""What guards the server below its routes: a time limit on request headers, a cap on open
-connections, and the Host check that keeps web pages away from a server on loopback."""
+"""What guards the server around its routes: a time limit on request heads, a cap on open
+connections, the Host check that keeps web pages away from a server on loopback, and the
+reading of request bodies (JSON only, limited in size and time)."""
 
 # Why a protocol of our own: uvicorn closes an idle keep-alive connection (timeout_keep_alive)
 # and bounds a request head's size (h11_max_incomplete_event_size), but a connection that sends
@@ -7,9 +8,13 @@ connections, and the Host check that keeps web pages away from a server on loopb
 # descriptors, and then nothing (not even /health) is accepted while asyncio logs a traceback
 # per failed accept. So each connection gets `header_timeout` seconds, from when it opens or
 # its last response ended, to finish its next request's head. (The body has its own limit,
-# server.BODY_TIMEOUT_S.) At most `max_connections` are open: when a new one would pass that,
+# BODY_TIMEOUT_S.) At most `max_connections` are open: when a new one would pass that,
 # the oldest connection still waiting for a head is closed, so idle connections cannot lock
 # out a health check; when none waits, the new one gets a 503 and is closed.
+#
+# A body is read as it arrives, counting bytes (413 the moment it passes MAX_BODY_BYTES, also
+# for `Transfer-Encoding: chunked`), within `body_timeout` (408); a client that leaves while
+# sending it costs one log line. 413 and 408 close the connection, so its rest is never read.
 
 # Why a Host check: a page on evil.example can make a browser send requests to a name that
 # resolves to 127.0.0.1 (DNS rebinding); the browser then treats the server's answers as
@@ -18,6 +23,7 @@ connections, and the Host check that keeps web pages away from a server on loopb
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -29,6 +35,9 @@ from .errors import UserError
 from .openai_api import ApiError
 
 HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 60.0  # from the end of the head to the end of the body: 8 MiB at 1 Mbit/s
+MAX_BODY_BYTES = 8 * 2**20
+FD_RESERVE = 64  # file descriptors kept for the model's files, logs and pipes
 MAX_CONNECTIONS = 256
 WARN_EVERY_S = 60.0  # the "connections are full" warning at most this often
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
@@ -103,6 +112,58 @@ async def _send_error(send, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def require_json(request) -> None:
+    """Refuse a body not declared as JSON: what a web page can send to another site without
+    asking first (a form, text/plain) never reaches the model."""
+    given = request.headers.get("content-type", "")
+    if given.partition(";")[0].strip().lower() != "application/json":
+        shown = repr(given[:80]) if given else "none"
+        raise ApiError(415, f"the request body must be JSON sent with `Content-Type: "
+                       f"application/json` (this request's Content-Type: {shown}); set that "
+                       "header.", code="unsupported_media_type")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request body was read."""
+
+
+async def read_body(request, timeout: float) -> bytes:
+    """The body, counted as it arrives.
+
+    Raises:
+        ApiError: 413 as soon as it passes MAX_BODY_BYTES, 408 if it takes over `timeout` s.
+        ClientGone: if the client leaves first.
+    """
+    from starlette.requests import ClientDisconnect
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _too_large()
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s; send the "
+                       "whole request at once.", code="request_timeout") from None
+    except ClientDisconnect:
+        raise ClientGone from None
+    return b"".join(chunks)
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB; send a "
+                    "shorter prompt.", code="request_too_large")
+
+
 def guarded_protocol(max_connections: int = MAX_CONNECTIONS,
                      header_timeout: float = HEADER_TIMEOUT_S) -> type:
     """uvicorn's h11 protocol with a header time limit and a cap on open connections (see the
@@ -165,3 +226,27 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS,
             self.transport.close()
 
     return GuardedProtocol
+
+
+def connection_cap(wanted: int) -> int:
+    """`wanted`, raising the process's limit on open files to fit it if need be; less (with a
+    warning) if that limit cannot be raised: past it, no connection would be accepted."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit for sockets
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    try:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    except (ValueError, OSError):
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft >= needed:
+        return wanted
+    cap = max(soft - FD_RESERVE, 1)
+    log.warning("--max-connections %d is more than this process may open (%d files); serving "
+                "at most %d connections", wanted, soft, cap)
+    return cap

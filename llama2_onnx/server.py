@@ -1,16 +1,12 @@
 """An OpenAI-compatible HTTP server over one engine (Starlette on uvicorn): /v1/models,
 /v1/chat/completions and /v1/completions, streamed as server-sent events or whole."""
 
-# Request path: check the Host (http_guard) -> check the key -> require a JSON body -> parse
-# it (openai_api) -> queue a job (scheduler; 503 when full) -> stream its pieces as
+# Request path: check the Host (http_guard) -> check the key -> read a JSON body (http_guard)
+# -> parse it (openai_api) -> queue a job (scheduler; 503 when full) -> stream its pieces as
 # `data: {chunk}` events ending with `data: [DONE]`, or collect them into one JSON response.
 # A client that goes away cancels its job: a stream is cancelled by Starlette when the
 # connection drops, a whole response by a task that waits for the disconnect. Either way the
 # engine stops before its next token.
-#
-# A body is read as it arrives, counting bytes (413 the moment it passes MAX_BODY_BYTES, also
-# for `Transfer-Encoding: chunked`), within `body_timeout` (408); a client that leaves while
-# sending it costs one log line. 413 and 408 close the connection, so its rest is never read.
 
 from __future__ import annotations
 
@@ -29,11 +25,16 @@ from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .http_guard import (
+    BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
     MAX_CONNECTIONS,
+    ClientGone,
     HostCheck,
     allowed_host_names,
+    connection_cap,
     guarded_protocol,
+    read_body,
+    require_json,
 )
 from .openai_api import (
     ApiError,
@@ -57,9 +58,6 @@ INSTALL_HINT = ("the server needs Starlette and uvicorn; install them with "
                 "`pip install -e .[serve]`.")
 API_KEY_ENV = "LLAMA2_ONNX_API_KEY"
 KEEPALIVE_S = 5.0  # an SSE comment this often while a stream waits in the queue
-MAX_BODY_BYTES = 8 * 2**20
-BODY_TIMEOUT_S = 60.0  # from the end of the headers to the end of the body: 8 MiB at 1 Mbit/s
-FD_RESERVE = 64  # file descriptors kept for the model's files, logs and pipes
 log = logging.getLogger("llama2_onnx.server")
 
 
@@ -194,8 +192,8 @@ class OpenAIServer:
     async def _generate(self, request, endpoint: Endpoint):
         try:
             self._authorize(request)
-            _require_json(request)
-            body = await _read_body(request, self.body_timeout)
+            require_json(request)
+            body = await read_body(request, self.body_timeout)
             parsed = await asyncio.to_thread(_parse, endpoint, body, self.engine,
                                              self.model)  # big bodies, long prompts: off the loop
             job = self._submit(parsed)
@@ -311,58 +309,6 @@ def _generation_failed(exc: Exception) -> ApiError:
     return ApiError(500, f"generation failed: {exc}", kind="server_error")
 
 
-def _require_json(request) -> None:
-    """Refuse a body not declared as JSON: what a web page can send to another site without
-    asking first (a form, text/plain) never reaches the model."""
-    given = request.headers.get("content-type", "")
-    if given.partition(";")[0].strip().lower() != "application/json":
-        shown = repr(given[:80]) if given else "none"
-        raise ApiError(415, f"the request body must be JSON sent with `Content-Type: "
-                       f"application/json` (this request's Content-Type: {shown}); set that "
-                       "header.", code="unsupported_media_type")
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its request body was read."""
-
-
-async def _read_body(request, timeout: float) -> bytes:
-    """The body, counted as it arrives.
-
-    Raises:
-        ApiError: 413 as soon as it passes MAX_BODY_BYTES, 408 if it takes over `timeout` s.
-        ClientGone: if the client leaves first.
-    """
-    from starlette.requests import ClientDisconnect
-
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _too_large()
-    chunks: list[bytes] = []
-
-    async def read() -> None:
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise _too_large()
-            chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(read(), timeout)
-    except asyncio.TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout:g} s; send the "
-                       "whole request at once.", code="request_timeout") from None
-    except ClientDisconnect:
-        raise ClientGone from None
-    return b"".join(chunks)
-
-
-def _too_large() -> ApiError:
-    return ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB; send a "
-                    "shorter prompt.", code="request_too_large")
-
-
 def _parse(endpoint: Endpoint, body: bytes, engine: Engine, model: str) -> GenerationRequest:
     return parse_request(endpoint, decode_body(body), engine, model)
 
@@ -458,7 +404,7 @@ def serve(options: ServerOptions) -> None:
                                         options.body_timeout, options.token_delay))
     if not options.api_key and not _is_loopback(host):
         log.warning("no --api-key: anyone who can reach %s:%d can use the model", host, port)
-    protocol = guarded_protocol(_connection_cap(options.max_connections),
+    protocol = guarded_protocol(connection_cap(options.max_connections),
                                 options.header_timeout)
     config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30)
@@ -478,30 +424,6 @@ def _run(uvicorn, config, sock: socket.socket, ready: Callable[[], None]) -> Non
                 ready()
 
     Server(config).run(sockets=[sock])
-
-
-def _connection_cap(wanted: int) -> int:
-    """`wanted`, raising the process's limit on open files to fit it if need be; less (with a
-    warning) if that limit cannot be raised: past it, no connection would be accepted."""
-    try:
-        import resource
-    except ImportError:  # Windows: no such limit for sockets
-        return wanted
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = wanted + FD_RESERVE
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return wanted
-    try:
-        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    except (ValueError, OSError):
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft >= needed:
-        return wanted
-    cap = max(soft - FD_RESERVE, 1)
-    log.warning("--max-connections %d is more than this process may open (%d files); serving "
-                "at most %d connections", wanted, soft, cap)
-    return cap
 
 
 def _is_loopback(host: str) -> bool:

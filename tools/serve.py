@@ -26,13 +26,13 @@ require_core_packages()
 from llama2_onnx.cli import add_engine_args, check_engine_flags, run_main, spell_both  # noqa: E402
 from llama2_onnx.errors import UserError  # noqa: E402
 from llama2_onnx.http_guard import (  # noqa: E402
+    BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
     MAX_CONNECTIONS,
     check_allowed_host,
 )
 from llama2_onnx.server import (  # noqa: E402
     API_KEY_ENV,
-    BODY_TIMEOUT_S,
     ServerOptions,
     check_api_key,
     serve,
