@@ -492,3 +492,14 @@ def test_a_key_with_a_trailing_newline_is_used_without_it(monkeypatch, caplog, f
     assert [r.getMessage() for r in caplog.records] == [
         f"the key in {source} had whitespace around it (a file's trailing newline?); using it "
         "without"]
+
+
+@pytest.mark.parametrize("field", ["model", "n", "logprobs", "max_tokens", "stream",
+                                   "temperature", "seed", "messages"])
+def test_a_huge_value_is_quoted_short_in_the_error(stub, field):
+    huge = "x" * 2**20
+    value = [{"role": "user", "content": [huge]}] if field == "messages" else huge
+    with http_client(stub) as http:
+        reply = http.post("/v1/chat/completions", json={**CHAT, field: value})
+    assert reply.status_code in (400, 404) and set(reply.json()["error"]) == ERROR_FIELDS
+    assert len(reply.json()["error"]["message"]) < 400  # also what the log line quotes
