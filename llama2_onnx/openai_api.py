@@ -166,7 +166,7 @@ def _check_model(value: object, model: str) -> None:
     if value is None:
         raise bad(f"'model' is required; this server serves {model!r}.", "model")
     if value != model:
-        raise ApiError(404, f"the model {value!r} does not exist; this server serves "
+        raise ApiError(404, f"the model {_short(value)} does not exist; this server serves "
                        f"{model!r} (GET /v1/models lists it).", "model", "model_not_found")
 
 
@@ -193,11 +193,11 @@ def _guess(name: str, known: frozenset[str], endpoint: Endpoint) -> str:
 def _refuse_unsupported(body: dict) -> None:
     n = body.get("n")
     if n is not None and n != 1:
-        raise bad(f"n={n!r} is not supported; this server makes one choice per request "
+        raise bad(f"n={_short(n)} is not supported; this server makes one choice per request "
                   "(n=1): send several requests instead.", "n")
     for name, off in _UNSUPPORTED_OFF_VALUES.items():
         if body.get(name) not in off:
-            raise bad(f"{name}={body[name]!r} is not supported by this server; leave it "
+            raise bad(f"{name}={_short(body[name])} is not supported by this server; leave it "
                       "out.", name)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad(f"user={_short(body['user'])} is invalid; use a string naming your end user, "
@@ -239,7 +239,7 @@ def _content(message: object, index: int) -> str:
             for p in content):
         return "".join(p["text"] for p in content)
     raise bad(f"messages[{index}].content must be a string or a list of text parts; got "
-              f"{content!r}.", f"messages[{index}].content")
+              f"{_short(content)}.", f"messages[{index}].content")
 
 
 def _completion_prompt(prompt: object, engine: Engine) -> list[int]:
@@ -259,6 +259,9 @@ def _sampling(body: dict) -> SamplingSettings:
     take this project's defaults (Meta's temperature 0.6 and top_p 0.9)."""
     names = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
     given = {name: body[name] for name in names if body.get(name) is not None}
+    for name, value in given.items():
+        if isinstance(value, (str, list, dict)):  # SamplingSettings would quote all of it
+            raise bad(f"{name}={_short(value)} is invalid; use a number.", name)
     try:
         return SamplingSettings(**given)
     except GenerationError as exc:
@@ -275,7 +278,7 @@ def _max_tokens(body: dict, endpoint: Endpoint) -> int:
     if value is None:
         return 2**31 if endpoint == "chat" else 16
     if not is_whole_number(value):
-        raise bad(f"{name}={value!r} is invalid; use a whole number of at least 1.", name)
+        raise bad(f"{name}={_short(value)} is invalid; use a whole number of at least 1.", name)
     return value
 
 
@@ -304,7 +307,7 @@ def _short(value: object, limit: int = 80) -> str:
 def _flag(body: dict, name: str) -> bool:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
-        raise bad(f"{name}={value!r} is invalid; use true or false.", name)
+        raise bad(f"{name}={_short(value)} is invalid; use true or false.", name)
     return bool(value)
 
 

@@ -1,15 +1,12 @@
 """An OpenAI-compatible HTTP server over one engine (Starlette on uvicorn): /v1/models,
 /v1/chat/completions and /v1/completions, streamed as server-sent events or whole."""
 
-# Request path: check the key -> parse the body (openai_api) -> queue a job (scheduler; 503
-# when full) -> stream its pieces as `data: {chunk}` events ending with `data: [DONE]`, or
-# collect them into one JSON response. A client that goes away cancels its job: a stream is
-# cancelled by Starlette when the connection drops, a whole response by a task that waits
-# for the disconnect. Either way the engine stops before its next token.
-#
-# A body is read as it arrives, counting bytes (413 the moment it passes MAX_BODY_BYTES, also
-# for `Transfer-Encoding: chunked`), within `body_timeout` (408); a client that leaves while
-# sending it costs one log line. 413 and 408 close the connection, so its rest is never read.
+# Request path: check the Host (http_guard) -> check the key -> read a JSON body (http_guard)
+# -> parse it (openai_api) -> queue a job (scheduler; 503 when full) -> stream its pieces as
+# `data: {chunk}` events ending with `data: [DONE]`, or collect them into one JSON response.
+# A client that goes away cancels its job: a stream is cancelled by Starlette when the
+# connection drops, a whole response by a task that waits for the disconnect. Either way the
+# engine stops before its next token.
 
 from __future__ import annotations
 
@@ -27,6 +24,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .http_guard import (
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    ClientGone,
+    HostCheck,
+    allowed_host_names,
+    connection_cap,
+    guarded_protocol,
+    read_body,
+    require_json,
+)
 from .openai_api import (
     ApiError,
     Endpoint,
@@ -50,8 +59,6 @@ INSTALL_HINT = ("the server needs Starlette and uvicorn; install them with "
                 "`pip install -e .[serve]`.")
 API_KEY_ENV = "LLAMA2_ONNX_API_KEY"
 KEEPALIVE_S = 5.0  # an SSE comment this often while a stream waits in the queue
-MAX_BODY_BYTES = 8 * 2**20
-BODY_TIMEOUT_S = 60.0  # from the end of the headers to the end of the body: 8 MiB at 1 Mbit/s
 log = logging.getLogger("llama2_onnx.server")
 
 
@@ -65,6 +72,9 @@ class ServerOptions:
     port: int = 8000
     api_key: str | None = None
     max_queue: int = 32
+    allowed_hosts: tuple[str, ...] = ()  # Host names to answer besides loopback's
+    max_connections: int = MAX_CONNECTIONS
+    header_timeout: float = HEADER_TIMEOUT_S
     body_timeout: float = BODY_TIMEOUT_S
     token_delay: float = 0.0  # seconds per text piece; only for tests
 
@@ -75,8 +85,33 @@ class ApiOptions:
 
     api_key: str | None = None
     max_queue: int = 32
+    allowed_hosts: frozenset[str] | None = None
     body_timeout: float = BODY_TIMEOUT_S
     token_delay: float = 0.0
+
+
+def check_api_key(key: str | None, source: str = "--api-key") -> str | None:
+    """The key as requests must send it: without surrounding whitespace (a file's trailing
+    newline, as a Kubernetes Secret made with --from-file has), said in one log line.
+
+    Raises:
+        UserError: for an empty key, or one with a character that is not printable ASCII
+            (no HTTP client can send it, so no request would ever match).
+    """
+    if key is None:
+        return None
+    stripped = key.strip()
+    if not stripped:
+        raise UserError(f"{source} is empty; give a key, or leave it out for no key.")
+    for position, char in enumerate(stripped, 1):
+        if not " " <= char <= "~":
+            raise UserError(f"the key in {source} has a character that is not printable ASCII "
+                            f"(U+{ord(char):04X} at position {position}), which no client can "
+                            "send in a header; use letters, digits and punctuation.")
+    if stripped != key:
+        log.info("the key in %s had whitespace around it (a file's trailing newline?); using "
+                 "it without", source)
+    return stripped
 
 
 def import_server_stack():
@@ -96,7 +131,8 @@ def create_app(engine: Engine, options: ApiOptions | None = None):
         engine: a loaded engine; the app runs one generation on it at a time.
         options: `api_key`: if set, every /v1 request needs `Authorization: Bearer <api_key>`;
             `max_queue`: how many requests may wait behind the running one (more get 503; 0: a
-            request runs only when the engine is free); `body_timeout`: seconds a request body
+            request runs only when the engine is free); `allowed_hosts`: the Host names it
+            answers (http_guard.allowed_host_names), None: any; `body_timeout`: seconds a body
             may take to arrive (then 408); `token_delay`: seconds to pause per text piece
             (tests only).
 
@@ -105,9 +141,11 @@ def create_app(engine: Engine, options: ApiOptions | None = None):
     """
     applications, _ = import_server_stack()
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.routing import Route
 
-    api = OpenAIServer(engine, options or ApiOptions())
+    options = options or ApiOptions()
+    api = OpenAIServer(engine, options)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -117,7 +155,9 @@ def create_app(engine: Engine, options: ApiOptions | None = None):
     routes = [Route("/health", api.health), Route("/v1/models", api.models),
               Route("/v1/chat/completions", api.chat, methods=["POST"]),
               Route("/v1/completions", api.completions, methods=["POST"])]
-    app = applications.Starlette(routes=routes, lifespan=lifespan,
+    guards = [] if options.allowed_hosts is None else [
+        Middleware(HostCheck, allowed=options.allowed_hosts)]
+    app = applications.Starlette(routes=routes, lifespan=lifespan, middleware=guards,
                                  exception_handlers={HTTPException: _http_error})
     app.state.api = api
     return app
@@ -151,7 +191,8 @@ class OpenAIServer:
     async def _generate(self, request, endpoint: Endpoint):
         try:
             self._authorize(request)
-            body = await _read_body(request, self.body_timeout)
+            require_json(request)
+            body = await read_body(request, self.body_timeout)
             parsed = await asyncio.to_thread(_parse, endpoint, body, self.engine,
                                              self.model)  # big bodies, long prompts: off the loop
             job = self._submit(parsed)
@@ -267,47 +308,6 @@ def _generation_failed(exc: Exception) -> ApiError:
     return ApiError(500, f"generation failed: {exc}", kind="server_error")
 
 
-class ClientGone(Exception):
-    """The client closed the connection before its request body was read."""
-
-
-async def _read_body(request, timeout: float) -> bytes:
-    """The body, counted as it arrives.
-
-    Raises:
-        ApiError: 413 as soon as it passes MAX_BODY_BYTES, 408 if it takes over `timeout` s.
-        ClientGone: if the client leaves first.
-    """
-    from starlette.requests import ClientDisconnect
-
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _too_large()
-    chunks: list[bytes] = []
-
-    async def read() -> None:
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise _too_large()
-            chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(read(), timeout)
-    except asyncio.TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout:g} s; send the "
-                       "whole request at once.", code="request_timeout") from None
-    except ClientDisconnect:
-        raise ClientGone from None
-    return b"".join(chunks)
-
-
-def _too_large() -> ApiError:
-    return ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB; send a "
-                    "shorter prompt.", code="request_too_large")
-
-
 def _parse(endpoint: Endpoint, body: bytes, engine: Engine, model: str) -> GenerationRequest:
     return parse_request(endpoint, decode_body(body), engine, model)
 
@@ -388,16 +388,22 @@ def serve(options: ServerOptions) -> None:
     _, uvicorn = import_server_stack()
     if options.max_queue < 0:
         raise UserError(f"--max-queue {options.max_queue} is invalid; use 0 or more.")
+    if options.max_connections < 1:
+        raise UserError(f"--max-connections {options.max_connections} is invalid; use 1 or "
+                        "more.")
     sock = listen(options.host, options.port)
     from .generation import Engine
 
     engine = Engine.from_variant(options.variant, options.run)
-    app = create_app(engine, ApiOptions(options.api_key, options.max_queue,
-                                        options.body_timeout, options.token_delay))
     host, port = sock.getsockname()[:2]
+    app = create_app(engine, ApiOptions(options.api_key, options.max_queue,
+                                        allowed_host_names(host, options.allowed_hosts),
+                                        options.body_timeout, options.token_delay))
     if not options.api_key and not _is_loopback(host):
         log.warning("no --api-key: anyone who can reach %s:%d can use the model", host, port)
-    config = uvicorn.Config(app, log_level="warning", access_log=False,
+    protocol = guarded_protocol(connection_cap(options.max_connections),
+                                options.header_timeout)
+    config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30)
     _run(uvicorn, config, sock, lambda: log.info(
         "serving %s (%s, context %d) at http://%s:%d/v1%s", engine.name, engine.runner.provider,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from stub_engine import chain_engine, engine_over, piece_ids
 
-from llama2_onnx.chat_session import describe
+from llama2_onnx.chat_session import ChatSettings, Conversation, EnginePool, describe, respond
 from llama2_onnx.generation import _StopFilter
 from llama2_onnx.openai_api import finish_reason
 from llama2_onnx.sampling import REPETITION_WINDOW, SamplingSettings
@@ -59,6 +59,15 @@ def test_an_answer_that_ends_on_eos_does_not_count_the_eos(engine):
                                                                          *ANSWER)
     assert describe(stats).startswith("end of answer · ")
     assert f" {len(ANSWER)} new tokens" in describe(stats)
+
+
+def test_the_chat_status_line_counts_the_answer_without_its_eos(engine):
+    conv = Conversation(variant="stub")
+    answers = list(respond(EnginePool(lambda variant: engine), conv, "the",
+                           ChatSettings(sampling=GREEDY, max_new_tokens=20)))
+    assert answers[-1] == " cat sat with you" == conv.exchanges[0].answer
+    assert conv.status.startswith("end of answer · ") and f" · {len(ANSWER)} new tokens · " in (
+        conv.status)
 
 
 def reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:

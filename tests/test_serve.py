@@ -145,7 +145,7 @@ def test_a_seed_gives_the_same_text_twice(client):
 
 
 def test_a_wrong_or_missing_key_is_refused(server):
-    for key in ("wrong", ""):
+    for key in ("wrong", "", KEY + "x", KEY[:-1], " " + KEY[1:]):
         bad = openai.OpenAI(base_url=server.url, api_key=key or "x", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as caught:
             bad.models.list() if key else bad.chat.completions.create(
@@ -297,7 +297,7 @@ def test_a_client_leaving_right_after_its_request_costs_no_generation(slow_serve
     port = int(slow_server.url.rsplit(":", 1)[1].split("/")[0])
     body = json.dumps({**GREEDY, "prompt": "And Noah", "max_tokens": 400, "stream": True})
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
                      f"{KEY}\r\nContent-Type: application/json\r\nContent-Length: "
                      f"{len(body)}\r\n\r\n{body}".encode())
     client = openai.OpenAI(base_url=slow_server.url, api_key=KEY, max_retries=0, timeout=60)
@@ -316,6 +316,11 @@ def test_a_client_leaving_right_after_its_request_costs_no_generation(slow_serve
     (["--api-key", " "], "--api-key is empty"),
     (["--max-queue", "-1"], "--max-queue -1 is invalid"),
     (["--max-seq-len", "1"], "--max_seq_len 1 is too short"),
+    (["--allowed-host", "http://llm.example/"], "--allowed-host 'http://llm.example/' is not a "
+     "host name; give the name alone"),
+    (["--api-key", "k\u00e9y"], "the key in --api-key has a character that is not printable "
+     "ASCII (U+00E9 at position 2), which no client can send in a header; use letters"),
+    (["--api-key", "a\tb"], "(U+0009 at position 2)"),
 ])
 def test_command_line_mistakes_give_one_error_line(args, message):
     done = subprocess.run([sys.executable, str(SERVE), *args], capture_output=True, text=True,

@@ -20,9 +20,10 @@ from types import SimpleNamespace
 
 import pytest
 from stub_engine import chain_engine, piece_ids
-from test_serve import KEY, start_server, stop_server
+from test_serve import KEY, load_cli, start_server, stop_server
 
 from llama2_onnx.generation import GenerationStats
+from llama2_onnx.http_guard import allowed_host_names, host_name
 from llama2_onnx.sampling import SamplingSettings
 from llama2_onnx.scheduler import Job, QueueFull, Scheduler
 from llama2_onnx.server import ApiOptions, create_app
@@ -165,9 +166,11 @@ def plain(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    """tools/serve.py with short time limits."""
+    """tools/serve.py with short time limits, 3 connections at most and two more Host names."""
     proc, url, log = start_server(tmp_path_factory.mktemp("guarded"), "--api-key", KEY,
-                                  "--body_timeout", "2")
+                                  "--body_timeout", "3", "--header_timeout", "2",
+                                  "--max-connections", "3", "--allowed-host", "LLM.example:80",
+                                  "--allowed_host", "10.1.2.3")
     yield SimpleNamespace(url=url, log=log, port=port_of(url))
     stop_server(proc)
 
@@ -236,7 +239,7 @@ def test_a_body_that_never_finishes_is_408_and_the_connection_closes(guarded):
     with socket.create_connection(("127.0.0.1", guarded.port), timeout=60) as sock:
         sock.sendall(head(Content_Length="100") + b'{"model": ')
         status, headers, body = read_response(sock)
-        error = assert_openai_error(status, body, 408, "did not arrive within 2 s")
+        error = assert_openai_error(status, body, 408, "did not arrive within 3 s")
         assert error["code"] == "request_timeout" and closed_by_server(sock)
 
 
@@ -362,3 +365,142 @@ def test_documented_parameters_that_change_nothing_are_accepted(stub, path, requ
     assert whole.status_code == 200, whole.text
     choice = whole.json()["choices"][0]
     assert text == choice.get("text", choice.get("message", {}).get("content"))
+
+
+def ask(server, method: str, path: str, host: str | None = None, body: bytes | None = None,
+        content_type: str | None = "application/json") -> tuple[int, bytes]:
+    """One request over http.client with the key, an explicit Host and Content-Type."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = {"Authorization": f"Bearer {KEY}", "Host": host or f"127.0.0.1:{server.port}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    conn.request(method, path, body, headers)
+    reply = conn.getresponse()
+    status, data = reply.status, reply.read()
+    conn.close()
+    return status, data
+
+
+ONE_TOKEN = json.dumps({"model": "demo", "prompt": "And", "max_tokens": 1}).encode()
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_a_post_body_that_is_not_declared_json_is_415(plain, content_type):
+    status, body = ask(plain, "POST", "/v1/completions", body=ONE_TOKEN,
+                       content_type=content_type)
+    error = assert_openai_error(status, body, 415, "Content-Type: application/json")
+    assert error["code"] == "unsupported_media_type"
+    assert ask(plain, "POST", "/v1/completions", body=ONE_TOKEN,
+               content_type="Application/JSON; charset=utf-8")[0] == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "localhost.evil.example",
+                                  "127.0.0.1.evil.example", ""])
+def test_a_server_on_loopback_answers_only_loopback_host_names(plain, host):
+    for path in ("/health", "/v1/models"):
+        status, body = ask(plain, "GET", path, host=host or " ")
+        error = assert_openai_error(status, body, 400, "--allowed-host")
+        assert error["code"] == "invalid_host"
+    status, _ = ask(plain, "POST", "/v1/completions", host=host or " ", body=ONE_TOKEN)
+    assert status == 400
+
+
+@pytest.mark.parametrize("host", ["localhost", "LocalHost:8000", "127.0.0.1", "[::1]:1234"])
+def test_loopback_host_names_are_answered(plain, host):
+    assert ask(plain, "GET", "/v1/models", host=host)[0] == 200
+
+
+def test_allowed_host_adds_names(guarded):
+    for host in ("llm.example", "LLM.EXAMPLE:8080", "10.1.2.3:9", "localhost"):
+        assert ask(guarded, "GET", "/v1/models", host=host)[0] == 200, host
+    assert ask(guarded, "GET", "/v1/models", host="other.example")[0] == 400
+
+
+def test_host_names_are_checked_on_loopback_or_when_given():
+    assert host_name(" [::1]:80 ") == "[::1]" and host_name("A.b:1") == "a.b"
+    assert allowed_host_names("127.0.0.1") == {"localhost", "127.0.0.1", "[::1]"}
+    assert allowed_host_names("::1", ["x.y"]) == {"localhost", "127.0.0.1", "[::1]", "x.y"}
+    assert allowed_host_names("0.0.0.0") is None and allowed_host_names("10.0.0.5") is None
+    assert allowed_host_names("10.0.0.5", ["x.y"]) == {"localhost", "127.0.0.1", "[::1]", "x.y",
+                                                      "10.0.0.5"}
+    assert "x.y" in allowed_host_names("0.0.0.0", ["x.y:80"])
+
+
+def connect(server, timeout: float = 60) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+
+
+def test_a_connection_that_never_finishes_its_head_is_closed(plain):
+    with connect(plain) as sock:  # the default limit, 10 s
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert sock.recv(100) == b""
+
+
+def test_a_silent_or_trickling_connection_is_closed_after_the_head_time_limit(guarded):
+    with connect(guarded) as silent, connect(guarded) as trickling:
+        trickling.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, _, _ = read_response(trickling)  # a whole request is answered, and then
+        for _ in range(3):  # the next head must come whole within the limit, too
+            trickling.sendall(b"G")
+            time.sleep(0.2)
+        assert status == 200 and closed_by_server(trickling) and silent.recv(100) == b""
+
+
+def busy(server) -> socket.socket:
+    """A connection inside a request: its head read (the server asked for the body with
+    100 Continue), its body not sent."""
+    sock = connect(server)
+    sock.sendall(head(Content_Length="100", Expect="100-continue"))
+    assert sock.recv(100).startswith(b"HTTP/1.1 100 ")
+    return sock
+
+
+def test_past_max_connections_the_idle_one_makes_room_or_a_new_one_gets_503(guarded):
+    idle = [connect(guarded) for _ in range(3)]
+    time.sleep(0.2)  # accepted, in this order
+    status, _ = ask(guarded, "GET", "/health")  # the oldest idle connection makes room
+    assert status == 200 and closed_by_server(idle[0])
+    for sock in idle[1:]:
+        sock.close()
+    working = []
+    try:
+        working = [busy(guarded) for _ in range(3)]
+        with connect(guarded) as extra:
+            status, headers, body = read_response(extra)
+            error = assert_openai_error(status, body, 503, "3 connections open; retry shortly")
+            assert error["code"] == "too_many_connections" and headers["retry-after"] == "1"
+    finally:
+        for sock in working:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while ask(guarded, "GET", "/health")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the closed ones are let go
+    log = guarded.log.read_text()
+    assert log.count("connections are open, all in requests") == 1 and "Traceback" not in log
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_a_key_with_a_trailing_newline_is_used_without_it(monkeypatch, caplog, flag):
+    cli = load_cli()
+    monkeypatch.setenv("LLAMA2_ONNX_API_KEY", "" if flag else KEY + "\r\n")
+    caplog.set_level("INFO", logger="llama2_onnx.server")
+    options = cli.options_from_args(cli.parse_args(["--api-key", f" {KEY}\n"] if flag else []))
+    assert options.api_key == KEY
+    source = "--api-key" if flag else "$LLAMA2_ONNX_API_KEY"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the key in {source} had whitespace around it (a file's trailing newline?); using it "
+        "without"]
+
+
+@pytest.mark.parametrize("field", ["model", "n", "logprobs", "max_tokens", "stream",
+                                   "temperature", "seed", "messages"])
+def test_a_huge_value_is_quoted_short_in_the_error(stub, field):
+    huge = "x" * 2**20
+    value = [{"role": "user", "content": [huge]}] if field == "messages" else huge
+    with http_client(stub) as http:
+        reply = http.post("/v1/chat/completions", json={**CHAT, field: value})
+    assert reply.status_code in (400, 404) and set(reply.json()["error"]) == ERROR_FIELDS
+    assert len(reply.json()["error"]["message"]) < 400  # also what the log line quotes

@@ -132,3 +132,9 @@ def test_the_webgpu_plugin_is_handled_in_one_module():
         text = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
         found = [s for s in spellings if s in text]
         assert module == "webgpu" or not found, f"{module}.py spells {found}; use webgpu.py"
+
+
+def test_uvicorn_internals_are_used_by_one_module():
+    users = [m for m in modules()
+             if "uvicorn.protocols" in (PACKAGE / f"{m}.py").read_text(encoding="utf-8")]
+    assert users == ["http_guard"], "only http_guard may reach below uvicorn's public API"

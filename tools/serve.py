@@ -31,7 +31,18 @@ from llama2_onnx.cli import (  # noqa: E402
     spell_both,
 )
 from llama2_onnx.errors import UserError  # noqa: E402
-from llama2_onnx.server import API_KEY_ENV, BODY_TIMEOUT_S, ServerOptions, serve  # noqa: E402
+from llama2_onnx.http_guard import (  # noqa: E402
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    check_allowed_host,
+)
+from llama2_onnx.server import (  # noqa: E402
+    API_KEY_ENV,
+    ServerOptions,
+    check_api_key,
+    serve,
+)
 from llama2_onnx.variants import resolve_variant  # noqa: E402
 
 
@@ -46,26 +57,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address to listen on (default 127.0.0.1: this computer only; "
                         "0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any)")
+    parser.add_argument("--allowed-host", "--allowed_host", action="append", default=[],
+                        metavar="NAME", help="also answer requests whose Host header is NAME "
+                        "(repeatable); on 127.0.0.1 only localhost, 127.0.0.1 and [::1] are "
+                        "answered without it, keeping web pages out (DNS rebinding)")
     parser.add_argument("--api-key", "--api_key", default=None,
                         help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
     parser.add_argument("--max-queue", "--max_queue", type=int, default=32,
                         help="requests that may wait for the engine; more get 503 (default 32; "
                         "0: a request runs only when the engine is free)")
+    parser.add_argument("--max-connections", "--max_connections", type=int,
+                        default=MAX_CONNECTIONS, help="connections open at once; past it the "
+                        f"one idle longest is closed, or a new one gets 503 (default "
+                        f"{MAX_CONNECTIONS})")
     add_engine_args(parser)
     parser.add_argument("--token_delay", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--body_timeout", type=float, default=BODY_TIMEOUT_S,
                         help=argparse.SUPPRESS)  # tests only, as --token_delay
+    parser.add_argument("--header_timeout", type=float, default=HEADER_TIMEOUT_S,
+                        help=argparse.SUPPRESS)
     return spell_both(parser).parse_args(argv)
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     check_engine_flags(args)
-    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    if key is not None and not key.strip():
-        raise UserError("--api-key is empty; give a key, or leave the flag out for no key.")
+    if args.api_key is not None:
+        key = check_api_key(args.api_key, "--api-key")
+    else:
+        key = check_api_key(os.environ.get(API_KEY_ENV) or None, f"${API_KEY_ENV}")
     return ServerOptions(variant=resolve_variant(args.variant, ROOT),
                          run=run_options_from_args(args), host=args.host, port=args.port,
-                         api_key=key, max_queue=args.max_queue, body_timeout=args.body_timeout,
+                         allowed_hosts=tuple(map(check_allowed_host, args.allowed_host)),
+                         api_key=key, max_queue=args.max_queue,
+                         max_connections=args.max_connections,
+                         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                          token_delay=args.token_delay)
 
 
