@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .export import ExportRequest, export_variant
-from .layout import CONFIG
+from .variant_folder import CONFIG
 from .variants import check_variant_name, resolve_variant
 
 

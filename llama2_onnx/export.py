@@ -24,18 +24,6 @@ from .graph import (
     n_graph_tensors,
     quantized,
 )
-from .layout import (
-    CACHE_DIR,
-    CONFIG,
-    EMBEDDINGS,
-    GITATTRIBUTES,
-    GITIGNORE,
-    GRAPH_DIR,
-    README,
-    TOKENIZER,
-    data_path,
-    graph_name,
-)
 from .placement import kv_cache_bytes
 from .resources import GiB, free_host_memory, require
 from .staging import (
@@ -48,6 +36,18 @@ from .staging import (
 )
 from .tokenizer import Tokenizer
 from .variant_card import gitattributes, variant_readme
+from .variant_folder import (
+    CACHE_DIR,
+    CONFIG,
+    EMBEDDINGS,
+    GITATTRIBUTES,
+    GITIGNORE,
+    GRAPH_DIR,
+    README,
+    TOKENIZER,
+    data_path,
+    graph_name,
+)
 from .variants import REPO_ROOT, check_variant_name
 
 VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from .errors import UserError, VariantError
-from .layout import (
+from .variant_folder import (
     CACHE_DIR,
     CONFIG,
     EMBEDDINGS,

@@ -20,10 +20,10 @@ from onnx import TensorProto
 from .config import Config
 from .errors import UserError, VariantError
 from .files import check_not_lfs_pointer
-from .layout import data_path
 from .placement import ORIGINAL, Placement, RunOptions, place
 from .session import EngineParts, create_session
 from .tokenizer import Tokenizer
+from .variant_folder import data_path
 
 LEGACY_INPUTS = {"x", "attn_mask", "k_cache", "v_cache", "pos"}
 LEGACY_CONTEXT = 2048  # the original release's graphs had a 2048-token attention mask

@@ -11,7 +11,12 @@ from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
 from .files import check_files as manifest_problems
 from .files import check_not_lfs_pointer
-from .layout import (
+from .legacy import load_legacy
+from .placement import Placement, RunOptions, place
+from .resources import GiB, free_host_memory, require
+from .session import EngineParts, Runtime, create_session
+from .tokenizer import Tokenizer, check_vocab
+from .variant_folder import (
     ABSENT,
     CACHE_DIR,
     CONFIG,
@@ -28,11 +33,6 @@ from .layout import (
     legacy_files,
     pull_command,
 )
-from .legacy import load_legacy
-from .placement import Placement, RunOptions, place
-from .resources import GiB, free_host_memory, require
-from .session import EngineParts, Runtime, create_session
-from .tokenizer import Tokenizer, check_vocab
 from .variants import slot_hint
 
 

@@ -28,9 +28,9 @@ from .files import (
     write_text_atomic,
 )
 from .hub import GIT_SHA, PublishError, check_url, parse_repo_id, remote_urls, upload_to_hub
-from .layout import GITATTRIBUTES, MANIFEST
 from .slots import SLOTS
 from .variant_card import LFS_ATTRS, LFS_PATTERNS
+from .variant_folder import GITATTRIBUTES, MANIFEST
 
 BRANCH = "main"
 GITMODULES = ".gitmodules"

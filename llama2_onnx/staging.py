@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import Interrupted, UserError
-from .layout import CACHE_DIR, CONFIG, GRAPH_DIR, MANIFEST, STAGING_MARK
+from .variant_folder import CACHE_DIR, CONFIG, GRAPH_DIR, MANIFEST, STAGING_MARK
 
 # Written by the tools that make checkpoints (tools/make_random_checkpoint.py, train_demo.py)
 # into their --out folder, listing what they write: they write only into a new or empty folder
@@ -41,7 +41,7 @@ def staging_path(final: Path) -> Path:
 
 
 def begin_staging(staging: Path) -> None:
-    """Create the hidden staging folder with its mark (see layout.STAGING_MARK).
+    """Create the hidden staging folder with its mark (see variant_folder.STAGING_MARK).
 
     Raises:
         UserError when a folder of that name exists without the mark (someone else's).

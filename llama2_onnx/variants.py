@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .errors import VariantError
 from .files import check_files, is_lfs_pointer
-from .layout import ABSENT as NO_FOLDER
-from .layout import (
+from .variant_folder import ABSENT as NO_FOLDER
+from .variant_folder import (
     CONFIG,
     EMPTY,
     GRAPH_DIR,

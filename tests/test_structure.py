@@ -62,19 +62,19 @@ def test_the_cycle_finder_finds_one():
 
 
 def test_variant_file_names_are_spelled_in_one_module():
-    from llama2_onnx import layout
+    from llama2_onnx import variant_folder as layout
 
     names = [layout.MANIFEST, layout.EMBEDDINGS, layout.LEGACY_EMBEDDINGS, layout.TOKENIZER,
              layout.CONFIG, layout.GRAPH_DIR]
     for module in modules():
-        if module == "layout":
+        if module == "variant_folder":
             continue
         tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
         literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
                     and isinstance(n.value, str)}
         allowed = {layout.CONFIG, layout.TOKENIZER} if module in CHECKPOINT_MODULES else set()
         spelled = (set(names) & literals) - allowed
-        assert not spelled, f"{module}.py spells {spelled}; use llama2_onnx.layout"
+        assert not spelled, f"{module}.py spells {spelled}; use llama2_onnx.variant_folder"
 
 
 PROVIDER_NAMES = {"cuda", "dml", "cpu", "webgpu", "auto", "CUDAExecutionProvider",

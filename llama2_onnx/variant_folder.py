@@ -1,4 +1,4 @@
-"""A variant folder's layout: the one place its file names are spelled (see DESIGN.md).
+"""The variant folder: the one place its file names are spelled (see DESIGN.md).
 
     <variant>/ONNX/LlamaV2_<variant>.onnx        graph         (GRAPH_DIR, graph_name)
     <variant>/ONNX/LlamaV2_<variant>.onnx.data   its weights   (data_path)
