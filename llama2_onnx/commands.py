@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .export import ExportRequest, export_variant
-from .variant_folder import CONFIG
+from .variant_folder import CONFIG, check_files
 from .variants import check_variant_name, resolve_variant
 
 
@@ -56,7 +56,6 @@ def _publish(folder: Path, args: argparse.Namespace) -> None:
 
 def verify_command(args: argparse.Namespace, root: Path) -> int:
     """Check sizes and sha256 of every file in the manifest; exit 1 when something is wrong."""
-    from .files import check_files
     from .loading import check_folder
 
     if (args.variant is None) == (args.variant_arg is None):

@@ -16,7 +16,7 @@ from . import __version__, safetensors_io
 from .checkpoints import Source, open_source
 from .config import NP_DTYPES, Config
 from .errors import CheckpointError, UserError, VerificationError
-from .files import check_not_lfs_pointer, write_manifest
+from .files import check_not_lfs_pointer
 from .graph import (
     ExternalDataWriter,
     build_model,
@@ -47,6 +47,7 @@ from .variant_folder import (
     TOKENIZER,
     data_path,
     graph_name,
+    write_manifest,
 )
 from .variants import REPO_ROOT, check_variant_name
 

@@ -9,7 +9,6 @@ import numpy as np
 from . import safetensors_io
 from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
-from .files import check_files as manifest_problems
 from .files import check_not_lfs_pointer
 from .legacy import load_legacy
 from .placement import Placement, RunOptions, place
@@ -27,6 +26,7 @@ from .variant_folder import (
     OURS,
     TOKENIZER,
     UNKNOWN,
+    check_files,
     data_path,
     folder_format,
     graphs,
@@ -59,7 +59,7 @@ def load_variant(path: Path, options: RunOptions) -> EngineParts:
         return load_legacy(graph, embeddings, tokenizer, options)
     check_not_lfs_pointer(path / CONFIG)
     if options.check_files or options.verify:
-        problems = manifest_problems(path, sha256=options.verify)
+        problems = check_files(path, sha256=options.verify)
         if problems:
             raise VariantError(problems[0])
     config = Config.load(path / CONFIG)

@@ -11,7 +11,6 @@ The flow (DESIGN.md, "Publish"):
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import tempfile
@@ -19,18 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VariantError
-from .files import (
-    check_files,
-    left_out_warning,
-    published_files,
-    read_manifest,
-    sha256_file,
-    write_text_atomic,
-)
+from .files import write_text_atomic
 from .hub import GIT_SHA, PublishError, check_url, parse_repo_id, remote_urls, upload_to_hub
 from .slots import SLOTS
 from .variant_card import LFS_ATTRS, LFS_PATTERNS
-from .variant_folder import GITATTRIBUTES, MANIFEST
+from .variant_folder import (
+    GITATTRIBUTES,
+    MANIFEST,
+    check_files,
+    left_out_warning,
+    parse_manifest,
+    published_files,
+    read_manifest,
+    refresh_manifest_entry,
+)
 
 BRANCH = "main"
 GITMODULES = ".gitmodules"
@@ -264,10 +265,11 @@ def _outside_manifest(variant_dir: Path, commit: str) -> str:
     """What in `commit`'s tree its own manifest.json does not cover ("" when nothing)."""
     blob = _git("cat-file", "blob", f"{commit}:{MANIFEST}", cwd=variant_dir)
     try:
-        listed = json.loads(blob.stdout)["files"] if blob.returncode == 0 else None
-    except (ValueError, TypeError, KeyError):
+        listed = parse_manifest(blob.stdout, f"{commit}:{MANIFEST}")["files"] \
+            if blob.returncode == 0 else None
+    except VariantError:
         listed = None
-    if not isinstance(listed, dict):
+    if listed is None:
         return f"it has no readable {MANIFEST}"
     tree = _git("ls-tree", "-r", "-z", "--name-only", commit, cwd=variant_dir).stdout
     names = tree.decode("utf-8", "surrogateescape").split("\0")
@@ -320,16 +322,8 @@ def ensure_gitattributes(variant_dir: Path) -> bool:
         return False
     sep = "" if not text or text.endswith("\n") else "\n"
     write_text_atomic(path, text + sep + "".join(f"{p} {LFS_ATTRS}\n" for p in missing))
-    _refresh_manifest_entry(variant_dir, GITATTRIBUTES)
+    refresh_manifest_entry(variant_dir, GITATTRIBUTES)
     return True
-
-
-def _refresh_manifest_entry(variant_dir: Path, rel: str) -> None:
-    manifest = read_manifest(variant_dir)
-    assert manifest is not None, "verified variants have a manifest"
-    path = variant_dir / rel
-    manifest["files"][rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    write_text_atomic(variant_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def _commit_files(variant_dir: Path, files: list[str], message: str) -> str:

@@ -21,8 +21,16 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import Interrupted, UserError
-from .variant_folder import CACHE_DIR, CONFIG, GRAPH_DIR, MANIFEST, STAGING_MARK
+from .errors import Interrupted, UserError, VariantError
+from .variant_folder import (
+    CACHE_DIR,
+    CONFIG,
+    GRAPH_DIR,
+    MANIFEST,
+    STAGING_MARK,
+    read_manifest,
+    written_by,
+)
 
 # Written by the tools that make checkpoints (tools/make_random_checkpoint.py, train_demo.py)
 # into their --out folder, listing what they write: they write only into a new or empty folder
@@ -157,12 +165,13 @@ def _first_unlisted_file(folder: Path) -> str | None:
     """The first file in `folder` that its exporter's manifest does not list, or a sentence
     saying the folder has no exporter's manifest; None when every file is accounted for."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-        listed = set(manifest["files"])
-        exporter = str(config.get("provenance", {}).get("exporter", ""))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return "files but no manifest.json/config.json written by this exporter"
+        manifest = read_manifest(folder)
+    except VariantError:
+        manifest = None
+    exporter = written_by(folder)
+    if manifest is None or exporter is None:
+        return f"files but no {MANIFEST}/{CONFIG} written by this exporter"
+    listed = set(manifest["files"])
     if not exporter.startswith(EXPORTER_TAG):
         return "a config.json written by another tool"
     for path in sorted(folder.rglob("*")):

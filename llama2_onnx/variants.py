@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VariantError
-from .files import check_files, is_lfs_pointer
+from .files import is_lfs_pointer
 from .variant_folder import ABSENT as NO_FOLDER
 from .variant_folder import (
     CONFIG,
@@ -16,6 +16,7 @@ from .variant_folder import (
     GRAPH_DIR,
     LEGACY,
     UNKNOWN,
+    check_files,
     folder_format,
     legacy_files,
     pull_command,

@@ -14,7 +14,7 @@ import pytest
 
 from llama2_onnx.config import Config
 from llama2_onnx.errors import VariantError
-from llama2_onnx.files import is_lfs_pointer, sha256_file, write_manifest
+from llama2_onnx.files import is_lfs_pointer, sha256_file
 from llama2_onnx.hub import PublishError, parse_repo_id, resolve_relative_url
 from llama2_onnx.publish import (
     FALLBACK_IDENTITY,
@@ -26,6 +26,7 @@ from llama2_onnx.publish import (
     publish_variant,
     verify_variant,
 )
+from llama2_onnx.variant_folder import write_manifest
 
 NAME = "7B_FT_float16"
 LARGE = [f"ONNX/LlamaV2_{NAME}.onnx", f"ONNX/LlamaV2_{NAME}.onnx.data",

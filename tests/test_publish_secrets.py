@@ -21,8 +21,8 @@ from conftest import ROOT
 from test_publish import NAME, bare, calls, fake_api, git, make_variant
 
 from llama2_onnx.errors import PublishError, mask_secrets
-from llama2_onnx.files import published_files
 from llama2_onnx.publish import hub_upload, publish_variant
+from llama2_onnx.variant_folder import published_files
 
 # test_publish's fixtures: a distribution repository, and git isolated from the user's config.
 dist, isolated_git = test_publish.dist, test_publish.isolated_git
