@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .export import ExportRequest, export_variant
-from .variant_folder import CONFIG, check_files
+from .variant_folder import CONFIG, check_files, check_folder
 from .variants import check_variant_name, resolve_variant
 
 
@@ -56,8 +56,6 @@ def _publish(folder: Path, args: argparse.Namespace) -> None:
 
 def verify_command(args: argparse.Namespace, root: Path) -> int:
     """Check sizes and sha256 of every file in the manifest; exit 1 when something is wrong."""
-    from .loading import check_folder
-
     if (args.variant is None) == (args.variant_arg is None):
         raise UserError("name the variant once: `verify --variant NAME_OR_FOLDER`.")
     folder = resolve_variant(args.variant or args.variant_arg, root)

@@ -16,46 +16,26 @@ from .resources import GiB, free_host_memory, require
 from .session import EngineParts, Runtime, create_session
 from .tokenizer import Tokenizer, check_vocab
 from .variant_folder import (
-    ABSENT,
     CACHE_DIR,
     CONFIG,
     EMBEDDINGS,
-    EMPTY,
-    GRAPH_DIR,
-    LEGACY,
+    ORIGINAL,
     OURS,
     TOKENIZER,
-    UNKNOWN,
     check_files,
     data_path,
+    find_graph,
     folder_format,
-    graphs,
-    legacy_files,
-    pull_command,
+    original_files,
+    variant_format,
 )
 from .variants import slot_hint
 
 
-def check_folder(path: Path) -> None:
-    """Raise a VariantError naming the fix when `path` cannot hold a usable variant."""
-    kind = folder_format(path)
-    if kind == ABSENT:
-        raise VariantError(f"variant folder {path} does not exist; list the variants with "
-                           "`python MinimumExample/Example_ONNX_LlamaV2.py --list`.")
-    if kind == EMPTY:
-        raise VariantError(f"{path} is empty: its submodule is not initialised; run "
-                           f"`{pull_command(path.name)}` from the repository root.")
-
-
 def load_variant(path: Path, options: RunOptions) -> EngineParts:
     """Open a variant folder (our format or the original one); see Engine.from_variant."""
-    check_folder(path)
-    kind = folder_format(path)
-    if kind == UNKNOWN:
-        raise VariantError(f"{path} holds neither config.json nor an original Llama-2-Onnx "
-                           "graph (ONNX/*.onnx with embeddings.pth); is it a variant folder?")
-    if kind == LEGACY:
-        graph, embeddings, tokenizer = legacy_files(path)
+    if variant_format(path) == ORIGINAL:
+        graph, embeddings, tokenizer = original_files(path)
         return load_legacy(graph, embeddings, tokenizer, options)
     check_not_lfs_pointer(path / CONFIG)
     if options.check_files or options.verify:
@@ -88,16 +68,6 @@ def open_explicit(graph: Path, embeddings: Path | None, tokenizer: Path | None,
     if not embeddings:
         raise UserError("--embedding_file is required with an original-format --onnx_file.")
     return load_legacy(graph, Path(embeddings), tokenizer, options)
-
-
-def find_graph(path: Path) -> Path:
-    """The one ONNX/*.onnx graph of a variant folder."""
-    found = graphs(path)
-    if len(found) != 1:
-        what = "no .onnx graph" if not found else f"{len(found)} graphs"
-        raise VariantError(f"{path / GRAPH_DIR} holds {what} but a variant has exactly one; "
-                           "re-export or fetch the variant again.")
-    return found[0]
 
 
 def load_embeddings(path: Path, config: Config) -> np.ndarray:

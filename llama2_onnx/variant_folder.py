@@ -9,13 +9,20 @@
     <variant>/manifest.json                      MANIFEST
     <variant>/README.md, .gitattributes, .gitignore
     (original format: embeddings.pth, tokenizer.model possibly one folder up)
+
+It also holds the one vocabulary of a folder's states (variant_state: ready, not pulled,
+submodule not initialised, incomplete, absent; the format, ours or the original release's, is an
+attribute beside the state), the checks on a folder (find_graph, check_folder, variant_format)
+and its manifest (write_manifest, read_manifest, check_files, published_files).
 """
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import VariantError
@@ -31,12 +38,17 @@ CONFIG = "config.json"
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 EMBEDDINGS = "embeddings.safetensors"
-LEGACY_EMBEDDINGS = "embeddings.pth"
+ORIGINAL_EMBEDDINGS = "embeddings.pth"
 GRAPH_DIR = "ONNX"
+GRAPH_SUFFIX, DATA_SUFFIX = ".onnx", ".data"
 CACHE_DIR = ".cache"
 README = "README.md"
 GITATTRIBUTES = ".gitattributes"
 GITIGNORE = ".gitignore"
+GITMODULES = ".gitmodules"  # the distribution's: which slots are submodules
+# What Git LFS stores of a published variant: the graph, its weights, embeddings and tokenizer.
+LFS_PATTERNS = (f"*{GRAPH_SUFFIX}", f"*{GRAPH_SUFFIX}{DATA_SUFFIX}", f"*{Path(EMBEDDINGS).suffix}",
+                f"*{Path(TOKENIZER).suffix}")
 # Written first into an export's hidden staging folder and removed before it becomes the variant:
 # only folders carrying it are ever cleaned up as leftovers of an interrupted export.
 STAGING_MARK = ".llama2_onnx-staging"
@@ -46,18 +58,18 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def graph_name(variant: str) -> str:
-    return f"LlamaV2_{variant}.onnx"
+    return f"LlamaV2_{variant}{GRAPH_SUFFIX}"
 
 
 def data_path(graph: Path) -> Path:
     """The external-data file beside a graph."""
-    return Path(f"{graph}.data")
+    return Path(f"{graph}{DATA_SUFFIX}")
 
 
 def graphs(folder: Path) -> list[Path]:
     """Every ONNX/*.onnx graph of a variant folder (a valid variant has exactly one)."""
     graph_dir = Path(folder) / GRAPH_DIR
-    return sorted(graph_dir.glob("*.onnx")) if graph_dir.is_dir() else []
+    return sorted(graph_dir.glob(f"*{GRAPH_SUFFIX}")) if graph_dir.is_dir() else []
 
 
 def pull_command(name: str) -> str:
@@ -65,36 +77,153 @@ def pull_command(name: str) -> str:
     return f"git submodule init {name} && git submodule update && (cd {name} && git lfs pull)"
 
 
-# What a folder holds, decided here only (variants' slot states, loading, the CLI's --onnx_file).
-ABSENT, EMPTY, OURS, LEGACY, UNKNOWN = "absent", "empty", "ours", "legacy", "unknown"
+# ---------------------------------------------------------------------------- states
+
+# What a variant folder is, in one vocabulary (variant_state decides; --list, the chat app and
+# the loader show these words).
+READY, NOT_PULLED, NOT_INITIALISED, INCOMPLETE, ABSENT = (
+    "ready", "not pulled (Git LFS pointers)", "submodule not initialised", "incomplete", "absent")
+# The format of a folder that holds a variant's files: ours (config.json) or the original
+# Llama-2-Onnx release's (ONNX/*.onnx with embeddings.pth); an attribute, not a state.
+OURS, ORIGINAL = "ours", "original"
 
 
-def folder_format(folder: Path) -> str:
-    """From the file names alone: ABSENT, EMPTY (an uninitialised submodule: nothing but a
-    .git), OURS (config.json), LEGACY (the original release: ONNX/*.onnx and embeddings.pth)
-    or UNKNOWN."""
+@dataclass(frozen=True)
+class VariantState:
+    """One variant folder: its state, what to run when it is not ready, and its format."""
+
+    name: str
+    path: Path
+    state: str
+    hint: str = ""
+    format: str | None = None  # OURS or ORIGINAL; None while the folder holds neither
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+
+def variant_state(path: Path) -> VariantState:
+    """Classify one variant folder (the manifest's sizes are compared, not its sha256).
+
+    Raises:
+        VariantError when its manifest is malformed.
+    """
+    name, pull = path.name, f"run `{pull_command(path.name)}`"
+    missing = missing_state(path)
+    if missing == ABSENT:
+        declared = name in submodule_paths(path.parent)
+        return VariantState(name, path, ABSENT, pull if declared else (
+            "not published in this distribution yet; README 'Exporting your own variant'"))
+    if missing == NOT_INITIALISED:
+        return VariantState(name, path, NOT_INITIALISED, pull)
+    kind = folder_format(path)
+    if kind is None:
+        return VariantState(name, path, INCOMPLETE, f"no {CONFIG}: re-export or fetch it")
+    lfs_pull = f"run `git lfs pull` in {name}"
+    if kind == ORIGINAL:
+        if any(is_lfs_pointer(p) for p in original_files(path)):
+            return VariantState(name, path, NOT_PULLED, lfs_pull, kind)
+        return VariantState(name, path, READY, "original Llama-2-Onnx format", kind)
+    problems = check_files(path)
+    if any("Git LFS pointer" in p for p in problems) or is_lfs_pointer(path / CONFIG):
+        return VariantState(name, path, NOT_PULLED, lfs_pull, kind)
+    if problems:
+        return VariantState(name, path, INCOMPLETE, problems[0], kind)
+    return VariantState(name, path, READY, "", kind)
+
+
+def missing_state(folder: Path) -> str | None:
+    """ABSENT, NOT_INITIALISED (an uninitialised submodule: nothing but a .git) or None when
+    the folder has files, from the file names alone."""
     folder = Path(folder)
     if not folder.exists():
         return ABSENT
     if folder.is_dir() and not any(p.name != ".git" for p in folder.iterdir()):
-        return EMPTY
-    if (folder / CONFIG).exists():
+        return NOT_INITIALISED
+    return None
+
+
+def folder_format(folder: Path) -> str | None:
+    """OURS (a config.json), ORIGINAL (ONNX/*.onnx with embeddings.pth) or None (neither),
+    from the file names alone."""
+    if (Path(folder) / CONFIG).exists():
         return OURS
-    return LEGACY if legacy_files(folder) else UNKNOWN
+    return ORIGINAL if original_files(folder) else None
 
 
-def legacy_files(folder: Path) -> tuple[Path, Path, Path] | None:
+def check_folder(path: Path) -> None:
+    """Raise a VariantError naming the fix when `path` is absent or an empty submodule."""
+    missing = missing_state(path)
+    if missing == ABSENT:
+        raise VariantError(f"variant folder {path} does not exist; list the variants with "
+                           "`python MinimumExample/Example_ONNX_LlamaV2.py --list`.")
+    if missing == NOT_INITIALISED:
+        raise VariantError(f"{path} is empty: its submodule is not initialised; run "
+                           f"`{pull_command(path.name)}` from the repository root.")
+
+
+def variant_format(path: Path) -> str:
+    """OURS or ORIGINAL: the format of a folder about to be opened.
+
+    Raises:
+        VariantError naming the fix when the folder is absent, an empty submodule or holds
+        neither format's files.
+    """
+    check_folder(path)
+    kind = folder_format(path)
+    if kind is None:
+        raise VariantError(f"{path} holds neither {CONFIG} nor an original Llama-2-Onnx "
+                           f"graph ({GRAPH_DIR}/*{GRAPH_SUFFIX} with {ORIGINAL_EMBEDDINGS}); is "
+                           "it a variant folder?")
+    return kind
+
+
+def looks_like_variant(folder: Path) -> bool:
+    """A folder with a config.json or an ONNX/ folder (a slot the distribution does not list)."""
+    return (folder / CONFIG).exists() or (folder / GRAPH_DIR).is_dir()
+
+
+def find_graph(path: Path) -> Path:
+    """The one ONNX/*.onnx graph of a variant folder.
+
+    Raises:
+        VariantError when it holds none or several.
+    """
+    found = graphs(path)
+    if len(found) != 1:
+        what = f"no {GRAPH_SUFFIX} graph" if not found else f"{len(found)} graphs"
+        raise VariantError(f"{path / GRAPH_DIR} holds {what} but a variant has exactly one; "
+                           "re-export or fetch the variant again.")
+    return found[0]
+
+
+def original_files(folder: Path) -> tuple[Path, Path, Path] | None:
     """(graph, embeddings.pth, tokenizer.model) of an original-format folder, or None.
 
     The original repository kept tokenizer.model at its root, beside the variant folders.
     """
     found = graphs(folder)
-    embeddings = Path(folder) / LEGACY_EMBEDDINGS
+    embeddings = Path(folder) / ORIGINAL_EMBEDDINGS
     if not found or not embeddings.exists():
         return None
-    tokenizer = next((p for p in (Path(folder) / TOKENIZER, Path(folder).parent / TOKENIZER)
-                      if p.exists()), Path(folder) / TOKENIZER)
-    return found[0], embeddings, tokenizer
+    return found[0], embeddings, tokenizer_near(Path(folder))
+
+
+def tokenizer_near(folder: Path) -> Path:
+    """tokenizer.model in `folder`, else one folder up (where Meta's download and the original
+    Llama-2-Onnx release keep it); `folder`'s own path when neither exists."""
+    candidates = (folder / TOKENIZER, folder.parent / TOKENIZER)
+    return next((p for p in candidates if p.is_file()), candidates[0])
+
+
+def submodule_paths(root: Path) -> list[str]:
+    """Paths of the submodules declared in `root/.gitmodules`."""
+    parser = configparser.ConfigParser()
+    if not (root / GITMODULES).is_file():
+        return []
+    parser.read(root / GITMODULES, encoding="utf-8")
+    return [parser[s]["path"] for s in parser.sections() if "path" in parser[s]]
 
 
 # ---------------------------------------------------------------------------- manifest
@@ -207,9 +336,9 @@ def variant_file_problems(folder: Path, listed: dict) -> list[str]:
     problems = [f"{folder / MANIFEST} does not list {rel}; the manifest is incomplete: "
                 "re-export or fetch the variant again." for rel in
                 dict.fromkeys([*REQUIRED_FILES, *graph, *present]) if rel not in listed]
-    if not found and not any(rel.endswith(".onnx") for rel in listed):
-        problems.append(f"{folder / GRAPH_DIR} has no .onnx graph; re-export or fetch the "
-                        "variant.")
+    if not found and not any(rel.endswith(GRAPH_SUFFIX) for rel in listed):
+        problems.append(f"{folder / GRAPH_DIR} has no {GRAPH_SUFFIX} graph; re-export or fetch "
+                        "the variant.")
     return problems
 
 

@@ -64,7 +64,7 @@ def test_the_cycle_finder_finds_one():
 def test_variant_file_names_are_spelled_in_one_module():
     from llama2_onnx import variant_folder as layout
 
-    names = [layout.MANIFEST, layout.EMBEDDINGS, layout.LEGACY_EMBEDDINGS, layout.TOKENIZER,
+    names = [layout.MANIFEST, layout.EMBEDDINGS, layout.ORIGINAL_EMBEDDINGS, layout.TOKENIZER,
              layout.CONFIG, layout.GRAPH_DIR]
     for module in modules():
         if module == "variant_folder":
