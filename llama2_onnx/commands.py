@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .export import ExportRequest, export_variant
-from .variant_folder import CONFIG, check_files, check_folder
+from .variant_folder import CONFIG, MANIFEST, check_files, check_folder
 from .variants import check_variant_name, resolve_variant
 
 
@@ -36,7 +36,7 @@ def publish_command(args: argparse.Namespace, root: Path) -> int:
     folder = resolve_variant(str(args.variant), root)
     check_variant_name(folder.resolve().name)  # it becomes the submodule's path
     if not (folder / CONFIG).is_file():
-        raise UserError(f"{folder} is not an exported variant folder (no config.json); export "
+        raise UserError(f"{folder} is not an exported variant folder (no {CONFIG}); export "
                         "it first with `tools/export_and_publish.py export`.")
     _publish(folder, args)
     return 0
@@ -65,5 +65,5 @@ def verify_command(args: argparse.Namespace, root: Path) -> int:
         print(f"FAIL {problem}")
     if problems:
         return 1
-    print(f"OK {folder}: every file matches manifest.json")
+    print(f"OK {folder}: every file matches {MANIFEST}")
     return 0

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from . import __version__, safetensors_io
-from .checkpoints import Source, open_source
+from .checkpoints import HF_CONFIG, META_PARAMS, Source, open_source
 from .config import NP_DTYPES, Config
 from .errors import CheckpointError, UserError, VerificationError
 from .files import check_not_lfs_pointer
@@ -139,7 +139,7 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
     for flag, folder in (("--hf", req.hf), ("--meta", req.meta)):
         if folder is not None and not Path(folder).is_dir():
             raise CheckpointError(f"{flag} {folder} does not exist or is not a folder; pass the "
-                                  "checkpoint folder (it holds config.json or params.json).")
+                                  f"checkpoint folder (it holds {HF_CONFIG} or {META_PARAMS}).")
     tokenizer_path = _find_tokenizer(req)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     source = open_source(hf=req.hf, meta=req.meta, vocab_size=tokenizer.n_words)
@@ -184,7 +184,7 @@ def _find_tokenizer(req: ExportRequest) -> Path:
         path = next((p for p in candidates if p.is_file()), candidates[0])
     if not path.is_file():
         raise UserError(f"tokenizer {path} does not exist; pass --tokenizer PATH to the "
-                        "tokenizer.model that came with the weights.")
+                        f"{TOKENIZER} that came with the weights.")
     check_not_lfs_pointer(path)
     return path
 

@@ -21,9 +21,12 @@ from .errors import VariantError
 from .files import write_text_atomic
 from .hub import GIT_SHA, PublishError, check_url, parse_repo_id, remote_urls, upload_to_hub
 from .slots import SLOTS
-from .variant_card import LFS_ATTRS, LFS_PATTERNS
+from .variant_card import LFS_ATTRS
 from .variant_folder import (
+    CACHE_DIR,
     GITATTRIBUTES,
+    GITMODULES,
+    LFS_PATTERNS,
     MANIFEST,
     check_files,
     left_out_warning,
@@ -34,12 +37,11 @@ from .variant_folder import (
 )
 
 BRANCH = "main"
-GITMODULES = ".gitmodules"
-README = "README.md"
+README = "README.md"  # the distribution's, with the variant table (a variant's card is its own)
 TABLE_START = "<!-- variants:start -->"
 TABLE_END = "<!-- variants:end -->"
 # Files in a variant folder that are never published (runtime caches, interrupted writes).
-EXCLUDED = (".cache/", "*.tmp", "*.partial-*")
+EXCLUDED = (f"{CACHE_DIR}/", "*.tmp", "*.partial-*")
 FALLBACK_IDENTITY = {"user.name": "llama2-onnx publisher",
                      "user.email": "publisher@llama2-onnx.invalid"}
 

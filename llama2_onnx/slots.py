@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .variant_folder import TOKENIZER
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -28,7 +30,7 @@ class Slot:
         """The one command that fills this slot from Meta's weights (<URL>: where to push)."""
         chat = " --chat" if self.chat else ""
         return (f"python tools/export_and_publish.py export --meta {self.meta_folder} "
-                f"--tokenizer tokenizer.model --precision {self.precision} "
+                f"--tokenizer {TOKENIZER} --precision {self.precision} "
                 f"--variant {self.name}{chat} --publish --remote <URL>")
 
 

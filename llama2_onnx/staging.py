@@ -173,7 +173,7 @@ def _first_unlisted_file(folder: Path) -> str | None:
         return f"files but no {MANIFEST}/{CONFIG} written by this exporter"
     listed = set(manifest["files"])
     if not exporter.startswith(EXPORTER_TAG):
-        return "a config.json written by another tool"
+        return f"a {CONFIG} written by another tool"
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if path.is_dir() and not path.is_symlink() or rel == MANIFEST:

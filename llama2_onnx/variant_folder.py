@@ -23,7 +23,8 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
+from typing import TypeVar
 
 from .errors import VariantError
 from .files import (
@@ -55,15 +56,16 @@ STAGING_MARK = ".llama2_onnx-staging"
 # Files every variant of our format has besides its graph (ONNX/<name>.onnx and .onnx.data).
 REQUIRED_FILES = (CONFIG, TOKENIZER, EMBEDDINGS)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+AnyPath = TypeVar("AnyPath", bound=PurePath)
 
 
 def graph_name(variant: str) -> str:
     return f"LlamaV2_{variant}{GRAPH_SUFFIX}"
 
 
-def data_path(graph: Path) -> Path:
-    """The external-data file beside a graph."""
-    return Path(f"{graph}{DATA_SUFFIX}")
+def data_path(graph: AnyPath) -> AnyPath:
+    """The external-data file beside a graph (a posix path stays one: the README card's)."""
+    return graph.with_name(graph.name + DATA_SUFFIX)
 
 
 def graphs(folder: Path) -> list[Path]:
