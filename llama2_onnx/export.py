@@ -47,6 +47,7 @@ from .variant_folder import (
     TOKENIZER,
     data_path,
     graph_name,
+    tokenizer_near,
     write_manifest,
 )
 from .variants import REPO_ROOT, check_variant_name
@@ -176,12 +177,7 @@ def _check_export_memory(config: Config, max_len: int, skip_verify: bool) -> Non
 
 
 def _find_tokenizer(req: ExportRequest) -> Path:
-    if req.tokenizer is not None:
-        path = Path(req.tokenizer)
-    else:
-        folder = Path(req.hf or req.meta or ".")
-        candidates = [folder / TOKENIZER, folder.parent / TOKENIZER]
-        path = next((p for p in candidates if p.is_file()), candidates[0])
+    path = Path(req.tokenizer or tokenizer_near(Path(req.hf or req.meta or ".")))
     if not path.is_file():
         raise UserError(f"tokenizer {path} does not exist; pass --tokenizer PATH to the "
                         f"{TOKENIZER} that came with the weights.")
@@ -189,13 +185,9 @@ def _find_tokenizer(req: ExportRequest) -> Path:
     return path
 
 
-def estimated_bytes(config: Config) -> int:
-    return config.weight_bytes()
-
-
 def _check_disk(folder: Path, config: Config) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    need, free = int(estimated_bytes(config) * 1.05), shutil.disk_usage(folder).free
+    need, free = int(config.weight_bytes() * 1.05), shutil.disk_usage(folder).free
     if free < need:
         raise UserError(f"the export needs about {need / 2**30:.1f} GiB in {folder} but only "
                         f"{free / 2**30:.1f} GiB is free; free some space or pass another --out.")
