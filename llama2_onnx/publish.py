@@ -66,17 +66,6 @@ class PublishResult:
 # ---------------------------------------------------------------------------- public API
 
 
-def verify_variant(variant_dir: Path) -> list[str]:
-    """Check every file of a variant against its manifest, sha256 included.
-
-    Args:
-        variant_dir: the variant folder (holds manifest.json).
-    Returns:
-        One sentence per problem; empty when every file matches.
-    """
-    return check_files(Path(variant_dir), sha256=True)
-
-
 def publish_variant(variant_dir: Path, remote: str, dist: Path | None = None,
                     message: str | None = None, *, hub: bool = False,
                     api: object | None = None) -> PublishResult:
@@ -127,11 +116,11 @@ def require_verified(variant_dir: Path) -> None:
     Args:
         variant_dir: the variant folder.
     Raises:
-        VariantError: the folder is missing, or lists the problems `verify_variant` found.
+        VariantError: the folder is missing, or lists what check_files found (sha256 too).
     """
     if not variant_dir.is_dir():
         raise VariantError(f"{variant_dir} is not a folder; export the variant first.")
-    problems = verify_variant(variant_dir)
+    problems = check_files(variant_dir, sha256=True)
     if problems:
         raise VariantError(f"{variant_dir} was not published because it does not match its "
                            f"manifest: {' '.join(problems)}")
@@ -556,28 +545,3 @@ def human_size(n_bytes: int) -> str:
             break
         size, unit = size / 1000, bigger
     return f"{size:.1f} {unit}"
-
-
-def hub_upload(variant_dir: Path, repo_id: str, token: str | None = None,
-               api: object | None = None) -> tuple[str, list[str]]:
-    """Upload a verified variant folder to a Hugging Face model repository.
-
-    Args:
-        variant_dir: the variant folder (checked against its manifest first).
-        repo_id: `owner/name`; the repository is created if missing.
-        token: passed to huggingface_hub only; None lets it use `hf auth login` / HF_TOKEN.
-        api: an `HfApi`-like object (tests inject a fake); default `HfApi()`.
-    Returns:
-        The repository's git URL, `https://huggingface.co/<repo_id>`, for .gitmodules, and the
-        files of the folder that were left out because the manifest does not list them.
-    Raises:
-        VariantError: the folder does not match its manifest.
-        PublishError: bad repo id, huggingface_hub missing, or the upload failed.
-    """
-    variant_dir = Path(variant_dir).resolve()
-    repo_id = parse_repo_id(repo_id)
-    require_verified(variant_dir)
-    ensure_gitattributes(variant_dir)
-    files, left_out = published_files(variant_dir)
-    url, _ = upload_to_hub(variant_dir, repo_id, files, token=token, api=api)
-    return url, left_out

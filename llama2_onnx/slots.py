@@ -41,10 +41,3 @@ SLOTS = tuple(
     for chat in (False, True)
 )
 SLOT_NAMES = tuple(s.name for s in SLOTS)
-
-
-def slot_commands_markdown() -> str:
-    """The README's list of slots with the command that fills each."""
-    lines = ["| Slot | Command (from Meta's download; `<URL>`: where to push) |", "|---|---|"]
-    lines += [f"| `{s.name}` | `{s.command}` |" for s in SLOTS]
-    return "\n".join(lines)
