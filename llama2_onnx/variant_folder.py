@@ -7,13 +7,15 @@
     <variant>/tokenizer.model                    TOKENIZER
     <variant>/config.json                        CONFIG
     <variant>/manifest.json                      MANIFEST
-    <variant>/README.md, .gitattributes, .gitignore
-    (original format: embeddings.pth, tokenizer.model possibly one folder up)
+    <variant>/README.md, .gitattributes, .gitignore    README, GITATTRIBUTES, GITIGNORE
+    original format: ONNX/*.onnx, embeddings.pth (ORIGINAL_EMBEDDINGS), tokenizer.model beside
+    the folder or one folder up (tokenizer_near)
 
 It also holds the one vocabulary of a folder's states (variant_state: ready, not pulled,
 submodule not initialised, incomplete, absent; the format, ours or the original release's, is an
-attribute beside the state), the checks on a folder (find_graph, check_folder, variant_format)
-and its manifest (write_manifest, read_manifest, check_files, published_files).
+attribute beside the state), the checks on a folder (check_folder, variant_format, find_graph)
+and its manifest (write_manifest, read_manifest, check_files, published_files). Everything else
+imports these names, in code and in the text it writes (tests/test_structure.py checks).
 """
 
 from __future__ import annotations
