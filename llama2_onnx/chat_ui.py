@@ -30,7 +30,8 @@ from .errors import UserError
 from .placement import RunOptions
 from .sampling import SamplingSettings
 from .tokenizer import check_text
-from .variants import VariantState, describe, list_variants, pull_command, resolve_variant
+from .variant_folder import VariantState, pull_command
+from .variants import describe, list_variants, resolve_variant
 
 INSTALL_HINT = "the chat app needs Gradio; install it with `pip install -e .[chat]`."
 UPDATE_EVERY_S = 0.05  # the page is refreshed at most this often while an answer streams

@@ -19,6 +19,8 @@ from . import safetensors_io
 from .config import Config
 from .errors import CheckpointError, ConfigError
 
+# The files that name a checkpoint's shapes: Hugging Face's and Meta's.
+HF_CONFIG, META_PARAMS = "config.json", "params.json"
 HF_NAMES = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.norm.weight": "norm.weight",
@@ -144,7 +146,7 @@ class HFSource(_Checked):
 
     def __init__(self, folder: Path) -> None:
         self.folder = _require_dir(folder, "Hugging Face checkpoint")
-        self.config = hf_config(self.folder / "config.json")
+        self.config = hf_config(self.folder / HF_CONFIG)
         self.tied = False
         self.infos: dict[str, safetensors_io.TensorInfo] = {}
         self.keys: dict[str, str] = {}  # canonical name -> the checkpoint's own
@@ -165,7 +167,7 @@ class HFSource(_Checked):
 
     @property
     def _tie_word_embeddings(self) -> bool:
-        raw = read_json_object(self.folder / "config.json")
+        raw = read_json_object(self.folder / HF_CONFIG)
         return bool(raw.get("tie_word_embeddings", False)) and (
             "tok_embeddings.weight" in self.infos)
 
@@ -262,7 +264,7 @@ class MetaSource(_Checked):
         import torch  # only needed to unpickle .pth shards
 
         self.folder = _require_dir(folder, "Meta checkpoint")
-        params_path = self.folder / "params.json"
+        params_path = self.folder / META_PARAMS
         if not params_path.is_file():
             raise CheckpointError(f"{params_path} is missing; a Meta checkpoint folder needs it.")
         self.paths = sorted(self.folder.glob("consolidated.*.pth"))

@@ -8,9 +8,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .checkpoints import HF_CONFIG, META_PARAMS
 from .errors import UserError
 from .placement import PROVIDER_CHOICES, RunOptions
 from .sampling import SamplingSettings
+from .variant_folder import TOKENIZER
 
 
 def run_main(func: Callable[[], int | None]) -> None:
@@ -50,9 +52,9 @@ def spell_both(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """--hf / --meta (exactly one) and --tokenizer: where an export reads its weights."""
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", type=Path, help="Hugging Face folder (config.json + safetensors)")
-    src.add_argument("--meta", type=Path, help="Meta folder (params.json + consolidated.NN.pth)")
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: beside the "
+    src.add_argument("--hf", type=Path, help=f"Hugging Face folder ({HF_CONFIG} + safetensors)")
+    src.add_argument("--meta", type=Path, help=f"Meta folder ({META_PARAMS} + consolidated.NN.pth)")
+    parser.add_argument("--tokenizer", type=Path, help=f"{TOKENIZER} (default: beside the "
                         "checkpoint or in its parent folder)")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .export import ExportRequest, export_variant
-from .layout import CONFIG
+from .variant_folder import CONFIG, MANIFEST, check_files, check_folder
 from .variants import check_variant_name, resolve_variant
 
 
@@ -41,7 +41,7 @@ def publish_command(args: argparse.Namespace, root: Path) -> int:
     folder = resolve_variant(str(args.variant), root)
     check_variant_name(folder.resolve().name)  # it becomes the submodule's path
     if not (folder / CONFIG).is_file():
-        raise UserError(f"{folder} is not an exported variant folder (no config.json); export "
+        raise UserError(f"{folder} is not an exported variant folder (no {CONFIG}); export "
                         "it first with `tools/export_and_publish.py export`.")
     _publish(folder, args)
     return 0
@@ -61,9 +61,6 @@ def _publish(folder: Path, args: argparse.Namespace) -> None:
 
 def verify_command(args: argparse.Namespace, root: Path) -> int:
     """Check sizes and sha256 of every file in the manifest; exit 1 when something is wrong."""
-    from .files import check_files
-    from .loading import check_folder
-
     if (args.variant is None) == (args.variant_arg is None):
         raise UserError("name the variant once: `verify --variant NAME_OR_FOLDER`.")
     folder = resolve_variant(args.variant or args.variant_arg, root)
@@ -73,5 +70,5 @@ def verify_command(args: argparse.Namespace, root: Path) -> int:
         print(f"FAIL {problem}")
     if problems:
         return 1
-    print(f"OK {folder}: every file matches manifest.json")
+    print(f"OK {folder}: every file matches {MANIFEST}")
     return 0

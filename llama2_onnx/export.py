@@ -13,28 +13,16 @@ import numpy as np
 import onnx
 
 from . import __version__, safetensors_io
-from .checkpoints import Source, open_source
+from .checkpoints import HF_CONFIG, META_PARAMS, Source, open_source
 from .config import NP_DTYPES, Config
 from .errors import CheckpointError, UserError, VerificationError
-from .files import check_not_lfs_pointer, write_manifest
+from .files import check_not_lfs_pointer
 from .graph import (
     ExternalDataWriter,
     build_model,
     largest_storable,
     n_graph_tensors,
     quantized,
-)
-from .layout import (
-    CACHE_DIR,
-    CONFIG,
-    EMBEDDINGS,
-    GITATTRIBUTES,
-    GITIGNORE,
-    GRAPH_DIR,
-    README,
-    TOKENIZER,
-    data_path,
-    graph_name,
 )
 from .placement import kv_cache_bytes
 from .resources import GiB, free_host_memory, require
@@ -48,6 +36,20 @@ from .staging import (
 )
 from .tokenizer import Tokenizer
 from .variant_card import gitattributes, variant_readme
+from .variant_folder import (
+    CACHE_DIR,
+    CONFIG,
+    EMBEDDINGS,
+    GITATTRIBUTES,
+    GITIGNORE,
+    GRAPH_DIR,
+    README,
+    TOKENIZER,
+    data_path,
+    graph_name,
+    tokenizer_near,
+    write_manifest,
+)
 from .variants import REPO_ROOT, check_variant_name
 
 VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
@@ -138,7 +140,7 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
     for flag, folder in (("--hf", req.hf), ("--meta", req.meta)):
         if folder is not None and not Path(folder).is_dir():
             raise CheckpointError(f"{flag} {folder} does not exist or is not a folder; pass the "
-                                  "checkpoint folder (it holds config.json or params.json).")
+                                  f"checkpoint folder (it holds {HF_CONFIG} or {META_PARAMS}).")
     tokenizer_path = _find_tokenizer(req)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     source = open_source(hf=req.hf, meta=req.meta, vocab_size=tokenizer.n_words)
@@ -175,26 +177,17 @@ def _check_export_memory(config: Config, max_len: int, skip_verify: bool) -> Non
 
 
 def _find_tokenizer(req: ExportRequest) -> Path:
-    if req.tokenizer is not None:
-        path = Path(req.tokenizer)
-    else:
-        folder = Path(req.hf or req.meta or ".")
-        candidates = [folder / TOKENIZER, folder.parent / TOKENIZER]
-        path = next((p for p in candidates if p.is_file()), candidates[0])
+    path = Path(req.tokenizer or tokenizer_near(Path(req.hf or req.meta or ".")))
     if not path.is_file():
         raise UserError(f"tokenizer {path} does not exist; pass --tokenizer PATH to the "
-                        "tokenizer.model that came with the weights.")
+                        f"{TOKENIZER} that came with the weights.")
     check_not_lfs_pointer(path)
     return path
 
 
-def estimated_bytes(config: Config) -> int:
-    return config.weight_bytes()
-
-
 def _check_disk(folder: Path, config: Config) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    need, free = int(estimated_bytes(config) * 1.05), shutil.disk_usage(folder).free
+    need, free = int(config.weight_bytes() * 1.05), shutil.disk_usage(folder).free
     if free < need:
         raise UserError(f"the export needs about {need / 2**30:.1f} GiB in {folder} but only "
                         f"{free / 2**30:.1f} GiB is free; free some space or pass another --out.")

@@ -77,7 +77,6 @@ from .rope import rotary_cos_sin
 OPSET = 17
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
                "int4": TensorProto.FLOAT16}
-QUANTIZE_OUTPUT = INT4_QUANTIZES_OUTPUT
 # MatMulNBits' accuracy_level: 4 lets the CPU kernel multiply int8-quantized activations with
 # the 4-bit weights; CUDA and DirectML ignore it.
 ACCURACY_LEVEL = 4
@@ -170,7 +169,7 @@ class _GraphBuilder:
         self.weights = weights
         self.writer = writer
         self.dtype = NP_DTYPES[config.dtype]
-        self.quantize_output = QUANTIZE_OUTPUT
+        self.quantize_output = INT4_QUANTIZES_OUTPUT
         self.split_sizes: set[str] = set()
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
@@ -316,11 +315,11 @@ class _GraphBuilder:
 def quantized(config: Config, name: str, quantize_output: bool | None = None) -> bool:
     """Whether the graph stores matrix `name` (canonical, or fused like `...wqkv.weight`) as
     4-bit codes with float16 block scales: every Linear weight of an int4 variant, the output
-    projection when `quantize_output` (default QUANTIZE_OUTPUT); never the norms or the
+    projection when `quantize_output` (default INT4_QUANTIZES_OUTPUT); never the norms or the
     embedding table."""
     if config.dtype != "int4" or name.endswith("norm.weight") or name == "tok_embeddings.weight":
         return False
-    return name != "output.weight" or (QUANTIZE_OUTPUT if quantize_output is None
+    return name != "output.weight" or (INT4_QUANTIZES_OUTPUT if quantize_output is None
                                        else quantize_output)
 
 
@@ -348,5 +347,5 @@ def n_graph_tensors(config: Config) -> int:
     """How many weight tensors build_model writes (for progress bars)."""
     # Per layer: 2 norms and 4 matrices (qkv, o, w1+w3, w2), int4 ones as codes and scales.
     if config.dtype == "int4":
-        return 10 * config.n_layers + 2 + (3 if QUANTIZE_OUTPUT else 2)
+        return 10 * config.n_layers + 2 + (3 if INT4_QUANTIZES_OUTPUT else 2)
     return 6 * config.n_layers + 2 + 2

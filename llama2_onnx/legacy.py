@@ -20,10 +20,10 @@ from onnx import TensorProto
 from .config import Config
 from .errors import UserError, VariantError
 from .files import check_not_lfs_pointer
-from .layout import data_path
 from .placement import ORIGINAL, Placement, RunOptions, place
 from .session import EngineParts, create_session
 from .tokenizer import Tokenizer
+from .variant_folder import ORIGINAL_EMBEDDINGS, TOKENIZER, data_path
 
 LEGACY_INPUTS = {"x", "attn_mask", "k_cache", "v_cache", "pos"}
 LEGACY_CONTEXT = 2048  # the original release's graphs had a 2048-token attention mask
@@ -36,18 +36,18 @@ def load_pth_embeddings(path: Path) -> np.ndarray:
     try:
         import torch
     except ImportError:
-        raise UserError("reading embeddings.pth of the original format needs PyTorch: "
+        raise UserError(f"reading {ORIGINAL_EMBEDDINGS} of the original format needs PyTorch: "
                         "pip install torch==2.13.0") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad archive
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise VariantError(f"{path} cannot be read as a PyTorch file ({first}); fetch the "
-                           "variant's embeddings.pth again.") from None
+                           f"variant's {ORIGINAL_EMBEDDINGS} again.") from None
     weight = state.get("weight") if isinstance(state, dict) else None
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise VariantError(f"{path} has no 2-D float 'weight' tensor; it is not an "
-                           "embeddings.pth of the original Llama-2-Onnx release.")
+                           f"{ORIGINAL_EMBEDDINGS} of the original Llama-2-Onnx release.")
     return weight.float().numpy()
 
 
@@ -82,7 +82,7 @@ def legacy_config(graph: Path, vocab_size: int) -> Config:
     vocab = logits[-1].dim_value if logits and logits[-1].HasField("dim_value") else None
     if vocab is not None and vocab != vocab_size:
         raise VariantError(f"the tokenizer has {vocab_size} tokens but {graph} writes logits for "
-                           f"{vocab}; use the tokenizer.model of the same release.")
+                           f"{vocab}; use the {TOKENIZER} of the same release.")
     mask = dims["attn_mask"][-1] if dims["attn_mask"] else None
     kind = inputs["x"].elem_type
     return Config(dim=dim[0], n_layers=n_layers, n_heads=dim[0] // head_dim, n_kv_heads=kv_heads,

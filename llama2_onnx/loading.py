@@ -9,61 +9,41 @@ import numpy as np
 from . import safetensors_io
 from .config import NP_DTYPES, Config
 from .errors import UserError, VariantError
-from .files import check_files as manifest_problems
 from .files import check_not_lfs_pointer
-from .layout import (
-    ABSENT,
-    CACHE_DIR,
-    CONFIG,
-    EMBEDDINGS,
-    EMPTY,
-    GRAPH_DIR,
-    LEGACY,
-    MANIFEST,
-    OURS,
-    TOKENIZER,
-    UNKNOWN,
-    data_path,
-    folder_format,
-    graphs,
-    legacy_files,
-    pull_command,
-)
 from .legacy import load_legacy
 from .placement import Placement, RunOptions, place
 from .resources import GiB, free_host_memory, require
 from .session import EngineParts, FileStamps, Runtime, create_session
 from .tokenizer import Tokenizer, check_vocab
+from .variant_folder import (
+    CACHE_DIR,
+    CONFIG,
+    EMBEDDINGS,
+    MANIFEST,
+    ORIGINAL,
+    OURS,
+    TOKENIZER,
+    check_files,
+    data_path,
+    find_graph,
+    folder_format,
+    original_files,
+    variant_format,
+)
 from .variants import slot_hint
-
-
-def check_folder(path: Path) -> None:
-    """Raise a VariantError naming the fix when `path` cannot hold a usable variant."""
-    kind = folder_format(path)
-    if kind == ABSENT:
-        raise VariantError(f"variant folder {path} does not exist; list the variants with "
-                           "`python MinimumExample/Example_ONNX_LlamaV2.py --list`.")
-    if kind == EMPTY:
-        raise VariantError(f"{path} is empty: its submodule is not initialised; run "
-                           f"`{pull_command(path.name)}` from the repository root.")
 
 
 def load_variant(path: Path, options: RunOptions) -> EngineParts:
     """Open a variant folder (our format or the original one); see Engine.from_variant."""
-    check_folder(path)
-    kind = folder_format(path)
-    if kind == UNKNOWN:
-        raise VariantError(f"{path} holds neither config.json nor an original Llama-2-Onnx "
-                           "graph (ONNX/*.onnx with embeddings.pth); is it a variant folder?")
-    if kind == LEGACY:
+    if variant_format(path) == ORIGINAL:
         if options.verify:
             raise UserError(f"--verify checks a variant's {MANIFEST}, and {path} is in the "
                             "original Llama-2-Onnx format, which has none; drop --verify.")
-        graph, embeddings, tokenizer = legacy_files(path)
+        graph, embeddings, tokenizer = original_files(path)
         return load_legacy(graph, embeddings, tokenizer, options)
     check_not_lfs_pointer(path / CONFIG)
     if options.check_files or options.verify:
-        problems = manifest_problems(path, sha256=options.verify)
+        problems = check_files(path, sha256=options.verify)
         if problems:
             raise VariantError(problems[0])
     config = Config.load(path / CONFIG)
@@ -95,16 +75,6 @@ def open_explicit(graph: Path, embeddings: Path | None, tokenizer: Path | None,
     if not embeddings:
         raise UserError("--embedding_file is required with an original-format --onnx_file.")
     return load_legacy(graph, Path(embeddings), tokenizer, options)
-
-
-def find_graph(path: Path) -> Path:
-    """The one ONNX/*.onnx graph of a variant folder."""
-    found = graphs(path)
-    if len(found) != 1:
-        what = "no .onnx graph" if not found else f"{len(found)} graphs"
-        raise VariantError(f"{path / GRAPH_DIR} holds {what} but a variant has exactly one; "
-                           "re-export or fetch the variant again.")
-    return found[0]
 
 
 def load_embeddings(path: Path, config: Config) -> np.ndarray:

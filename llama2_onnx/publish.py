@@ -11,7 +11,6 @@ The flow (DESIGN.md, "Publish"):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -20,26 +19,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VariantError
-from .files import (
+from .files import write_text_atomic
+from .hub import GIT_SHA, PublishError, check_url, parse_repo_id, remote_urls, upload_to_hub
+from .slots import SLOTS
+from .variant_card import LFS_ATTRS
+from .variant_folder import (
+    CACHE_DIR,
+    GITATTRIBUTES,
+    GITMODULES,
+    LFS_PATTERNS,
+    MANIFEST,
     check_files,
     left_out_warning,
+    parse_manifest,
     published_files,
     read_manifest,
-    sha256_file,
-    write_text_atomic,
+    refresh_manifest_entry,
 )
-from .hub import GIT_SHA, PublishError, check_url, parse_repo_id, remote_urls, upload_to_hub
-from .layout import GITATTRIBUTES, MANIFEST
-from .slots import SLOTS
-from .variant_card import LFS_ATTRS, LFS_PATTERNS
 
 BRANCH = "main"
-GITMODULES = ".gitmodules"
-README = "README.md"
+README = "README.md"  # the distribution's, with the variant table (a variant's card is its own)
 TABLE_START = "<!-- variants:start -->"
 TABLE_END = "<!-- variants:end -->"
 # Files in a variant folder that are never published (runtime caches, interrupted writes).
-EXCLUDED = (".cache/", "*.tmp", "*.partial-*")
+EXCLUDED = (f"{CACHE_DIR}/", "*.tmp", "*.partial-*")
 FALLBACK_IDENTITY = {"user.name": "llama2-onnx publisher",
                      "user.email": "publisher@llama2-onnx.invalid"}
 
@@ -67,17 +70,6 @@ class PublishResult:
 
 
 # ---------------------------------------------------------------------------- public API
-
-
-def verify_variant(variant_dir: Path) -> list[str]:
-    """Check every file of a variant against its manifest, sha256 included.
-
-    Args:
-        variant_dir: the variant folder (holds manifest.json).
-    Returns:
-        One sentence per problem; empty when every file matches.
-    """
-    return check_files(Path(variant_dir), sha256=True)
 
 
 def publish_variant(variant_dir: Path, remote: str, dist: Path | None = None,
@@ -130,11 +122,11 @@ def require_verified(variant_dir: Path) -> None:
     Args:
         variant_dir: the variant folder.
     Raises:
-        VariantError: the folder is missing, or lists the problems `verify_variant` found.
+        VariantError: the folder is missing, or lists what check_files found (sha256 too).
     """
     if not variant_dir.is_dir():
         raise VariantError(f"{variant_dir} is not a folder; export the variant first.")
-    problems = verify_variant(variant_dir)
+    problems = check_files(variant_dir, sha256=True)
     if problems:
         raise VariantError(f"{variant_dir} was not published because it does not match its "
                            f"manifest: {' '.join(problems)}")
@@ -270,10 +262,11 @@ def _outside_manifest(variant_dir: Path, commit: str) -> str:
     """What in `commit`'s tree its own manifest.json does not cover ("" when nothing)."""
     blob = _git("cat-file", "blob", f"{commit}:{MANIFEST}", cwd=variant_dir)
     try:
-        listed = json.loads(blob.stdout)["files"] if blob.returncode == 0 else None
-    except (ValueError, TypeError, KeyError):
+        listed = parse_manifest(blob.stdout, f"{commit}:{MANIFEST}")["files"] \
+            if blob.returncode == 0 else None
+    except VariantError:
         listed = None
-    if not isinstance(listed, dict):
+    if listed is None:
         return f"it has no readable {MANIFEST}"
     tree = _git("ls-tree", "-r", "-z", "--name-only", commit, cwd=variant_dir).stdout
     names = tree.decode("utf-8", "surrogateescape").split("\0")
@@ -349,16 +342,8 @@ def ensure_gitattributes(variant_dir: Path) -> bool:
         return False
     sep = "" if not text or text.endswith("\n") else "\n"
     write_text_atomic(path, text + sep + "".join(f"{p} {LFS_ATTRS}\n" for p in missing))
-    _refresh_manifest_entry(variant_dir, GITATTRIBUTES)
+    refresh_manifest_entry(variant_dir, GITATTRIBUTES)
     return True
-
-
-def _refresh_manifest_entry(variant_dir: Path, rel: str) -> None:
-    manifest = read_manifest(variant_dir)
-    assert manifest is not None, "verified variants have a manifest"
-    path = variant_dir / rel
-    manifest["files"][rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    write_text_atomic(variant_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def _commit_files(variant_dir: Path, files: list[str], message: str) -> str:
@@ -589,28 +574,3 @@ def human_size(n_bytes: int) -> str:
             break
         size, unit = size / 1000, bigger
     return f"{size:.1f} {unit}"
-
-
-def hub_upload(variant_dir: Path, repo_id: str, token: str | None = None,
-               api: object | None = None) -> tuple[str, list[str]]:
-    """Upload a verified variant folder to a Hugging Face model repository.
-
-    Args:
-        variant_dir: the variant folder (checked against its manifest first).
-        repo_id: `owner/name`; the repository is created if missing.
-        token: passed to huggingface_hub only; None lets it use `hf auth login` / HF_TOKEN.
-        api: an `HfApi`-like object (tests inject a fake); default `HfApi()`.
-    Returns:
-        The repository's git URL, `https://huggingface.co/<repo_id>`, for .gitmodules, and the
-        files of the folder that were left out because the manifest does not list them.
-    Raises:
-        VariantError: the folder does not match its manifest.
-        PublishError: bad repo id, huggingface_hub missing, or the upload failed.
-    """
-    variant_dir = Path(variant_dir).resolve()
-    repo_id = parse_repo_id(repo_id)
-    require_verified(variant_dir)
-    ensure_gitattributes(variant_dir)
-    files, left_out = published_files(variant_dir)
-    url, _ = upload_to_hub(variant_dir, repo_id, files, token=token, api=api)
-    return url, left_out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .variant_folder import TOKENIZER
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -28,7 +30,7 @@ class Slot:
         """The one command that fills this slot from Meta's weights (<URL>: where to push)."""
         chat = " --chat" if self.chat else ""
         return (f"python tools/export_and_publish.py export --meta {self.meta_folder} "
-                f"--tokenizer tokenizer.model --precision {self.precision} "
+                f"--tokenizer {TOKENIZER} --precision {self.precision} "
                 f"--variant {self.name}{chat} --publish --remote <URL>")
 
 
@@ -39,10 +41,3 @@ SLOTS = tuple(
     for chat in (False, True)
 )
 SLOT_NAMES = tuple(s.name for s in SLOTS)
-
-
-def slot_commands_markdown() -> str:
-    """The README's list of slots with the command that fills each."""
-    lines = ["| Slot | Command (from Meta's download; `<URL>`: where to push) |", "|---|---|"]
-    lines += [f"| `{s.name}` | `{s.command}` |" for s in SLOTS]
-    return "\n".join(lines)

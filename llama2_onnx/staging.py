@@ -21,8 +21,16 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import Interrupted, UserError
-from .layout import CACHE_DIR, CONFIG, GRAPH_DIR, MANIFEST, STAGING_MARK
+from .errors import Interrupted, UserError, VariantError
+from .variant_folder import (
+    CACHE_DIR,
+    CONFIG,
+    GRAPH_DIR,
+    MANIFEST,
+    STAGING_MARK,
+    read_manifest,
+    written_by,
+)
 
 # Written by the tools that make checkpoints (tools/make_random_checkpoint.py, train_demo.py)
 # into their --out folder, listing what they write: they write only into a new or empty folder
@@ -41,7 +49,7 @@ def staging_path(final: Path) -> Path:
 
 
 def begin_staging(staging: Path) -> None:
-    """Create the hidden staging folder with its mark (see layout.STAGING_MARK).
+    """Create the hidden staging folder with its mark (see variant_folder.STAGING_MARK).
 
     Raises:
         UserError when a folder of that name exists without the mark (someone else's).
@@ -157,12 +165,13 @@ def _first_unlisted_file(folder: Path) -> str | None:
     (the first file its manifest does not list, or the missing manifest); None when every file
     is accounted for."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-        listed = set(manifest["files"])
-        exporter = str(config.get("provenance", {}).get("exporter", ""))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        manifest = read_manifest(folder)
+    except VariantError:
+        manifest = None
+    exporter = written_by(folder)
+    if manifest is None or exporter is None:
         return f"no {MANIFEST} and {CONFIG} of this exporter"
+    listed = set(manifest["files"])
     if not exporter.startswith(EXPORTER_TAG):
         return f"a {CONFIG} written by another tool"
     for path in sorted(folder.rglob("*")):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import safetensors_io
-from .checkpoints import HF_LAYER_NAMES, HF_NAMES, META_SHARD_AXIS, canonical_shapes
+from .checkpoints import HF_CONFIG, HF_LAYER_NAMES, HF_NAMES, META_SHARD_AXIS, canonical_shapes
 from .config import Config
 from .errors import UserError
 
@@ -64,7 +64,7 @@ def hf_weight_files(shards: int) -> list[str]:
 def checkpoint_files(fmt: str, shards: int) -> list[str]:
     """Every file write_hf ("hf") or write_meta ("meta") writes for `shards` weight files."""
     if fmt == "hf":
-        return ["config.json", *hf_weight_files(shards), *([HF_INDEX] if shards > 1 else [])]
+        return [HF_CONFIG, *hf_weight_files(shards), *([HF_INDEX] if shards > 1 else [])]
     return ["params.json", *(f"consolidated.{s:02d}.pth" for s in range(shards))]
 
 
@@ -100,7 +100,7 @@ def write_hf(folder: Path, config: Config, seed: int = 0, dtype=np.float32,
     check_shards(config, "hf", shards)
     folder.mkdir(parents=True, exist_ok=True)
     torch_dtype = np.dtype(dtype).name
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(config, torch_dtype),
+    (folder / HF_CONFIG).write_text(json.dumps(hf_config_dict(config, torch_dtype),
                                                    indent=2))
     shapes = list(canonical_shapes(config).items())
     weight_map, total = {}, 0

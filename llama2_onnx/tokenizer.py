@@ -10,6 +10,7 @@ from .errors import GenerationError, VariantError
 if TYPE_CHECKING:
     from .config import Config
 from .files import check_not_lfs_pointer
+from .variant_folder import TOKENIZER
 
 
 class Tokenizer:
@@ -36,7 +37,7 @@ class Tokenizer:
             processor.Load(str(path))
         except (OSError, RuntimeError):
             raise VariantError(f"{path} is not a SentencePiece model; use the variant's "
-                               "tokenizer.model.") from None
+                               f"{TOKENIZER}.") from None
         return cls(processor)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
@@ -97,7 +98,7 @@ def check_vocab(tokenizer: Tokenizer, config: Config, tokenizer_path: Path) -> N
     if tokenizer.n_words != config.vocab_size:
         raise VariantError(
             f"the tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model "
-            f"expects {config.vocab_size}; use the tokenizer.model that belongs to this variant.")
+            f"expects {config.vocab_size}; use the {TOKENIZER} that belongs to this variant.")
 
 
 def check_text(text: str, what: str) -> None:

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from .config import Config
+from .variant_folder import (
+    CONFIG,
+    EMBEDDINGS,
+    GRAPH_DIR,
+    LFS_PATTERNS,
+    MANIFEST,
+    README,
+    TOKENIZER,
+    data_path,
+    graph_name,
+)
 
 LFS_ATTRS = "filter=lfs diff=lfs merge=lfs -text"  # the attributes of an LFS-tracked pattern
-LFS_PATTERNS = ("*.onnx", "*.onnx.data", "*.safetensors", "*.model")
 
 
 def gitattributes() -> str:
@@ -20,9 +32,11 @@ def variant_readme(name: str, config: Config) -> str:
     precision = config.dtype + (f", blocks of {config.block_size}, float16 scales, float16 "
                                 "activations" if config.dtype == "int4" else "")
     prov = ", ".join(f"{k}: {v}" for k, v in sorted(config.provenance.items()))
+    graph = PurePosixPath(GRAPH_DIR, graph_name(name))
+    # The link goes one folder up, to the distribution's README (the same file name as a card's).
     return f"""# {name}
 
-Llama 2 variant for [llama2_onnx](../README.md): ONNX graph with external weights, embedding
+Llama 2 variant for [llama2_onnx](../{README}): ONNX graph with external weights, embedding
 table, tokenizer and config, produced by `tools/export_and_publish.py`.
 
 | | |
@@ -36,9 +50,9 @@ table, tokenizer and config, produced by `tools/export_and_publish.py`.
 | graph contract | {config.contract_version} |
 | provenance | {prov} |
 
-Files: `ONNX/LlamaV2_{name}.onnx` (graph), `ONNX/LlamaV2_{name}.onnx.data` (weights),
-`embeddings.safetensors` (token embeddings), `tokenizer.model`, `config.json`,
-`manifest.json` (size and sha256 of every file; check with
+Files: `{graph}` (graph), `{data_path(graph)}` (weights),
+`{EMBEDDINGS}` (token embeddings), `{TOKENIZER}`, `{CONFIG}`,
+`{MANIFEST}` (size and sha256 of every file; check with
 `python tools/export_and_publish.py verify {name}`).
 
 Llama 2 weights are licensed by Meta under the Llama 2 Community License; a variant made from

@@ -1,24 +1,18 @@
-"""Find the distribution's variant folders and tell which are ready, not pulled or not set up."""
+"""The distribution's variants: the slots and their states, the default, and `--variant`."""
 
 from __future__ import annotations
 
-import configparser
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VariantError
-from .files import check_files, is_lfs_pointer
-from .layout import ABSENT as NO_FOLDER
-from .layout import (
+from .variant_folder import (
     CONFIG,
-    EMPTY,
-    GRAPH_DIR,
-    LEGACY,
-    UNKNOWN,
-    folder_format,
-    legacy_files,
+    VariantState,
+    looks_like_variant,
     pull_command,
+    submodule_paths,
+    variant_state,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,21 +20,6 @@ DEMO_VARIANT = "demo"
 
 # A variant name is one safe path component: it names a folder, a submodule path and a file.
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
-
-READY, NOT_PULLED, NOT_INITIALISED, INCOMPLETE, ABSENT = (
-    "ready", "not pulled (Git LFS pointers)", "submodule not initialised", "incomplete", "absent")
-
-
-@dataclass(frozen=True)
-class VariantState:
-    name: str
-    path: Path
-    state: str
-    hint: str = ""
-
-    @property
-    def ready(self) -> bool:
-        return self.state == READY
 
 
 def check_variant_name(name: str) -> str:
@@ -56,31 +35,6 @@ def check_variant_name(name: str) -> str:
         raise VariantError(f"variant name {name!r} is not allowed; use letters, digits, '_', "
                            "'-' and '.' only, not starting with '.' or '-' (e.g. 7B_FT_float16).")
     return name
-
-
-def variant_state(path: Path) -> VariantState:
-    """Classify one variant folder."""
-    name = path.name
-    kind = folder_format(path)
-    if kind == NO_FOLDER:
-        declared = name in submodule_paths(path.parent)
-        hint = f"run `{pull_command(name)}`" if declared else (
-            "not published in this distribution yet; README 'Exporting your own variant'")
-        return VariantState(name, path, ABSENT, hint)
-    if kind == EMPTY:
-        return VariantState(name, path, NOT_INITIALISED, f"run `{pull_command(name)}`")
-    if kind == UNKNOWN:
-        return VariantState(name, path, INCOMPLETE, "no config.json: re-export or fetch it")
-    if kind == LEGACY:
-        if any(is_lfs_pointer(p) for p in legacy_files(path)):
-            return VariantState(name, path, NOT_PULLED, f"run `git lfs pull` in {name}")
-        return VariantState(name, path, READY, "original Llama-2-Onnx format")
-    problems = check_files(path)
-    if any("Git LFS pointer" in p for p in problems) or is_lfs_pointer(path / CONFIG):
-        return VariantState(name, path, NOT_PULLED, f"run `git lfs pull` in {name}")
-    if problems:
-        return VariantState(name, path, INCOMPLETE, problems[0])
-    return VariantState(name, path, READY)
 
 
 def describe(path: Path) -> tuple[str, int | None]:
@@ -105,15 +59,6 @@ def describe(path: Path) -> tuple[str, int | None]:
     return f"{what}; context {config.max_seq_len} tokens.", config.max_seq_len
 
 
-def submodule_paths(root: Path) -> list[str]:
-    """Paths of the submodules declared in `root/.gitmodules`."""
-    parser = configparser.ConfigParser()
-    if not (root / ".gitmodules").is_file():
-        return []
-    parser.read(root / ".gitmodules", encoding="utf-8")
-    return [parser[s]["path"] for s in parser.sections() if "path" in parser[s]]
-
-
 def slot_names(root: Path) -> list[str]:
     """Every variant slot: the distribution's list, declared submodules and folders that look
     like variants, with the demo variant last."""
@@ -122,14 +67,14 @@ def slot_names(root: Path) -> list[str]:
     names = list(SLOT_NAMES)
     declared = submodule_paths(root)
     for name in declared + sorted(p.name for p in root.iterdir() if p.is_dir()):
-        looks_like = (root / name / CONFIG).exists() or (root / name / GRAPH_DIR).is_dir()
         if name not in names and name != DEMO_VARIANT and (
-                name in declared or looks_like):
+                name in declared or looks_like_variant(root / name)):
             names.append(name)
     return names + [DEMO_VARIANT]
 
 
 def list_variants(root: Path = REPO_ROOT) -> list[VariantState]:
+    """The state of every slot (see slot_names)."""
     return [variant_state(root / name) for name in slot_names(root)]
 
 

@@ -13,7 +13,8 @@ from conftest import ROOT
 from test_publish import bare, dist, git, gitlink, isolated_git
 
 from llama2_onnx.config import Config
-from llama2_onnx.files import sha256_file, write_manifest
+from llama2_onnx.files import sha256_file
+from llama2_onnx.variant_folder import write_manifest
 
 __all__ = ["dist", "isolated_git"]  # fixtures shared with test_publish
 TOOL = [sys.executable, str(ROOT / "tools" / "export_and_publish.py")]

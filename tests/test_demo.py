@@ -8,9 +8,9 @@ import sys
 
 from conftest import ROOT
 
-from llama2_onnx.files import check_files
 from llama2_onnx.generation import Engine
 from llama2_onnx.sampling import SamplingSettings
+from llama2_onnx.variant_folder import check_files
 from llama2_onnx.variants import DEMO_VARIANT
 
 DEMO = ROOT / DEMO_VARIANT

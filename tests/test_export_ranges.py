@@ -26,7 +26,7 @@ from test_safe_export import assert_refused, export_cli, tree_digest
 from llama2_onnx import safetensors_io
 from llama2_onnx.errors import VerificationError
 from llama2_onnx.export import ExportRequest, export_variant
-from llama2_onnx.files import write_manifest
+from llama2_onnx.variant_folder import write_manifest
 
 EMBED = "model.embed_tokens.weight"
 WQ = "model.layers.1.self_attn.q_proj.weight"

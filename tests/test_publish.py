@@ -14,18 +14,17 @@ import pytest
 
 from llama2_onnx.config import Config
 from llama2_onnx.errors import VariantError
-from llama2_onnx.files import is_lfs_pointer, sha256_file, write_manifest
+from llama2_onnx.files import is_lfs_pointer, sha256_file
 from llama2_onnx.hub import PublishError, parse_repo_id, resolve_relative_url
 from llama2_onnx.publish import (
     FALLBACK_IDENTITY,
     SLOTS,
     TABLE_END,
     TABLE_START,
-    hub_upload,
     human_size,
     publish_variant,
-    verify_variant,
 )
+from llama2_onnx.variant_folder import check_files, write_manifest
 
 NAME = "7B_FT_float16"
 LARGE = [f"ONNX/LlamaV2_{NAME}.onnx", f"ONNX/LlamaV2_{NAME}.onnx.data",
@@ -308,7 +307,7 @@ def test_missing_lfs_patterns_are_added_and_manifest_kept_valid(tmp_path: Path,
     publish_variant(dist / NAME, str(bare(tmp_path)))
     attributes = (dist / NAME / ".gitattributes").read_text()
     assert all(p in attributes for p in ("*.onnx.data ", "*.safetensors ", "*.model "))
-    assert verify_variant(dist / NAME) == []
+    assert check_files(dist / NAME, sha256=True) == []
     assert git("lfs", "ls-files", "--name-only", cwd=dist / NAME).splitlines() == sorted(LARGE)
 
 
@@ -326,15 +325,15 @@ def test_runtime_cache_is_not_published(tmp_path: Path, dist: Path) -> None:
 def test_verify_detects_corrupted_and_truncated_files(tmp_path: Path) -> None:
     folder = tmp_path / NAME
     make_variant(folder)
-    assert verify_variant(folder) == []
+    assert check_files(folder, sha256=True) == []
     data = folder / LARGE[1]
     raw = bytearray(data.read_bytes())
     raw[1234] ^= 0xFF
     data.write_bytes(bytes(raw))
-    problems = verify_variant(folder)
+    problems = check_files(folder, sha256=True)
     assert len(problems) == 1 and "sha256" in problems[0] and LARGE[1] in problems[0]
     data.write_bytes(bytes(raw[:1000]))
-    problems = verify_variant(folder)
+    problems = check_files(folder, sha256=True)
     assert len(problems) == 1 and "truncated" in problems[0]
 
 
@@ -388,14 +387,14 @@ def test_hub_mode_registers_the_upload_commit(dist: Path) -> None:
     assert git("status", "--porcelain", "--", ".gitmodules", "README.md", cwd=dist) == ""
 
 
-def test_hub_upload_passes_token_but_writes_it_nowhere(dist: Path) -> None:
+def test_hub_token_is_left_to_huggingface_hub_and_written_nowhere(dist: Path,
+                                                                  monkeypatch) -> None:
     make_variant(dist / NAME)
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRET")
     api = fake_api()
-    url, left_out = hub_upload(dist / NAME, "https://huggingface.co/me/model", token="hf_SECRET",
-                               api=api)
-    assert url == "https://huggingface.co/me/model" and left_out == []
-    assert all(kwargs["token"] == "hf_SECRET" for _, _, kwargs in calls(api))
-    publish_variant(dist / NAME, "me/model", hub=True, api=fake_api())
+    result = publish_variant(dist / NAME, "https://huggingface.co/me/model", hub=True, api=api)
+    assert result.url == "https://huggingface.co/me/model" and result.left_out == ()
+    assert all(kwargs["token"] is None for _, _, kwargs in calls(api))
     texts = [dist / ".gitmodules", dist / ".git" / "config", dist / "README.md",
              *(p for p in (dist / NAME).rglob("*") if p.is_file())]
     assert not any(b"hf_SECRET" in p.read_bytes() for p in texts)
@@ -444,7 +443,7 @@ def test_user_flow_with_git_lfs_installed(tmp_path: Path, dist: Path) -> None:
           env=FILE_ALLOW)
     for rel, data in files.items():
         assert (clone / NAME / rel).read_bytes() == data, rel
-    assert verify_variant(clone / NAME) == []
+    assert check_files(clone / NAME, sha256=True) == []
 
 
 def test_user_flow_without_git_lfs_install_leaves_pointers(tmp_path: Path, dist: Path) -> None:
@@ -454,7 +453,7 @@ def test_user_flow_without_git_lfs_install_leaves_pointers(tmp_path: Path, dist:
     shell(f"git submodule init {NAME} && git submodule update && git lfs pull", clone,
           env=FILE_ALLOW)
     assert all(is_lfs_pointer(clone / NAME / rel) for rel in LARGE)
-    assert any("git lfs pull" in p for p in verify_variant(clone / NAME))
+    assert any("git lfs pull" in p for p in check_files(clone / NAME, sha256=True))
     shell("git lfs install && git lfs pull", clone / NAME)
     for rel, data in files.items():
         assert (clone / NAME / rel).read_bytes() == data, rel

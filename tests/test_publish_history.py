@@ -17,8 +17,8 @@ from test_publish import make_variant as make_fake_variant
 from test_publish_secrets import SECRET, all_objects, assert_one_error, run_tool, snapshot
 
 from llama2_onnx.errors import PublishError
-from llama2_onnx.files import write_manifest
 from llama2_onnx.publish import publish_variant
+from llama2_onnx.variant_folder import write_manifest
 
 dist, isolated_git = test_publish.dist, test_publish.isolated_git
 

@@ -21,8 +21,8 @@ from conftest import ROOT
 from test_publish import NAME, bare, calls, fake_api, git, make_variant
 
 from llama2_onnx.errors import PublishError, mask_secrets
-from llama2_onnx.files import published_files
-from llama2_onnx.publish import hub_upload, publish_variant
+from llama2_onnx.publish import publish_variant
+from llama2_onnx.variant_folder import published_files
 
 # test_publish's fixtures: a distribution repository, and git isolated from the user's config.
 dist, isolated_git = test_publish.dist, test_publish.isolated_git
@@ -133,7 +133,7 @@ def test_hub_upload_sends_exactly_the_manifest(dist: Path) -> None:
     make_variant(dist / NAME)
     add_strays(dist / NAME)
     api = fake_api()
-    url, left_out = hub_upload(dist / NAME, "me/model", api=api)
+    left_out = list(publish_variant(dist / NAME, "me/model", hub=True, api=api).left_out)
     (_, _, upload), = [call for call in calls(api) if call[0] == "upload_folder"]
     folder_files = {p.relative_to(dist / NAME).as_posix() for p in (dist / NAME).rglob("*")
                     if p.is_file() and ".git" not in p.parts}

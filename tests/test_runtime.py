@@ -206,7 +206,7 @@ def test_prompt_too_long_empty_prompt_and_bad_sampling(make_variant):
 
 
 def test_list_shows_every_slot_state(tmp_path, make_variant, monkeypatch):
-    from llama2_onnx import variants
+    from llama2_onnx import variant_folder, variants
 
     shutil.copytree(make_variant("hf", "float32", True), tmp_path / "7B_float16")
     (tmp_path / "7B_FT_float16").mkdir()
@@ -214,9 +214,9 @@ def test_list_shows_every_slot_state(tmp_path, make_variant, monkeypatch):
     shutil.copytree(make_variant("hf", "float32", True), pulled)
     next((pulled / "ONNX").glob("*.onnx.data")).write_text(POINTER)
     states = {v.name: v.state for v in variants.list_variants(tmp_path)}
-    assert states["7B_float16"] == variants.READY
-    assert states["7B_FT_float16"] == variants.NOT_INITIALISED
-    assert states["13B_float16"] == variants.NOT_PULLED
+    assert states["7B_float16"] == variant_folder.READY
+    assert states["7B_FT_float16"] == variant_folder.NOT_INITIALISED
+    assert states["13B_float16"] == variant_folder.NOT_PULLED
     assert variants.default_variant(tmp_path) == tmp_path / "7B_float16"
 
 

@@ -22,7 +22,7 @@ from conftest import ROOT
 
 from llama2_onnx.errors import UserError
 from llama2_onnx.export import ExportRequest, export_variant
-from llama2_onnx.layout import STAGING_MARK
+from llama2_onnx.variant_folder import STAGING_MARK
 from llama2_onnx.variants import check_variant_name
 
 DEAD_PID = 2**22 + 12345  # above Linux's pid_max: never a running process

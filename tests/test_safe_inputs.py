@@ -45,7 +45,7 @@ def edit_json(path: Path, change: Callable[[dict], object]) -> None:
 
 def refresh_manifest(folder: Path) -> None:
     """Make the manifest agree with the files again (as a careless hand edit would)."""
-    from llama2_onnx.files import write_manifest
+    from llama2_onnx.variant_folder import write_manifest
 
     write_manifest(folder, folder.name)
 

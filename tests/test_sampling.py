@@ -162,8 +162,16 @@ def test_invalid_settings_name_the_value(field: str, value: float) -> None:
 
 
 def test_valid_edge_settings() -> None:
-    SamplingSettings(temperature=0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
-    SamplingSettings(temperature=np.float32(0.7), top_p=1, top_k=np.int64(40))
+    """The edges of each range are accepted and mean what SamplingSettings says: temperature 0
+    is argmax, top_k 0 and top_p 1 switch those filters off; numpy scalars are numbers."""
+    logits = _logits(4)
+    edges = SamplingSettings(temperature=0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
+    assert (edges.temperature, edges.top_p, edges.top_k, edges.repetition_penalty,
+            edges.seed) == (0, 1.0, 0, 1.0, 0)
+    assert sample_token(logits, edges, make_rng(0)) == int(np.argmax(logits))
+    numpy_typed = SamplingSettings(temperature=np.float32(0.7), top_p=1, top_k=np.int64(40))
+    assert numpy_typed.top_k == 40 and numpy_typed.repetition_penalty == 1.1  # sampling default
+    assert set(_draws(logits, numpy_typed, 300)) <= set(np.argsort(-logits)[:40].tolist())
 
 
 def test_make_rng_rejects_negative_seed() -> None:

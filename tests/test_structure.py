@@ -4,12 +4,11 @@ folder's file names."""
 from __future__ import annotations
 
 import ast
+import re
 
 from conftest import ROOT
 
 PACKAGE = ROOT / "llama2_onnx"
-# Hugging Face checkpoints have a config.json too: the modules that read and write that format
-# spell it for the checkpoint folder, not for a variant folder.
 CHECKPOINT_MODULES = {"checkpoints", "synthetic"}
 
 
@@ -61,20 +60,90 @@ def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
-def test_variant_file_names_are_spelled_in_one_module():
-    from llama2_onnx import layout
+def docstrings(tree: ast.AST) -> set[int]:
+    """The ids of a module's, classes' and functions' docstring nodes."""
+    owners = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return {id(node.body[0].value) for node in ast.walk(tree) if isinstance(node, owners)
+            and node.body and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)}
 
-    names = [layout.MANIFEST, layout.EMBEDDINGS, layout.LEGACY_EMBEDDINGS, layout.TOKENIZER,
-             layout.CONFIG, layout.GRAPH_DIR]
+
+def variant_file_names() -> dict[str, re.Pattern]:
+    """Each name of a variant folder's files, and how it shows inside a string."""
+    from llama2_onnx import variant_folder as vf
+
+    files = [vf.CONFIG, vf.MANIFEST, vf.TOKENIZER, vf.EMBEDDINGS, vf.ORIGINAL_EMBEDDINGS,
+             vf.README, vf.GITATTRIBUTES, vf.GITIGNORE, vf.STAGING_MARK, f"*{vf.GRAPH_SUFFIX}"]
+    names = {name: re.compile(re.escape(name)) for name in files}
+    for folder in (vf.GRAPH_DIR, vf.CACHE_DIR):  # a path component ("ONNX Runtime" is not one)
+        names[folder] = re.compile(rf"(^|/){re.escape(folder)}(/|$)")
+    names[vf.GRAPH_SUFFIX] = re.compile(rf"{re.escape(vf.GRAPH_SUFFIX)}\b")
+    return names
+
+
+def spelled_file_names(tree: ast.AST) -> set[str]:
+    """Variant file names in a module's string literals, the parts of f-strings (ast.JoinedStr)
+    included, its docstrings aside."""
+    skip = docstrings(tree)
+    texts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+             and isinstance(n.value, str) and id(n) not in skip]
+    return {name for name, pattern in variant_file_names().items()
+            if any(pattern.search(text) for text in texts)}
+
+
+def test_variant_file_names_are_spelled_in_one_module():
+    """variant_folder.py spells every file name of a variant folder, in code and in the text it
+    generates (messages, the README card, publish's exclusions): the others import its names."""
+    from llama2_onnx import variant_folder as vf
+
+    # Hugging Face checkpoints have a config.json and Meta's a tokenizer.model too: the modules
+    # that read and write those formats spell them for the checkpoint folder. The distribution's
+    # own README.md (its variant table) is publish's.
+    allowed = {**{m: {vf.CONFIG, vf.TOKENIZER} for m in CHECKPOINT_MODULES},
+               "publish": {vf.README}}
     for module in modules():
-        if module == "layout":
+        if module == "variant_folder":
             continue
         tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
-        literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
-                    and isinstance(n.value, str)}
-        allowed = {layout.CONFIG, layout.TOKENIZER} if module in CHECKPOINT_MODULES else set()
-        spelled = (set(names) & literals) - allowed
-        assert not spelled, f"{module}.py spells {spelled}; use llama2_onnx.layout"
+        spelled = spelled_file_names(tree) - allowed.get(module, set())
+        assert not spelled, f"{module}.py spells {spelled}; use llama2_onnx.variant_folder"
+    sample = ast.parse('"""Reads config.json."""\nruntime = "ONNX Runtime"\n'
+                       'msg = f"{folder}/ONNX/{name} has no manifest.json"')
+    assert spelled_file_names(sample) == {"ONNX", "manifest.json"}  # the check can fail
+
+
+STATE_WORDS = {"ready", "not pulled (Git LFS pointers)", "submodule not initialised",
+               "incomplete", "absent", "empty", "legacy", "unknown"}
+STATE_NAMES = {"READY", "NOT_PULLED", "NOT_INITIALISED", "INCOMPLETE", "ABSENT", "EMPTY",
+               "LEGACY", "UNKNOWN", "NO_FOLDER"}
+
+
+def state_constants(tree: ast.Module) -> set[str]:
+    """Module-level constants that look like a folder state: a state's name, or a name bound to
+    a state's word; and any name imported from variant_folder under another name."""
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            names = [n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+            words = {n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant)}
+            found |= {n for n in names if n in STATE_NAMES or (n.isupper() and words & STATE_WORDS)}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").endswith("variant_folder"):
+            found |= {f"{a.name} as {a.asname}" for a in node.names if a.asname}
+    return found
+
+
+def test_one_vocabulary_of_folder_states():
+    """variant_folder.py alone names a folder's states; no module keeps a second vocabulary or
+    imports the owner's under other names (the old `ABSENT as NO_FOLDER`)."""
+    for module in modules():
+        if module == "variant_folder":
+            continue
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+        found = state_constants(tree)
+        assert not found, f"{module}.py defines folder states {found}; use variant_folder's"
+    sample = ast.parse('from .variant_folder import ABSENT as NO_FOLDER\nREADY, X = "ready", 1\n'
+                       'GONE = "absent"')
+    assert state_constants(sample) == {"ABSENT as NO_FOLDER", "READY", "X", "GONE"}
 
 
 PROVIDER_NAMES = {"cuda", "dml", "cpu", "webgpu", "auto", "CUDAExecutionProvider",
