@@ -246,7 +246,7 @@ def place(config: Config, options: RunOptions, installed: list[str] | None = Non
     if float16 is None:
         float16 = provider != "webgpu" or config.dtype == "float32" or webgpu.has_shader_f16()
     form = _form(provider, config.dtype, contract, float16)
-    wide = form == graph_forms.PACKED_FLOAT32 and provider == "webgpu"
+    wide = form in graph_forms.FLOAT32_FORMS and provider == "webgpu"
     return Placement(
         provider=provider, device=provider if provider in ("cuda", "dml", "webgpu") else "cpu",
         form=form, activation=_activation(form, config),
@@ -293,7 +293,7 @@ def _form(provider: str, dtype: str, contract: str, float16: bool = True) -> str
 
 
 def _activation(form: str, config: Config) -> str:
-    if form == graph_forms.PACKED_FLOAT32:
+    if form in graph_forms.FLOAT32_FORMS:
         return "float32"
     return np.dtype(NP_DTYPES[config.dtype]).name
 
