@@ -109,7 +109,8 @@ def test_devices_binding_and_continued_prefill_per_provider():
 
 def test_graph_capture_is_on_by_default_where_shown_and_refused_for_the_original_format():
     assert placed("cuda").graph_capture and not placed("cpu").graph_capture
-    assert not placed("webgpu").graph_capture and placed("webgpu", graph_capture=True).graph_capture
+    assert placed("webgpu").graph_capture  # token-identical and faster on an H200 (Vulkan)
+    assert not placed("webgpu", graph_capture=False).graph_capture
     assert not placed("cuda", graph_capture=False).graph_capture
     assert not placed("dml").graph_capture  # never run there: refused, never silently on
     with pytest.raises(UserError, match="not shown to give the same tokens on dml"):

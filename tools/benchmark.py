@@ -563,7 +563,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     capture = parser.add_mutually_exclusive_group()
     capture.add_argument("--graph-capture", "--graph_capture", action="store_const", const=True,
                          default="auto", help="capture the decode step as a GPU graph "
-                         "(default: the provider's default, on for CUDA float16)")
+                         "(default: the provider's default, on for CUDA and WebGPU)")
     capture.add_argument("--no-graph-capture", "--no_graph_capture", action="store_const",
                          const=False, dest="graph_capture", help="no graph capture")
     parser.add_argument("--prefill-chunk", "--prefill_chunk", type=int, default=None,
