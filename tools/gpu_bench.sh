@@ -18,10 +18,11 @@
 # libglx0 libegl1 libopengl0 libgles2 and export
 # VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json first. `webgpu` runs
 # tools/benchmark.py with graph capture on and off (128 -> 256 greedy, median of 3; the two
-# tokens_sha1 must be equal); `webgpu_tune` runs tools/webgpu_tune.py: int4 in the shipped
-# packed form against the exported form, accuracy_level 0, the fused MatMulNBitsQkv/Mlp form
-# and validationMode=disabled, then ONNX Runtime's profile of 16 decode steps; float16 packed
-# against split-K products (graph_forms.SPLIT_K, 8 and 4 parts).
+# tokens_sha1 must be equal); `webgpu_tune` runs tools/webgpu_ops.py (GPU time of single
+# operators at 7B decode shapes) and tools/webgpu_tune.py: int4 in the shipped packed form
+# against the exported form, accuracy_level 0, the fused MatMulNBitsQkv/Mlp form and
+# validationMode=disabled, then ONNX Runtime's profile of 16 decode steps; float16 packed
+# against split-K products (graph_forms.SPLIT_K, 8 and 16 parts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=$1; work=$2; precisions=${3:-float16}
@@ -93,10 +94,11 @@ webgpu() {
 }
 
 webgpu_tune() {
+  $py tools/webgpu_ops.py --out "$out/webgpu_ops.json"
   for p in $precisions; do
     case $p in
       int4) configs=packed,exported,acc0,fused,novalid,profile ;;
-      *) configs=packed,split_k8,split_k4 ;;
+      *) configs=packed,split_k8,split_k16 ;;
     esac
     $py tools/webgpu_tune.py --variant "$work/ours_$p" --configs "$configs" \
       --out "$out/webgpu_tune_$p.json"
