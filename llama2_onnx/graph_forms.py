@@ -39,12 +39,19 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 EXPORTED, PACKED, PACKED_FLOAT32 = "exported", "packed", "packed_float32"
-# Measured on WebGPU (tools/webgpu_tune.py, tools/gpu_bench.sh webgpu_tune); no placement picks
-# them yet:
+# Measured on WebGPU and chosen by no placement (NVIDIA H200 through Vulkan, random 7B, 128 ->
+# 256 greedy, median of 3; tools/gpu_bench.sh webgpu_tune):
 # WEBGPU_FUSED: the packed form with each layer's norm and 4-bit projections in the WebGPU
-# plugin's fused MatMulNBitsQkv / MatMulNBitsMlp (int4, blocks of 32; WebGPU only);
+# plugin's fused MatMulNBitsQkv / MatMulNBitsMlp (int4, blocks of 32; WebGPU only). Not
+# faster: 123.7 tokens/s against 125.3 (the plugin's fused kernels took 48 and 104 us against
+# 33 and 61 for the unfused nodes they replace, tools/webgpu_ops.py), and its tokens leave
+# the packed form's at 41 of 256 (a near-tie: top-2 margin 0.008).
 # SPLIT_K: the packed form with each float16 MatMul split along K into SPLIT_K_PARTS products
-# run as one batched MatMul and summed (more workgroups for a one-row product).
+# run as one batched MatMul and summed (more workgroups for a one-row product): float16
+# 75.9 tokens/s (16 parts: 78.6) against 34.9, but not the packed form's tokens: they part at
+# 26 of 256, where a float32 reference's top-2 margin is 0.008. Against that reference (each
+# form's own 256 tokens teacher-forced through a float32 forward of the same weights) split-K
+# picks the float32 argmax at 245 of 256 positions, the packed form at 228.
 WEBGPU_FUSED, WEBGPU_FUSED_FLOAT32 = "webgpu_fused", "webgpu_fused_float32"
 SPLIT_K = "split_k"
 FLOAT32_FORMS = (PACKED_FLOAT32, WEBGPU_FUSED_FLOAT32)

@@ -9,6 +9,7 @@
 #   bash tools/gpu_bench.sh checks  WORK                # graph capture = no capture; profiles
 #   bash tools/gpu_bench.sh webgpu  WORK [PRECISIONS]   # our WebGPU path: capture on and off
 #   bash tools/gpu_bench.sh webgpu_tune WORK [PRECISIONS]  # WebGPU forms/options; int4 profile
+#   bash tools/gpu_bench.sh webgpu_float32 WORK         # float16 forms' tokens against float32
 #
 # PRECISIONS: float16 and/or int4 (default "float16"). JSON results go to $OUT (or WORK/results).
 #
@@ -22,7 +23,9 @@
 # operators at 7B decode shapes) and tools/webgpu_tune.py: int4 in the shipped packed form
 # against the exported form, accuracy_level 0, the fused MatMulNBitsQkv/Mlp form and
 # validationMode=disabled, then ONNX Runtime's profile of 16 decode steps; float16 packed
-# against split-K products (graph_forms.SPLIT_K, 8 and 16 parts).
+# against split-K products (graph_forms.SPLIT_K, 8 and 16 parts). `webgpu_float32` (CPU only,
+# after webgpu_tune float16) sends each float16 form's tokens through a float32 forward of the
+# checkpoint (tools/float32_agreement.py): how often each form picked the float32 argmax.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=$1; work=$2; precisions=${3:-float16}
@@ -103,6 +106,11 @@ webgpu_tune() {
     $py tools/webgpu_tune.py --variant "$work/ours_$p" --configs "$configs" \
       --out "$out/webgpu_tune_$p.json"
   done
+}
+
+webgpu_float32() {
+  $py tools/float32_agreement.py --hf "$work/rand7b" --tune "$out/webgpu_tune_float16.json" \
+    | tee "$out/webgpu_float32_agreement.json"
 }
 
 "$stage"
