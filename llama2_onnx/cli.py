@@ -69,8 +69,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     capture = parser.add_mutually_exclusive_group()
     capture.add_argument("--graph_capture", "--graph-capture", action="store_const", const=True,
                          default="auto",
-                         help="capture the decode step as a GPU graph (default: on with CUDA; "
-                         "this turns it on for WebGPU too)")
+                         help="capture the decode step as a GPU graph (default: on with CUDA "
+                         "and WebGPU)")
     capture.add_argument("--no_graph_capture", "--no-graph-capture", action="store_const",
                          const=False, dest="graph_capture",
                          help="run decode steps without graph capture")

@@ -22,6 +22,7 @@ from . import graph_forms, webgpu
 from .config import NP_DTYPES, Config
 from .errors import UserError, is_whole_number
 from .resources import free_cuda_memory
+from .variant_folder import ORIGINAL, OURS
 
 PROVIDERS = {"dml": "DmlExecutionProvider", "cuda": "CUDAExecutionProvider",
              "webgpu": webgpu.EP_NAME, "cpu": "CPUExecutionProvider"}
@@ -33,8 +34,8 @@ PACKAGES = {"dml": "onnxruntime-directml (Windows only)",
 # (any vendor; the only GPU path on a Mac), else the CPU.
 AUTO_ORDER = ("dml", "cuda", "webgpu", "cpu")
 PROVIDER_CHOICES = ("auto", *AUTO_ORDER)
-# Graph contracts a placement is made for: ours (graph.py) or the original Llama-2-Onnx one.
-OURS, ORIGINAL = "ours", "original"
+# Graph contracts a placement is made for are the variant formats (variant_folder.OURS: ours,
+# graph.py; ORIGINAL: the original Llama-2-Onnx release).
 # Longest prefill chunk per provider (see session.Runtime.run): on CUDA every new input length
 # costs a lot the first time ONNX Runtime sees it, so prompts run in power-of-two chunks that
 # are all seen once at load. DirectML cannot continue a prefill (one token at a time after the
@@ -48,9 +49,10 @@ class RunOptions:
 
     provider: auto|dml|cuda|webgpu|cpu. max_seq_len: tokens of KV cache (None: the model's context).
     graph_capture: replay decode steps as a captured GPU graph; "auto": where it is shown
-    token-identical (CUDA). prefill_chunk: longest prefill run (a power of two); None: whole
-    prompts at once; "auto": the provider's default. check_files / verify: check the manifest's
-    sizes / also its sha256 before loading. profile: a file prefix for ONNX Runtime's profiler.
+    token-identical and faster (CUDA, WebGPU). prefill_chunk: longest prefill run (a power of
+    two); None: whole prompts at once; "auto": the provider's default. check_files / verify:
+    check the manifest's sizes / also its sha256 before loading. profile: a file prefix for
+    ONNX Runtime's profiler.
     """
 
     provider: str = "auto"
@@ -242,7 +244,7 @@ def place(config: Config, options: RunOptions, installed: list[str] | None = Non
     if float16 is None:
         float16 = provider != "webgpu" or config.dtype == "float32" or webgpu.has_shader_f16()
     form = _form(provider, config.dtype, contract, float16)
-    wide = form == graph_forms.PACKED_FLOAT32 and provider == "webgpu"
+    wide = form in graph_forms.FLOAT32_FORMS and provider == "webgpu"
     return Placement(
         provider=provider, device=provider if provider in ("cuda", "dml", "webgpu") else "cpu",
         form=form, activation=_activation(form, config),
@@ -280,16 +282,20 @@ def _form(provider: str, dtype: str, contract: str, float16: bool = True) -> str
     """DirectML (and the original format) run the graph as exported; the CPU's int4 variants,
     and float16/int4 ones on a device without float16 arithmetic (a WebGPU adapter without
     shader-f16), in float32; the rest the packed form (graph_forms). WebGPU's
-    GroupQueryAttention takes the packed form (packed qkv, built-in rotary)."""
+    GroupQueryAttention takes the packed form (packed qkv, built-in rotary); its float16
+    variants split their products along K (graph_forms.SPLIT_K: 2.2x the decode speed on an
+    H200, and closer to a float32 reference than the packed form; docs/benchmarks.md)."""
     if provider == "dml" or contract == ORIGINAL:
         return graph_forms.EXPORTED
     if dtype != "float32" and (not float16 or (provider == "cpu" and dtype == "int4")):
         return graph_forms.PACKED_FLOAT32
+    if provider == "webgpu" and dtype == "float16":
+        return graph_forms.SPLIT_K
     return graph_forms.PACKED
 
 
 def _activation(form: str, config: Config) -> str:
-    if form == graph_forms.PACKED_FLOAT32:
+    if form in graph_forms.FLOAT32_FORMS:
         return "float32"
     return np.dtype(NP_DTYPES[config.dtype]).name
 
@@ -299,13 +305,16 @@ def _activation(form: str, config: Config) -> str:
 # (tools/graph_capture_check.py), WebGPU over tests/test_webgpu.py and that script. The CPU
 # has no capture: asking for it there runs the captured path's bindings (whole-cache total
 # length), which tests compare with the plain path. DirectML's has never been run.
+# On by default where also faster: CUDA, and WebGPU (NVIDIA H200 through Vulkan, random 7B,
+# 128 -> 256 greedy, the same tokens captured and not: int4 127.2 against 113.5 tokens/s,
+# float16 35.1 against 33.8; tools/gpu_bench.sh webgpu).
 CAPTURE_SHOWN = ("cuda", "webgpu", "cpu")
-CAPTURE_DEFAULT = ("cuda",)
+CAPTURE_DEFAULT = ("cuda", "webgpu")
 
 
 def _graph_capture(provider: str, options: RunOptions, contract: str) -> bool:
-    """On by default where shown and faster (CUDA); refused where not shown; the original
-    format's runtime has no fixed buffers to capture."""
+    """On by default where shown and faster (CUDA, WebGPU); refused where not shown; the
+    original format's runtime has no fixed buffers to capture."""
     if contract == ORIGINAL:
         if options.graph_capture is True:
             raise UserError("graph capture needs this repository's graph contract; the "

@@ -142,3 +142,74 @@ def test_loading_writes_nothing_and_names_an_old_cache_without_deleting_it(varia
     assert len(engine.notes) == 1 and str(old) in engine.notes[0]
     assert "delete that folder" in engine.notes[0]
     assert (old / "LlamaV2.cpu.onnx.data").read_bytes() == b"\1" * (3 << 20)
+
+
+def test_fused_form_puts_each_norm_and_its_projections_in_one_node(make_variant):
+    """WebGPU's fused form: per layer one MatMulNBitsQkv (attention norm, q, k, v) and one
+    MatMulNBitsMlp (ffn norm, gate, up, SiLU), the residual sums passed on, and q, k, v (gate,
+    up) as row ranges of the fused matrices in the same data file. Only WebGPU runs these
+    nodes; its tokens are compared with the packed form's on SwiftShader (test_webgpu.py)."""
+    folder = make_variant("hf", "int4", True)
+    exported = onnx.load(str(graph_of(folder)), load_external_data=False)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(exported)
+    layers = ops(exported).count("GroupQueryAttention")
+    graph_forms.to_form(fused, graph_forms.WEBGPU_FUSED)
+    names = ops(fused)
+    assert names.count("MatMulNBitsQkv") == names.count("MatMulNBitsMlp") == layers
+    assert names.count("MatMulNBits") == 2 * layers + 1  # o and down per layer, the logits
+    assert {"Split", "Sigmoid", "Mul", "SimplifiedLayerNormalization"}.isdisjoint(names)
+    assert names.count("SkipSimplifiedLayerNormalization") == 1  # the final norm
+    before = {n.output[0]: n for n in exported.graph.node}
+    tensors = {t.name: t for t in exported.graph.initializer}
+
+    def rows(model, name):
+        tensor = next(t for t in model.graph.initializer if t.name == name)
+        return onnx.numpy_helper.to_array(tensor, base_dir=str(graph_of(folder).parent))
+
+    for node in fused.graph.node:
+        if node.op_type not in ("MatMulNBitsQkv", "MatMulNBitsMlp"):
+            continue
+        qkv = node.op_type == "MatMulNBitsQkv"
+        matmul = before[node.name.removesuffix("/fused")]
+        norm = before[matmul.input[0]]
+        assert list(node.input[:3]) == ([norm.input[0], "", norm.input[1]]
+                                        if norm.op_type == "SimplifiedLayerNormalization"
+                                        else list(norm.input[:3]))
+        assert (list(node.output[-1:]) == list(norm.output[3:4])) or not norm.output[3:4]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["epsilon"] == pytest.approx(
+            next(a.f for a in norm.attribute if a.name == "epsilon"))
+        assert attrs["accuracy_level"] == next(a.i for a in matmul.attribute
+                                               if a.name == "accuracy_level")
+        parts = [3, 6, 9] if qkv else [3, 6]
+        whole = [onnx.numpy_helper.to_array(tensors[matmul.input[i]],
+                                            base_dir=str(graph_of(folder).parent))
+                 for i in (1, 2)]
+        for offset, original in enumerate(whole):
+            sliced = np.concatenate([rows(fused, node.input[i + offset]) for i in parts])
+            np.testing.assert_array_equal(sliced, original)  # the same bytes, in order
+        if qkv:
+            assert attrs["Nq"] + 2 * attrs["Nkv"] == whole[0].shape[0]
+        else:
+            assert attrs["N"] * 2 == whole[0].shape[0] and attrs["activation"] == b"silu"
+    assert not any(t.raw_data for t in fused.graph.initializer if t.data_type ==
+                   onnx.TensorProto.UINT8)  # nothing read into the graph
+    float16 = onnx.load(str(graph_of(make_variant("hf", "float16", True))),
+                        load_external_data=False)
+    with pytest.raises(ValueError, match="4-bit"):
+        graph_forms.to_form(float16, graph_forms.WEBGPU_FUSED)
+
+
+@pytest.mark.parametrize("precision,atol", [("float32", 1e-5), ("float16", 2e-2)])
+def test_split_k_form_gives_the_packed_forms_logits(make_variant, precision, atol):
+    folder = make_variant("hf", precision, True)
+    base = Engine.from_variant(folder, provider="cpu")
+    model = onnx.load(str(graph_of(folder)), load_external_data=False)
+    graph_forms.to_form(model, graph_forms.SPLIT_K)
+    assert ops(model).count("ReduceSum") == 4 * base.config.n_layers  # all but the logits
+    ids = [int(i) for i in np.random.default_rng(6).integers(3, base.config.vocab_size, 16)]
+    split, packed = (form_logits(engine_in_form(base, folder, form), ids)
+                     for form in (graph_forms.SPLIT_K, graph_forms.PACKED))
+    for a, b in zip(split, packed, strict=True):
+        np.testing.assert_allclose(a, b, atol=atol, rtol=0)

@@ -76,12 +76,15 @@ def test_float32_variants_are_refused_on_cuda_and_auto_takes_the_cpu():
 def test_webgpu_runs_the_packed_form_and_widens_where_the_adapter_lacks_float16():
     for dtype in ("float32", "float16", "int4"):
         p = placed("webgpu", dtype)
+        form = graph_forms.SPLIT_K if dtype == "float16" else graph_forms.PACKED
         assert (p.device, p.form, p.by_address, p.outputs_on_device) == (
-            "webgpu", graph_forms.PACKED, False, True)
+            "webgpu", form, False, True)
         assert p.activation == ("float32" if dtype == "float32" else "float16") and not p.notes
         wide = placed("webgpu", dtype, float16=False)
         if dtype == "float32":
             assert wide.form == graph_forms.PACKED and not wide.notes
+        elif dtype == "float16":  # no float16 arithmetic: no float16 products to split
+            assert (wide.form, wide.activation) == (graph_forms.PACKED_FLOAT32, "float32")
         else:
             assert (wide.form, wide.activation) == (graph_forms.PACKED_FLOAT32, "float32")
             assert len(wide.notes) == 1 and "shader-f16" in wide.notes[0]
@@ -109,7 +112,8 @@ def test_devices_binding_and_continued_prefill_per_provider():
 
 def test_graph_capture_is_on_by_default_where_shown_and_refused_for_the_original_format():
     assert placed("cuda").graph_capture and not placed("cpu").graph_capture
-    assert not placed("webgpu").graph_capture and placed("webgpu", graph_capture=True).graph_capture
+    assert placed("webgpu").graph_capture  # token-identical and faster on an H200 (Vulkan)
+    assert not placed("webgpu", graph_capture=False).graph_capture
     assert not placed("cuda", graph_capture=False).graph_capture
     assert not placed("dml").graph_capture  # never run there: refused, never silently on
     with pytest.raises(UserError, match="not shown to give the same tokens on dml"):

@@ -10,6 +10,7 @@ only these tests set: the package never selects it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -25,7 +26,7 @@ from conftest import ROOT
 from llama2_onnx import graph_forms, webgpu
 from llama2_onnx.generation import Engine
 from llama2_onnx.sampling import SamplingSettings
-from llama2_onnx.session import Runtime
+from llama2_onnx.session import Runtime, create_session
 
 SWIFTSHADER = Path(os.environ.get("LLAMA2_ONNX_SWIFTSHADER_ICD",
                                   "/usr/lib/chromium/vk_swiftshader_icd.json"))
@@ -178,6 +179,21 @@ def test_graph_capture_changes_no_token(engines, precision):
     captured = engines(precision, capture=True)
     assert captured.runner.graph_capture and captured.runner.total_on_device
     assert chat_script(captured) == chat_script(engines(precision))
+
+
+def test_the_fused_form_gives_the_packed_forms_tokens(engines, make_variant):
+    """graph_forms.WEBGPU_FUSED: the plugin's MatMulNBitsQkv and MatMulNBitsMlp (each layer's
+    norms and 4-bit projections in one node) give the packed form's greedy tokens; here in
+    float32 activations, as SwiftShader has no shader-f16. Its speed is measured on the GPU
+    (tools/webgpu_tune.py)."""
+    engine = engines("int4")
+    placement = dataclasses.replace(engine.runner.placement,
+                                    form=graph_forms.WEBGPU_FUSED_FLOAT32)
+    graph = next((make_variant("hf", "int4", True) / "ONNX").glob("*.onnx"))
+    fused = Engine(Runtime(create_session(graph, placement), engine.config, placement),
+                   engine.tokenizer, engine.embeddings, engine.config)
+    prompt = engine.tokenizer.encode("the dog sat on the tree and")
+    assert greedy(fused, prompt) == greedy(engine, prompt)
 
 
 def test_the_captured_graph_really_replays(engines):

@@ -35,6 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from llama2_onnx.cli import add_checkpoint_args, run_main  # noqa: E402
 from llama2_onnx.errors import UserError, is_whole_number  # noqa: E402
+from llama2_onnx.placement import PROVIDER_CHOICES  # noqa: E402
+
+PROVIDERS_HELP = ", ".join(PROVIDER_CHOICES)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -109,6 +112,7 @@ def bench_run(args: argparse.Namespace) -> dict:
         median[key + "_all"] = [r[key] for r in reports]
     median["reps"] = args.reps
     median["gpu_memory_mib"] = gpu_memory_mib()
+    median["gpu_memory_used_total_mib"] = gpu_memory_used_total_mib()
     if args.compare_genai:
         median["genai"] = bench_genai(args, prompt)
         median["ratio_decode_vs_genai"] = round(
@@ -131,6 +135,18 @@ def gpu_memory_mib() -> int | None:
         if pid == str(os.getpid()):
             return int(used)
     return None
+
+
+def gpu_memory_used_total_mib() -> int | None:
+    """The GPU's used memory, all processes (nvidia-smi; None without it). A WebGPU (Vulkan)
+    process is not always listed among nvidia-smi's compute apps, so gpu_memory_mib misses it."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=20).stdout
+        return int(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def bench_genai(args: argparse.Namespace, prompt: list[int]) -> dict:
@@ -506,7 +522,8 @@ def parse_args() -> argparse.Namespace:
     startup = sub.add_parser("startup", help="a fresh process: import, load, a prefill per "
                              "length; optionally onnxruntime-genai's too")
     startup.add_argument("--variant", default=None, help="variant name or folder")
-    startup.add_argument("--provider", default="auto", help="auto, cpu, cuda or dml")
+    startup.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES,
+                         help=PROVIDERS_HELP)
     startup.add_argument("--lengths", default="100,200,300,400,500,600,700,800,900,1000,1100",
                          help="prompt lengths pre-filled after loading (default: 11 lengths)")
     startup.add_argument("--reps", type=int, default=2, help="alternating rounds (default 2)")
@@ -516,7 +533,8 @@ def parse_args() -> argparse.Namespace:
     compare.add_argument("--variants", default="", help="comma-separated names or folders")
     compare.add_argument("--vocab-size", type=int, default=32000, help="for the random prompt")
     compare.add_argument("--genai", type=Path, help="an onnxruntime-genai model folder to add")
-    compare.add_argument("--provider", default="cpu", help="auto, cpu, cuda or dml (default cpu)")
+    compare.add_argument("--provider", default="cpu", choices=PROVIDER_CHOICES,
+                         help=PROVIDERS_HELP + " (default cpu)")
     compare.add_argument("--prompt-tokens", type=int, default=128,
                          help="prompt length (default 128)")
     compare.add_argument("--new-tokens", type=int, default=128,
@@ -526,7 +544,8 @@ def parse_args() -> argparse.Namespace:
     serve = sub.add_parser("serve", help="requests/s, TTFT and tokens/s of tools/serve.py")
     serve.add_argument("--variant", default=None, help="variant name or folder (default: the "
                        "first ready variant, else the demo)")
-    serve.add_argument("--provider", default="cpu", help="auto, cpu, cuda or dml (default cpu)")
+    serve.add_argument("--provider", default="cpu", choices=PROVIDER_CHOICES,
+                       help=PROVIDERS_HELP + " (default cpu)")
     serve.add_argument("--clients", type=lambda s: [int(n) for n in s.split(",")],
                        default=[1, 4, 16], help="concurrency levels (default 1,4,16)")
     serve.add_argument("--requests-per-client", type=int, default=4,
@@ -538,13 +557,14 @@ def parse_args() -> argparse.Namespace:
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", default=None, help="variant name or folder (default: the "
                         "first ready variant, else the demo)")
-    parser.add_argument("--provider", default="auto", help="auto, cpu, cuda or dml")
+    parser.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES,
+                        help=PROVIDERS_HELP)
     parser.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None,
                         help="context to allocate (default: the model's)")
     capture = parser.add_mutually_exclusive_group()
     capture.add_argument("--graph-capture", "--graph_capture", action="store_const", const=True,
                          default="auto", help="capture the decode step as a GPU graph "
-                         "(default: the provider's default, on for CUDA float16)")
+                         "(default: the provider's default, on for CUDA and WebGPU)")
     capture.add_argument("--no-graph-capture", "--no_graph_capture", action="store_const",
                          const=False, dest="graph_capture", help="no graph capture")
     parser.add_argument("--prefill-chunk", "--prefill_chunk", type=int, default=None,

@@ -7,8 +7,25 @@
 #                                                       # (= stages `ours` then `genai`)
 #   bash tools/gpu_bench.sh bench   WORK [PRECISIONS]   # decode/TTFT/memory, ours vs genai
 #   bash tools/gpu_bench.sh checks  WORK                # graph capture = no capture; profiles
+#   bash tools/gpu_bench.sh webgpu  WORK [PRECISIONS]   # our WebGPU path: capture on and off
+#   bash tools/gpu_bench.sh webgpu_tune WORK [PRECISIONS]  # WebGPU forms/options; int4 profile
+#   bash tools/gpu_bench.sh webgpu_float32 WORK         # float16 forms' tokens against float32
 #
 # PRECISIONS: float16 and/or int4 (default "float16"). JSON results go to $OUT (or WORK/results).
+#
+# The WebGPU stages need our exports (stage `ours`), onnxruntime >= 1.24.4 (CPU package) with
+# onnxruntime-ep-webgpu 0.4, and a Vulkan loader with the glvnd libraries; on a machine that has
+# the NVIDIA driver but no loader (../shared/gpu/WEBGPU.md), unpack libvulkan1 libglvnd0 libgl1
+# libglx0 libegl1 libopengl0 libgles2 and export
+# VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json first. `webgpu` runs
+# tools/benchmark.py with graph capture on and off (128 -> 256 greedy, median of 3; the two
+# tokens_sha1 must be equal); `webgpu_tune` runs tools/webgpu_ops.py (GPU time of single
+# operators at 7B decode shapes) and tools/webgpu_tune.py: int4 in the shipped packed form
+# against the exported form, accuracy_level 0, the fused MatMulNBitsQkv/Mlp form and
+# validationMode=disabled, then ONNX Runtime's profile of 16 decode steps; float16 packed
+# against split-K products (graph_forms.SPLIT_K, 8 and 16 parts). `webgpu_float32` (CPU only,
+# after webgpu_tune float16) sends each float16 form's tokens through a float32 forward of the
+# checkpoint (tools/float32_agreement.py): how often each form picked the float32 argmax.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=$1; work=$2; precisions=${3:-float16}
@@ -67,6 +84,33 @@ checks() {
     | tee "$out/gpu_check.json"
   $py tools/benchmark.py load --variant "$work/ours_float16" --provider cuda \
     | tee "$out/load_levels.json"
+}
+
+webgpu() {
+  for p in $precisions; do
+    v="$work/ours_$p"
+    $py tools/benchmark.py run --variant "$v" --provider webgpu --reps 3 --graph-capture \
+      | tee "$out/webgpu_${p}_capture.json"
+    $py tools/benchmark.py run --variant "$v" --provider webgpu --reps 3 --no-graph-capture \
+      | tee "$out/webgpu_${p}_no_capture.json"
+  done
+}
+
+webgpu_tune() {
+  $py tools/webgpu_ops.py --out "$out/webgpu_ops.json"
+  for p in $precisions; do
+    case $p in
+      int4) configs=packed,exported,acc0,fused,novalid,profile ;;
+      *) configs=packed,split_k8,split_k16 ;;
+    esac
+    $py tools/webgpu_tune.py --variant "$work/ours_$p" --configs "$configs" \
+      --out "$out/webgpu_tune_$p.json"
+  done
+}
+
+webgpu_float32() {
+  $py tools/float32_agreement.py --hf "$work/rand7b" --tune "$out/webgpu_tune_float16.json" \
+    | tee "$out/webgpu_float32_agreement.json"
 }
 
 "$stage"
