@@ -15,6 +15,7 @@ from legacy_graph import build_legacy_variant
 
 from llama2_onnx.chat_format import PromptBuilder
 from llama2_onnx.checkpoints import canonical_shapes
+from llama2_onnx.errors import UserError, VariantError
 from llama2_onnx.generation import Engine
 from llama2_onnx.legacy import LegacyRuntime
 from llama2_onnx.reference import Transformer, greedy_tokens
@@ -122,3 +123,48 @@ def test_lfs_pointer_embeddings_name_the_fix(legacy, tmp_path, style):
     assert "git lfs pull" in result.stderr
     assert "embeddings.pth" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _copy_with_graph_edit(legacy, tmp_path, edit) -> Path:
+    """A copy of the original-format folder (and its ../tokenizer.model) whose graph inputs
+    or outputs `edit` changes (the weights stay in the copied data file)."""
+    import onnx
+
+    folder, _ = legacy
+    root = tmp_path / "Llama-2-Onnx"
+    shutil.copytree(folder, root / folder.name)
+    shutil.copy(folder.parent / "tokenizer.model", root / "tokenizer.model")
+    graph = next((root / folder.name / "ONNX").glob("*.onnx"))
+    model = onnx.load(str(graph), load_external_data=False)
+    edit(model.graph)
+    onnx.save(model, str(graph))
+    return root / folder.name
+
+
+def test_a_symbolic_layer_count_is_one_sentence(legacy, tmp_path):
+    def symbolic_layers(graph):
+        cache = next(i for i in graph.input if i.name == "k_cache")
+        cache.type.tensor_type.shape.dim[1].dim_param = "layers"
+
+    folder = _copy_with_graph_edit(legacy, tmp_path, symbolic_layers)
+    with pytest.raises(VariantError, match="fixes the layer count.*not one of its variants"):
+        Engine.from_variant(folder, provider="cpu")
+
+
+def test_a_tokenizer_smaller_than_the_graphs_vocabulary_is_one_sentence(legacy, tmp_path):
+    def bigger_vocabulary(graph):
+        logits = next(o for o in graph.output if o.name == "logits")
+        logits.type.tensor_type.shape.dim[-1].dim_value += 7
+
+    folder = _copy_with_graph_edit(legacy, tmp_path, bigger_vocabulary)
+    with pytest.raises(VariantError, match="the tokenizer has .* tokens but .* writes logits"):
+        Engine.from_variant(folder, provider="cpu")
+
+
+def test_a_longer_context_than_the_graphs_is_refused_not_clipped(legacy):
+    folder, _ = legacy
+    engine = Engine.from_variant(folder, provider="cpu")
+    with pytest.raises(UserError, match=f"must be between 2 and {engine.context_len}"):
+        Engine.from_variant(folder, provider="cpu", max_seq_len=engine.context_len + 1)
+    with pytest.raises(UserError, match="original Llama-2-Onnx format runs without it"):
+        Engine.from_variant(folder, provider="cpu", graph_capture=True)
