@@ -134,16 +134,20 @@ def check_memory(graph: Path, config: Config, placement: Placement) -> None:
     """
     data = data_path(graph)
     weights = data.stat().st_size if data.exists() else graph.stat().st_size
-    kv = placement.kv_cache_bytes(config)
-    fix = "pass a smaller --max_seq_len" if kv > weights else "use a smaller variant"
+    kv = placement.kv_cache_bytes(config)  # every slot's row
+    slots = placement.slots
+    fix = "use a smaller variant"
+    if kv > weights:
+        fix = "pass a smaller --max_seq_len" + (" or --parallel" if slots > 1 else "")
     one_layer = kv // (2 * config.n_layers)  # the zeroed host buffer each cache starts from
     host = weights + kv if placement.on_host else one_layer
-    require(f"this variant with a {placement.cache_len}-token context (weights "
-            f"{weights / GiB:.1f} GiB + KV cache {kv / GiB:.1f} GiB)", host, free_host_memory(),
-            "host memory", fix)
+    context = f"a {placement.cache_len}-token context"
+    what = f"this variant with {context}" if slots == 1 else (
+        f"this variant with {slots} slots of {context}")
+    require(f"{what} (weights {weights / GiB:.1f} GiB + KV cache {kv / GiB:.1f} GiB)", host,
+            free_host_memory(), "host memory", fix)
     if not placement.on_host:
-        require(f"this variant with a {placement.cache_len}-token context", weights + kv,
-                placement.free_device_memory(), "GPU memory", fix)
+        require(what, weights + kv, placement.free_device_memory(), "GPU memory", fix)
 
 
 def check_graph_matches(session, config: Config, graph: Path, placement: Placement) -> None:

@@ -4,7 +4,8 @@ and what is installed, and read by everything below (DESIGN.md, "Placement and r
     RunOptions (what the user asked; the CLI, chat app, server and tools hold it whole)
         + Config (the variant) + the installed providers
         --place()--> Placement: provider, device, graph form, activation type, cache length,
-                     graph capture, prefill chunk, continued prefill, binding by address
+                     graph capture, prefill chunk, continued prefill, binding by address,
+                     slots (sequences decoded together)
         --> session options, the runtime's buffers, the memory check, the graph check
 
 This is the only module that compares provider names.
@@ -53,6 +54,7 @@ class RunOptions:
     two); None: whole prompts at once; "auto": the provider's default. check_files / verify:
     check the manifest's sizes / also its sha256 before loading. profile: a file prefix for
     ONNX Runtime's profiler.
+    parallel: sequences held in the KV cache and decoded together (slots; 1: one at a time).
     """
 
     provider: str = "auto"
@@ -62,6 +64,7 @@ class RunOptions:
     check_files: bool = True
     verify: bool = False
     profile: str | None = None
+    parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDER_CHOICES:
@@ -75,6 +78,9 @@ class RunOptions:
         if self.prefill_chunk not in ("auto", None) and not is_whole_number(self.prefill_chunk):
             raise UserError(f"prefill chunk {self.prefill_chunk!r} must be a whole number of "
                             "at least 1, or None for whole prompts.")
+        if not is_whole_number(self.parallel):
+            raise UserError(f"--parallel {self.parallel!r} is invalid; use a whole number of "
+                            "at least 1 (the requests decoded together).")
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class Placement:
     continued_prefill: bool  # a multi-token run may follow a past (else token by token)
     by_address: bool  # buffers bound as parts of one block (else one OrtValue each)
     contract: str = OURS
+    slots: int = 1  # sequences the KV cache holds, row i slot i, decoded together
     profile: str | None = None  # ONNX Runtime's profile goes to files with this prefix
     notes: tuple[str, ...] = ()  # what the user should know about this placement
 
@@ -120,10 +127,11 @@ class Placement:
         return self.device == "cpu"
 
     def kv_cache_shape(self, config: Config) -> tuple[int, int, int, int]:
-        return kv_cache_shape(config, self.cache_len)
+        """One layer's K (or V) buffer, a row per slot: (slots, kv_heads, cache_len, head_dim)."""
+        return kv_cache_shape(config, self.cache_len, self.slots)
 
     def kv_cache_bytes(self, config: Config) -> int:
-        return kv_cache_bytes(config, self.cache_len, self.activation)
+        return kv_cache_bytes(config, self.cache_len, self.activation, self.slots)
 
     def zeros_from_session(self, nbytes: int) -> bool:
         """Whether a cache block of `nbytes` is allocated by a small zero-filling session
@@ -164,14 +172,17 @@ class Placement:
         """Session options for this placement.
 
         Fixing `batch` and `cache_len` lets the providers plan memory and (on DirectML) reuse
-        compiled kernels between steps; `seq` stays free for prefill. DirectML requires
-        sequential execution and no memory pattern (ONNX Runtime's DirectML documentation).
+        compiled kernels between steps; `seq` stays free for prefill. With several slots `batch`
+        stays free too: a prefill runs one slot at batch 1, a decode step the slots at batch N.
+        DirectML requires sequential execution and no memory pattern (ONNX Runtime's DirectML
+        documentation).
         """
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.contract == OURS:
-            so.add_free_dimension_override_by_name("batch", 1)
+            if self.slots == 1:
+                so.add_free_dimension_override_by_name("batch", 1)
             so.add_free_dimension_override_by_name("cache_len", self.cache_len)
         if self.profile:
             so.enable_profiling, so.profile_file_prefix = True, self.profile
@@ -185,14 +196,15 @@ class Placement:
         return so
 
 
-def kv_cache_shape(config: Config, cache_len: int) -> tuple[int, int, int, int]:
-    """One layer's K (or V) buffer: (batch, kv_heads, cache_len, head_dim)."""
-    return (1, config.n_kv_heads, cache_len, config.head_dim)
+def kv_cache_shape(config: Config, cache_len: int, slots: int = 1
+                   ) -> tuple[int, int, int, int]:
+    """One layer's K (or V) buffer: (slots, kv_heads, cache_len, head_dim)."""
+    return (slots, config.n_kv_heads, cache_len, config.head_dim)
 
 
-def kv_cache_bytes(config: Config, cache_len: int, activation: str) -> int:
-    """The whole KV cache, K and V of every layer, in `activation`'s type."""
-    per_layer = int(np.prod(kv_cache_shape(config, cache_len)))
+def kv_cache_bytes(config: Config, cache_len: int, activation: str, slots: int = 1) -> int:
+    """The whole KV cache, K and V of every layer for every slot, in `activation`'s type."""
+    per_layer = int(np.prod(kv_cache_shape(config, cache_len, slots)))
     return 2 * config.n_layers * per_layer * np.dtype(NP_DTYPES[activation]).itemsize
 
 
@@ -236,8 +248,8 @@ def place(config: Config, options: RunOptions, installed: list[str] | None = Non
             webgpu.has_shader_f16; every other provider does).
     Raises:
         UserError for a provider that is not installed or cannot run this variant, graph
-        capture where it is not shown token-identical, and a context longer than the
-        variant's.
+        capture where it is not shown token-identical, several slots where they are not
+        offered, and a context longer than the variant's.
     """
     provider = _provider_for(config, options.provider, installed, contract)
     cache_len = context_length(config, options.max_seq_len)
@@ -256,7 +268,7 @@ def place(config: Config, options: RunOptions, installed: list[str] | None = Non
         # DirectML and WebGPU buffers have no addresses to offset: each part is its own
         # OrtValue there.
         by_address=provider not in ("dml", "webgpu"), contract=contract,
-        profile=options.profile,
+        slots=_slots(provider, options.parallel, contract), profile=options.profile,
         notes=(f"this WebGPU adapter has no float16 arithmetic (shader-f16), so this "
                f"{config.dtype} variant computes in float32 (its KV cache takes twice the "
                "memory).",) if wide else ())
@@ -314,12 +326,20 @@ CAPTURE_DEFAULT = ("cuda", "webgpu")
 
 def _graph_capture(provider: str, options: RunOptions, contract: str) -> bool:
     """On by default where shown and faster (CUDA, WebGPU); refused where not shown; the
-    original format's runtime has no fixed buffers to capture."""
+    original format's runtime has no fixed buffers to capture. A batched decode step over
+    several slots has not been captured and compared with the plain path, so it runs without
+    capture."""
     if contract == ORIGINAL:
         if options.graph_capture is True:
             raise UserError("graph capture needs this repository's graph contract; the "
                             "original Llama-2-Onnx format runs without it (drop "
                             "--graph_capture).")
+        return False
+    if options.parallel > 1:
+        if options.graph_capture is True:
+            raise UserError(f"graph capture is not shown to give the same tokens for a decode "
+                            f"step of several slots yet, so it is not offered with --parallel "
+                            f"{options.parallel}; drop --graph_capture or use --parallel 1.")
         return False
     if options.graph_capture == "auto":
         return provider in CAPTURE_DEFAULT
@@ -327,6 +347,28 @@ def _graph_capture(provider: str, options: RunOptions, contract: str) -> bool:
         raise UserError(f"graph capture is not shown to give the same tokens on {provider} "
                         "yet, so it is not offered there; drop --graph_capture.")
     return bool(options.graph_capture)
+
+
+# Where several slots share one KV cache: each layer's buffer holds a row per slot, a prefill is
+# bound into its slot's row by address and a decode step runs the rows together, each with its
+# own seqlens_k. DirectML and WebGPU buffers have no addresses to offset into (and DirectML's
+# GroupQueryAttention reads per-row lengths only for single-token steps); the original format's
+# runtime holds one sequence.
+SLOTS_OFFERED = ("cuda", "cpu")
+
+
+def _slots(provider: str, parallel: int, contract: str) -> int:
+    if parallel == 1:
+        return 1
+    if contract == ORIGINAL:
+        raise UserError(f"--parallel {parallel} needs this repository's graph contract; the "
+                        "original Llama-2-Onnx format runs one request at a time (drop "
+                        "--parallel).")
+    if provider not in SLOTS_OFFERED:
+        raise UserError(f"--parallel {parallel} is not offered on {provider}, which runs one "
+                        "request at a time (its buffers cannot be bound a row at a time); drop "
+                        "--parallel, or use --provider cuda or cpu.")
+    return parallel
 
 
 def _prefill_chunk(provider: str, asked: int | str | None, cache_len: int, contract: str

@@ -180,3 +180,34 @@ def test_session_options_and_providers_follow_each_providers_rules():
     assert placed("cpu").execution_providers() == ["CPUExecutionProvider"]
     original = place(config("float32"), RunOptions(provider="cuda"), ALL, contract=ORIGINAL)
     assert original.execution_providers()[0][1]["use_tf32"] == "0"  # exact float32
+
+
+def test_slots_share_one_cache_where_rows_can_be_bound_by_address():
+    """--parallel N: N rows in each cache buffer (counted by the memory check), graph capture
+    off (a batched decode step has not been captured and compared); one slot as before."""
+    one, four = placed("cpu", max_seq_len=32), placed("cpu", max_seq_len=32, parallel=4)
+    assert (one.slots, four.slots) == (1, 4)
+    assert four.kv_cache_shape(config()) == (4, 2, 32, 16)
+    assert four.kv_cache_bytes(config()) == 4 * one.kv_cache_bytes(config())
+    assert placed("cuda", parallel=8).slots == 8
+    assert placed("cuda").graph_capture and not placed("cuda", parallel=8).graph_capture
+    with pytest.raises(UserError, match="not shown to give the same tokens for a decode step "
+                       "of several slots"):
+        placed("cuda", parallel=8, graph_capture=True)
+    with pytest.raises(UserError, match="not shown to give the same tokens for a decode step"):
+        placed("cpu", parallel=2, graph_capture=True)
+
+
+@pytest.mark.parametrize("provider", ["dml", "webgpu"])
+def test_parallel_is_refused_where_buffers_have_no_addresses(provider):
+    with pytest.raises(UserError, match=f"--parallel 2 is not offered on {provider}"):
+        placed(provider, parallel=2)
+    assert placed(provider, parallel=1).slots == 1
+
+
+def test_parallel_is_refused_for_the_original_format_and_must_be_a_count():
+    with pytest.raises(UserError, match="original Llama-2-Onnx format runs one request"):
+        place(config(), RunOptions(provider="cpu", parallel=2), ALL, contract=ORIGINAL)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(UserError, match="--parallel .* is invalid"):
+            RunOptions(parallel=bad)
