@@ -98,6 +98,7 @@ class LegacyRuntime:
     supports_continued_prefill = True
     pads = False
     max_chunk = None
+    slots = 1  # one sequence (placement refuses --parallel for this format)
 
     def __init__(self, session: ort.InferenceSession, config: Config,
                  placement: Placement) -> None:

@@ -1,14 +1,19 @@
 """ONNX Runtime sessions in the placement's form and options, and the device-resident KV cache.
 
 KV cache layout (graph contract, see graph.py): one buffer per layer and per K/V of shape
-(1, kv_heads, cache_len, head_dim), allocated once on the device and zero-filled. Each buffer is
+(slots, kv_heads, cache_len, head_dim), allocated once on the device and zero-filled; row i
+holds slot i's sequence (one row unless the placement has several slots). Each buffer is
 bound as both `past_*` input and `present_*` output, so GroupQueryAttention writes the new
 positions in place; which positions are valid is told by `seqlens_k`/`total_sequence_length`,
-so rewinding the cache (a new chat turn that shares a prefix) costs nothing.
+so rewinding the cache (a new chat turn that shares a prefix) costs nothing. With several
+slots a prefill runs at batch 1 bound to its slot's row (rows are contiguous, so a row is an
+address offset), and a decode step runs the first k rows at batch k, each row with its own
+position and `seqlens_k` (GroupQueryAttention refuses several new tokens per row at batch > 1).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,9 +169,10 @@ class Runtime:
         # step instead of three, and a cache that takes exactly its size (as 64 buffers it grew
         # ONNX Runtime's arena by more). Otherwise each part is its own OrtValue.
         self.by_address = placement.by_address
+        self.slots = placement.slots  # rows of the cache (see the module docstring)
         self._step_buffers()  # before the cache: see _cache_block
         self.caches = self._bind_caches()  # the device address of each cache buffer
-        self.logits = np.zeros((1, 1, config.vocab_size), np.float32)
+        self.logits = np.zeros((self.slots, 1, config.vocab_size), np.float32)
         self.logits_value = self._value(self.logits, on_host=True)
         # Where the placement keeps outputs on the device (WebGPU), the logits land in a fixed
         # device buffer copied into self.logits after each run, and under graph capture
@@ -187,16 +193,31 @@ class Runtime:
             self.decode_options.add_run_config_entry("gpu_graph_id", "1")
             self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")
         self.run_options, self.graph_capture = self.decode_options, placement.graph_capture
-        self._run = self._fast_run()
+        self._run = self._fast_run(self.binding)
+        self._slot_binding()
 
-    def _fast_run(self):
+    def _slot_binding(self) -> None:
+        """With several slots a run of one slot has a binding of its own, pointed at its row
+        (_bind_row), and decode steps bind the first `width` rows (_bind_width); with one,
+        every run binds the whole cache."""
+        self.row_binding, self.row, self.width = None, None, None
+        if self.slots == 1:
+            return
+        placement = self.placement
+        assert self.by_address and not placement.outputs_on_device, placement
+        assert not placement.graph_capture, placement
+        self.row_binding = self.session.io_binding()
+        self.row_binding.bind_ortvalue_input("total_sequence_length", self.total_value)
+        self._run_in_row = self._fast_run(self.row_binding)
+
+    def _fast_run(self, binding: ort.IOBinding):
         """Call the native Run directly when this onnxruntime exposes it: the Python wrapper's
         per-call checks cost more than a whole decode step of a small model on the CPU."""
         native = getattr(self.session, "_sess", None)
-        binding = getattr(self.binding, "_iobinding", None)
-        if native is None or binding is None:
-            return lambda: self.session.run_with_iobinding(self.binding, self.run_options)
-        return lambda: native.run_with_iobinding(binding, self.run_options)
+        inner = getattr(binding, "_iobinding", None)
+        if native is None or inner is None:
+            return lambda options: self.session.run_with_iobinding(binding, options)
+        return lambda options: native.run_with_iobinding(inner, options)
 
     def _value(self, array: np.ndarray, on_host: bool | None = None) -> ort.OrtValue:
         """An OrtValue of `array` where the placement keeps buffers (or in host memory)."""
@@ -207,7 +228,8 @@ class Runtime:
 
     def _bind_caches(self) -> list[int]:
         shape = self.placement.kv_cache_shape(self.config)
-        names = [f"{kind}.{i}" for i in range(self.config.n_layers) for kind in ("key", "value")]
+        self.cache_names = names = [f"{kind}.{i}" for i in range(self.config.n_layers)
+                                    for kind in ("key", "value")]
         if not self.by_address:
             zeros = np.zeros(shape, self.dtype)
             # On the CPU an OrtValue points into its array: each buffer needs its own.
@@ -218,7 +240,7 @@ class Runtime:
                 self.binding.bind_ortvalue_input(f"past_{name}", value)
                 self.binding.bind_ortvalue_output(f"present_{name}", value)
             return [v.data_ptr() for v in values]
-        # (2 * n_layers, 1, kv_heads, cache_len, head_dim): key.0, value.0, key.1, ...
+        # (2 * n_layers, slots, kv_heads, cache_len, head_dim): key.0, value.0, key.1, ...
         block = self._cache_block(len(names) * int(np.prod(shape)))
         layer = int(np.prod(shape)) * np.dtype(self.dtype).itemsize
         addresses = [block.data_ptr() + k * layer for k in range(len(names))]
@@ -241,8 +263,10 @@ class Runtime:
     def _step_buffers(self) -> None:
         """A decode step's inputs: views (self.step) into one host block, 256-byte aligned
         like ONNX Runtime's own allocations, and where the device reads them."""
-        self.step_fields = {"inputs_embeds": ((1, 1, self.config.dim), self.dtype),
-                            "position_ids": ((1, 1), np.int64), "seqlens_k": ((1,), np.int32)}
+        rows = self.slots  # a decode step's inputs have a row per slot
+        self.step_fields = {"inputs_embeds": ((rows, 1, self.config.dim), self.dtype),
+                            "position_ids": ((rows, 1), np.int64),
+                            "seqlens_k": ((rows,), np.int32)}
         if self.pads:  # a decode step's logits are at its only position, 0
             self.step_fields[graph_forms.LOGITS_AT] = ((1,), np.int64)
         self.step_offsets, size = {}, 0
@@ -271,8 +295,8 @@ class Runtime:
             self.binding.bind_input(name, self.device, 0, dtype, shape,
                                     base + self.step_offsets[name])
 
-    def run(self, embeds: np.ndarray, start: int) -> np.ndarray:
-        """Process `embeds` (seq, dim) at positions start..start+seq-1.
+    def run(self, embeds: np.ndarray, start: int, row: int = 0) -> np.ndarray:
+        """Process `embeds` (seq, dim) at positions start..start+seq-1 of slot `row`.
 
         With chunked prefill, a run whose length is not one of prefill_lengths() is padded
         with zero rows up to the next one (padded_length); the padding's keys and values land
@@ -284,14 +308,18 @@ class Runtime:
         """
         seq = embeds.shape[0]
         assert 0 < seq and start + seq <= self.cache_len, (start, seq, self.cache_len)
+        assert 0 <= row < self.slots, (row, self.slots)
         padded = self.padded_length(seq)
         assert start + padded <= self.cache_len, (start, padded, self.cache_len)
         if padded != seq:  # one copy, already in the session's type (_run_once copies no more)
             rows = np.zeros((padded, embeds.shape[1]), self.dtype)
             rows[:seq] = embeds
             embeds = rows
-        self._run_once(embeds, start, real=seq)
-        return self.logits[0, 0]
+        if self.slots > 1:
+            self._run_row(embeds, start, seq, row)
+        else:
+            self._run_once(embeds, start, real=seq)
+        return self.logits[row, 0]
 
     def padded_length(self, seq: int) -> int:
         """How long a run of `seq` new tokens reaches ONNX Runtime (`seq` unless padded)."""
@@ -313,7 +341,13 @@ class Runtime:
         `seqlens_k` count."""
         zeros = np.zeros((max(self.prefill_lengths(), default=1), self.config.dim), self.dtype)
         for size in self.prefill_lengths():
-            self._run_once(zeros[:size], 0)
+            if self.slots > 1:
+                self._run_row(zeros[:size], 0, size, 0)
+            else:
+                self._run_once(zeros[:size], 0)
+        if self.slots > 1:  # and each decode width, at position 1 of every row
+            for width in sorted({self.decode_width(k) for k in range(1, self.slots + 1)}):
+                self.run_rows(np.zeros((width, self.config.dim), self.dtype), [1] * width)
 
     def _run_once(self, embeds: np.ndarray, start: int, real: int | None = None) -> None:
         """One run over `embeds`, of which the first `real` rows (default: all) are tokens."""
@@ -329,15 +363,91 @@ class Runtime:
         if seq == 1:
             self._bind_step(embeds, start)
         else:
-            b, self.step_bound = self.binding, False
-            b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], self.dtype))
-            b.bind_cpu_input("position_ids", np.arange(start, start + seq, dtype=np.int64)[None])
-            b.bind_cpu_input("seqlens_k", np.array([start + seq - 1], np.int32))
-            if self.pads:
-                b.bind_cpu_input(graph_forms.LOGITS_AT, np.array([(real or seq) - 1], np.int64))
-        self._run()
+            self.step_bound = False
+            self._bind_run_inputs(self.binding, embeds, start, real or seq)
+        self._run(self.run_options)
         if self.logits_device is not None:
             ort.copy_tensors([self.logits_device], [self.logits_value])
+
+    def _bind_run_inputs(self, b: ort.IOBinding, embeds: np.ndarray, start: int,
+                         real: int) -> None:
+        """A run's inputs from host memory, for runs whose shapes vary (prefill)."""
+        seq = embeds.shape[0]
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], self.dtype))
+        b.bind_cpu_input("position_ids", np.arange(start, start + seq, dtype=np.int64)[None])
+        b.bind_cpu_input("seqlens_k", np.array([start + seq - 1], np.int32))
+        if self.pads:
+            b.bind_cpu_input(graph_forms.LOGITS_AT, np.array([real - 1], np.int64))
+
+    def _run_row(self, embeds: np.ndarray, start: int, real: int, row: int) -> None:
+        """One run of slot `row` alone, at batch 1 (several slots; no graph capture)."""
+        self.total[...] = start + embeds.shape[0]
+        if self.row != row:
+            self._bind_row(row)
+        self._bind_run_inputs(self.row_binding, embeds, start, real)
+        self._run_in_row(self.prefill_options)
+
+    def _bind_row(self, row: int) -> None:
+        """Point the one-slot binding at slot `row`: its row of every cache buffer, and its row
+        of the logits."""
+        shape = (1, *self.placement.kv_cache_shape(self.config)[1:])
+        offset = row * int(np.prod(shape)) * np.dtype(self.dtype).itemsize
+        b = self.row_binding
+        for name, address in zip(self.cache_names, self.caches, strict=True):
+            b.bind_input(f"past_{name}", self.device, 0, self.dtype, shape, address + offset)
+            b.bind_output(f"present_{name}", self.device, 0, self.dtype, shape, address + offset)
+        b.bind_output("logits", "cpu", 0, np.float32, (1, 1, self.config.vocab_size),
+                      self.logits[row].ctypes.data)
+        self.row = row
+
+    def run_rows(self, embeds: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+        """One decode step of slots 0..k-1 together (k = len(positions), a decode_width()):
+        slot i's one new token, embeds[i] (k, dim), at position positions[i] < cache_len.
+
+        A slot with no token to run is given its own length as position (and any embedding):
+        what the step writes lands past its end, where its next run overwrites it and nothing
+        reads it before (as the padding in run()).
+
+        Returns:
+            float32 logits (k, vocab) (a view, valid until the next call).
+        """
+        k = len(positions)
+        if self.slots == 1:  # the one-sequence decode step
+            return self.run(embeds[:1], int(positions[0]))[None]
+        assert 0 < k <= self.slots and max(positions) < self.cache_len, (k, positions)
+        self.step["inputs_embeds"][:k, 0] = embeds
+        self.step["position_ids"][:k, 0] = positions
+        self.step["seqlens_k"][:k] = positions
+        self.total[...] = max(positions) + 1  # each row reads up to its own seqlens_k
+        if not self.placement.on_host:
+            self.step_block.update_inplace(self.step_host)
+        if self.width != k:
+            self._bind_width(k)
+        self._run(self.decode_options)
+        return self.logits[:k, 0]
+
+    def _bind_width(self, k: int) -> None:
+        """Bind decode steps to the first k rows of the step inputs, the caches and the logits
+        (each buffer's first k rows start where it does)."""
+        base, b = self.step_block.data_ptr(), self.binding
+        for name, (shape, dtype) in self.step_fields.items():
+            rows = shape if name == graph_forms.LOGITS_AT else (k, *shape[1:])
+            b.bind_input(name, self.device, 0, dtype, rows, base + self.step_offsets[name])
+        shape = (k, *self.placement.kv_cache_shape(self.config)[1:])
+        for name, address in zip(self.cache_names, self.caches, strict=True):
+            b.bind_input(f"past_{name}", self.device, 0, self.dtype, shape, address)
+            b.bind_output(f"present_{name}", self.device, 0, self.dtype, shape, address)
+        b.bind_output("logits", "cpu", 0, np.float32, (k, 1, self.config.vocab_size),
+                      self.logits.ctypes.data)
+        self.width = k
+
+    def decode_width(self, rows: int) -> int:
+        """The batch a decode step of slots 0..rows-1 runs at: `rows`, or where every input
+        shape is seen at load (prefill chunks, warm_up), the next power of two (at most all
+        slots); run_rows then gets a position for each row up to it."""
+        if self.max_chunk is None:
+            return rows
+        return min(1 << (rows - 1).bit_length(), self.slots)
 
     def _bind_step(self, embeds: np.ndarray, start: int) -> None:
         self.step["inputs_embeds"][0, 0] = embeds[0]

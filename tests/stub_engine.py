@@ -15,7 +15,7 @@ from llama2_onnx.tokenizer import Tokenizer
 class ChainRunner:
     """Implements generation.Runner: the logits after a token are `logits_after(token)`."""
 
-    provider, supports_continued_prefill, max_chunk, pads = "stub", True, None, False
+    provider, supports_continued_prefill, max_chunk, pads, slots = "stub", True, None, False, 1
 
     def __init__(self, logits_after: Callable[[int], np.ndarray], cache_len: int = 128) -> None:
         self.logits_after, self.cache_len = logits_after, cache_len
