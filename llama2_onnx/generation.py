@@ -24,6 +24,7 @@ class Runner(Protocol):
 
     provider: str  # where it runs, for the user (placement.PROVIDERS' short names)
     cache_len: int  # KV cache positions
+    slots: int  # sequences the cache holds (batching.SlotEngine runs several; run() is slot 0)
     supports_continued_prefill: bool  # a multi-token run may follow a past
     max_chunk: int | None  # longest prefill run (a power of two); None: any length
     pads: bool  # a run shorter than a warmed-up length is padded to one (Runtime.padded_length)
@@ -152,8 +153,7 @@ class Engine:
         self.tokens = self.tokens[:keep]
         if keep == 0 or self.runner.supports_continued_prefill:
             tokens = list(tokens)
-            pad_limit = self.context_len if self.runner.pads else None
-            for a, b in prefill_spans(keep, len(tokens), self.runner.max_chunk, pad_limit):
+            for a, b in self.prefill_runs(keep, len(tokens)):
                 logits = self.runner.run(self.embeddings[tokens[a:b]], a)
             self.tokens += new
         else:
@@ -161,6 +161,12 @@ class Engine:
                 logits = self.decode_step(token)
         self.last_prefill_count = len(new)
         return logits
+
+    def prefill_runs(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The runs [a, b) that pre-fill positions start..end-1 (generation.prefill_spans with
+        the runner's chunk)."""
+        pad_limit = self.context_len if self.runner.pads else None
+        return prefill_spans(start, end, self.runner.max_chunk, pad_limit)
 
     def decode_step(self, token: int) -> np.ndarray:
         """Run one token at the next position; returns logits (vocab,)."""
@@ -195,6 +201,15 @@ class Engine:
             GenerationError for an empty prompt, one that does not fit, or bad settings.
         """
         settings = settings or SamplingSettings()
+        self.check_request(prompt, max_new_tokens)
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
+        eos = -1 if ignore_eos else self.tokenizer.eos_id
+        return self._generate(list(prompt), settings, max_new_tokens, stop, stats, eos,
+                              should_stop or (lambda: False))
+
+    def check_request(self, prompt: Sequence[int], max_new_tokens: int) -> None:
+        """Raise GenerationError for a bad max_new_tokens, a prompt that does not fit, or
+        files changed since loading (what generate checks before it starts)."""
         check_max_new_tokens(max_new_tokens)
         changed = self.files.changed() if self.files is not None else None
         if changed is not None:
@@ -202,53 +217,97 @@ class Engine:
                                   "(reading it now could crash); restart to load the new "
                                   "files.")
         self.check_fits(prompt)
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
-        eos = -1 if ignore_eos else self.tokenizer.eos_id
-        return self._generate(list(prompt), settings, max_new_tokens, _StopFilter(stop), stats,
-                              eos, should_stop or (lambda: False))
 
     def _generate(self, prompt: list[int], settings: SamplingSettings, max_new_tokens: int,
-                  stop: _StopFilter, stats: GenerationStats, eos: int,
+                  stop: Sequence[str], stats: GenerationStats, eos: int,
                   should_stop: Callable[[], bool]) -> Iterator[str]:
-        rng, decoder = make_rng(settings.seed), StreamDecoder(self.tokenizer, prompt)
-        start = time.perf_counter()
+        decoding = Decoding(self, prompt, settings, max_new_tokens, stop, stats, eos,
+                            should_stop)
         logits = self.prefill(prompt)
-        stats.prefilled_tokens = self.last_prefill_count
-        stats.prefill_s = time.perf_counter() - start
-        history = prompt if settings.repetition_penalty != 1.0 else ()
+        decoding.prefilled(self.last_prefill_count)
         try:
             while True:
-                if not np.isfinite(logits).all():  # inf/NaN: no token to choose, say so
-                    raise GenerationError(_NON_FINITE.format(name=self.name or "this variant"))
-                token = sample_token(logits, settings, rng, history[-REPETITION_WINDOW:])
-                if not stats.new_tokens:
-                    stats.ttft_s = time.perf_counter() - start
-                if token == eos:
-                    stats.stop_reason = "eos"
-                    break
-                stats.new_tokens += 1
-                stats.tokens.append(token)
-                if history:
-                    history.append(token)
-                piece, stopped = stop.push(decoder.push(token))
-                if piece:
+                if piece := decoding.take(logits):
                     yield piece
-                if stopped or stats.new_tokens >= max_new_tokens:
-                    stats.stop_reason = "stop string" if stopped else "max tokens"
+                if not decoding.goes_on(len(self.tokens), self.context_len):
                     break
-                if len(self.tokens) >= self.context_len:
-                    stats.stop_reason = "context full"
-                    break
-                if should_stop():
-                    stats.stop_reason = "stopped"
-                    break
-                logits = self.decode_step(token)
-            tail = "" if stats.stop_reason == "stop string" else stop.push(decoder.flush())[0]
-            if tail := tail + stop.flush():
+                logits = self.decode_step(decoding.token)
+            if tail := decoding.tail():
                 yield tail
         finally:
-            stats.decode_s = time.perf_counter() - start - stats.ttft_s
-            stats.stop_reason = stats.stop_reason or "stopped"
+            decoding.finish()
+
+
+class Decoding:
+    """One request after its prompt: from each run's logits the next token (its own random
+    generator), the text that token lets out (stop strings held back), and whether to go on
+    (EOS, a stop string, max tokens, a full context, `should_stop`), with its statistics.
+    Engine.generate decodes through it, and so does every slot of batching.SlotEngine."""
+
+    def __init__(self, engine: Engine, prompt: list[int], settings: SamplingSettings,
+                 max_new_tokens: int, stop: Sequence[str], stats: GenerationStats, eos: int,
+                 should_stop: Callable[[], bool]) -> None:
+        self.settings, self.max_new_tokens, self.stats, self.eos = (
+            settings, max_new_tokens, stats, eos)
+        self.name, self.should_stop = engine.name or "this variant", should_stop
+        self.rng, self.decoder = make_rng(settings.seed), StreamDecoder(engine.tokenizer, prompt)
+        self.stop = _StopFilter(stop)
+        self.history = prompt if settings.repetition_penalty != 1.0 else ()
+        self.start = time.perf_counter()
+        self.token = -1  # the token chosen last: the next to run while it goes on
+        self.ending = ""  # why the text ends once what the last token let out is given out
+
+    def prefilled(self, count: int) -> None:
+        """The prompt is in the cache, `count` of its tokens computed now."""
+        self.stats.prefilled_tokens = count
+        self.stats.prefill_s = time.perf_counter() - self.start
+
+    def take(self, logits: np.ndarray) -> str:
+        """Choose the token after `logits` (vocab,); returns the text it lets out.
+
+        Raises:
+            GenerationError for logits that are not finite (no token to choose).
+        """
+        stats = self.stats
+        if not np.isfinite(logits).all():  # inf/NaN: no token to choose, say so
+            raise GenerationError(_NON_FINITE.format(name=self.name))
+        token = sample_token(logits, self.settings, self.rng, self.history[-REPETITION_WINDOW:])
+        if not stats.new_tokens:
+            stats.ttft_s = time.perf_counter() - self.start
+        if token == self.eos:
+            stats.stop_reason = "eos"
+            return ""
+        self.token = token
+        stats.new_tokens += 1
+        stats.tokens.append(token)
+        if self.history:
+            self.history.append(token)
+        piece, stopped = self.stop.push(self.decoder.push(token))
+        if stopped or stats.new_tokens >= self.max_new_tokens:
+            self.ending = "stop string" if stopped else "max tokens"
+        return piece
+
+    def goes_on(self, held: int, context_len: int) -> bool:
+        """Whether the token taken last is to be run, at position `held` (the tokens the cache
+        holds); if not, stats.stop_reason says why."""
+        stats = self.stats
+        stats.stop_reason = stats.stop_reason or self.ending
+        if not stats.stop_reason and held >= context_len:
+            stats.stop_reason = "context full"
+        if not stats.stop_reason and self.should_stop():
+            stats.stop_reason = "stopped"
+        return not stats.stop_reason
+
+    def tail(self) -> str:
+        """The text held back until the end (none past a stop string)."""
+        held = "" if self.stats.stop_reason == "stop string" else (
+            self.stop.push(self.decoder.flush())[0])
+        return held + self.stop.flush()
+
+    def finish(self) -> None:
+        """Close the statistics, also when the caller stopped early ("stopped")."""
+        self.stats.decode_s = time.perf_counter() - self.start - self.stats.ttft_s
+        self.stats.stop_reason = self.stats.stop_reason or "stopped"
 
 
 _NON_FINITE = ("{name} produced non-finite logits (inf or NaN), so no token can be chosen; "
