@@ -1,0 +1,206 @@
+"""Parallel slots: several requests decoded together over one KV cache, a row per slot (DESIGN.md,
+"Serving and slots"), each with its own sampling, stop strings, limits and statistics."""
+
+# One tick of SlotEngine.step():
+#
+#   requests their callers stopped end     their slots are free before the next run
+#   one prefill run of the oldest request  batch 1, bound to its slot's row of the cache
+#     still pre-filling
+#   one decode step of every request       batch k: rows 0..k-1 together, each at its own
+#     with a token to run                  position (session.Runtime.run_rows)
+#
+# so a new prompt is pre-filled a run at a time between the decode steps of the others, in the
+# runs the engine makes alone (Engine.prefill_runs: the runtime's chunks where it has them,
+# placement.PREFILL_CHUNK, else the whole prompt). Runs cut elsewhere compute otherwise: on the
+# CPU a prompt pre-filled in runs of 33 tokens, or with a one-token run after a past, differs
+# from one whole run in the last bits, which can change a greedy token. RunOptions.prefill_chunk
+# chunks prompts alike with one slot or several.
+#
+# A row of the step with no token to run (a free slot, or one still pre-filling) is given its own
+# length as position: what the step writes there lands just past the conversation the row
+# holds, where that row's next run overwrites it. A full row has no such place: its last
+# position takes the write and leaves the tokens the slot counts as held.
+#
+# Prefix reuse is per slot: each slot remembers the tokens its row holds, and a request goes to
+# the free slot whose tokens share the longest prefix with its prompt (none: the slot used
+# longest ago), which pre-fills only the rest. Each request decodes through generation.Decoding,
+# as Engine.generate does, so its tokens are those it gets served alone: a decode step of many
+# rows is compared with one-row steps in tests/test_parallel.py.
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import GenerationError
+from .generation import Decoding, Engine, GenerationStats, common_prefix
+from .sampling import SamplingSettings
+
+
+@dataclass(eq=False)
+class Slot:
+    """One row of the KV cache and the tokens it holds, in order."""
+
+    row: int
+    tokens: list[int] = field(default_factory=list)
+    request: SlotRequest | None = None
+    last_used: int = 0  # when its last request ended (prefix-reuse ties go to the oldest)
+
+
+class SlotRequest:
+    """One generation in a slot: its decoding, the prefill runs still to do, and the text made
+    since the caller last took it (take_text). `done` once it ended; `error` if it failed;
+    `stats` as Engine.last_stats."""
+
+    def __init__(self, prompt: list[int], decoding: Decoding) -> None:
+        self.prompt, self.decoding, self.stats = prompt, decoding, decoding.stats
+        self.slot: Slot | None = None
+        self.runs: list[tuple[int, int]] = []  # prefill runs still to do
+        self.new = 0  # prompt tokens those runs compute (the rest the slot held)
+        self.pieces: list[str] = []
+        self.done, self.error = False, None
+
+    def take_text(self) -> str:
+        """The text made since the last call."""
+        text, self.pieces = "".join(self.pieces), []
+        return text
+
+
+class SlotEngine:
+    """Runs requests in the engine's slots (Placement.slots rows of its KV cache), a tick at a
+    time (see the module comment). It owns the cache: use the engine through it only.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        assert engine.runner.supports_continued_prefill, "slots pre-fill in runs"
+        self.engine, self.runner = engine, engine.runner
+        self.slots = [Slot(row) for row in range(engine.runner.slots)]
+        self.requests: list[SlotRequest] = []  # running, in order of arrival
+        self._ended = itertools.count(1)
+
+    def free(self) -> int:
+        """How many slots have no request."""
+        return sum(slot.request is None for slot in self.slots)
+
+    def start(self, prompt: Sequence[int], settings: SamplingSettings | None = None,
+              max_new_tokens: int = 256, stop: Sequence[str] = (), ignore_eos: bool = False,
+              should_stop: Callable[[], bool] | None = None) -> SlotRequest:
+        """Give `prompt` a free slot; its text comes from the next ticks. The arguments are
+        Engine.generate's.
+
+        Raises:
+            GenerationError as Engine.generate does (before taking a slot).
+        """
+        engine = self.engine
+        engine.check_request(prompt, max_new_tokens)
+        assert self.free(), "every slot is busy"
+        prompt = list(prompt)
+        stats = GenerationStats(prompt_tokens=len(prompt))
+        eos = -1 if ignore_eos else engine.tokenizer.eos_id
+        request = SlotRequest(prompt, Decoding(
+            engine, list(prompt), settings or SamplingSettings(), max_new_tokens, stop, stats,
+            eos, should_stop or (lambda: False)))
+        slot = self._pick(prompt)
+        keep = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        del slot.tokens[keep:]
+        request.new = len(prompt) - keep
+        request.runs = engine.prefill_runs(keep, len(prompt))
+        slot.request, request.slot = request, slot
+        self.requests.append(request)
+        return request
+
+    def _pick(self, prompt: list[int]) -> Slot:
+        """The free slot holding the longest prefix of `prompt`; without one (a shared BOS
+        alone is no reason to take another conversation's slot), the one used longest ago,
+        a slot never used first."""
+        def reuse(slot: Slot) -> int:
+            shared = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+            return shared if shared > 1 else 0
+
+        free = [slot for slot in self.slots if slot.request is None]
+        return max(free, key=lambda slot: (reuse(slot), -slot.last_used))
+
+    def step(self) -> list[SlotRequest]:
+        """One tick: stopped requests end, one prefill run, one decode step of the others.
+
+        Returns:
+            The requests that made text (take_text) or ended in this tick.
+        """
+        running = list(self.requests)
+        for request in running:
+            if request.decoding.should_stop():
+                request.stats.stop_reason = request.stats.stop_reason or "stopped"
+                self._end(request)
+        pending = next((r for r in self.requests if r.runs), None)
+        if pending is not None:
+            self._prefill_run(pending)
+        decoding = [r for r in self.requests if not r.runs]  # with one just pre-filled
+        if decoding:
+            self._decode_step(decoding)
+        return [r for r in running if r.pieces or r.done]
+
+    def _prefill_run(self, request: SlotRequest) -> None:
+        a, b = request.runs.pop(0)
+        slot = request.slot
+        try:
+            logits = self.runner.run(self.engine.embeddings[request.prompt[a:b]], a,
+                                     row=slot.row)
+        except Exception as exc:  # noqa: BLE001  # ONNX Runtime's many kinds; the caller hears
+            self._end(request, exc)
+            return
+        slot.tokens[a:] = request.prompt[a:b]
+        if not request.runs:  # the prompt is in the cache: its first token
+            request.decoding.prefilled(request.new)
+            self._take(request, logits)
+
+    def _decode_step(self, requests: list[SlotRequest]) -> None:
+        """Run each request's chosen token at its next position, all in one step."""
+        width = self.runner.decode_width(1 + max(r.slot.row for r in requests))
+        tokens = np.zeros(width, np.int64)  # a row without a token to run: any embedding
+        positions = [self._spare_position(slot) for slot in self.slots[:width]]
+        for request in requests:
+            tokens[request.slot.row] = request.decoding.token
+            positions[request.slot.row] = len(request.slot.tokens)
+        try:
+            logits = self.runner.run_rows(self.engine.embeddings[tokens], positions)
+        except Exception as exc:  # noqa: BLE001  # as in _prefill_run
+            for request in requests:
+                self._end(request, exc)
+            return
+        for request in requests:
+            request.slot.tokens.append(request.decoding.token)
+            self._take(request, logits[request.slot.row])
+
+    def _spare_position(self, slot: Slot) -> int:
+        """Where a decode step may write in a row with no token to run (module comment)."""
+        if len(slot.tokens) < self.engine.context_len:
+            return len(slot.tokens)
+        del slot.tokens[-1]  # a full row: its last position takes the write
+        return len(slot.tokens)
+
+    def _take(self, request: SlotRequest, logits: np.ndarray) -> None:
+        decoding = request.decoding
+        try:
+            piece = decoding.take(logits)
+        except GenerationError as exc:
+            self._end(request, exc)
+            return
+        if piece:
+            request.pieces.append(piece)
+        if not decoding.goes_on(len(request.slot.tokens), self.engine.context_len):
+            self._end(request)
+
+    def _end(self, request: SlotRequest, error: Exception | None = None) -> None:
+        """End `request` (its tail of text, its statistics) and free its slot."""
+        if error is None and (tail := request.decoding.tail()):
+            request.pieces.append(tail)
+        request.decoding.finish()
+        request.done, request.error = True, error
+        slot = request.slot
+        if error is not None:
+            slot.tokens.clear()  # a failed run may have left the row half written
+        slot.request, slot.last_used = None, next(self._ended)
+        self.requests.remove(request)
