@@ -22,10 +22,12 @@
 # position takes the write and leaves the tokens the slot counts as held.
 #
 # Prefix reuse is per slot: each slot remembers the tokens its row holds, and a request goes to
-# the free slot whose tokens share the longest prefix with its prompt (none: the slot used
-# longest ago), which pre-fills only the rest. Each request decodes through generation.Decoding,
-# as Engine.generate does, so its tokens are those it gets served alone: a decode step of many
-# rows is compared with one-row steps in tests/test_parallel.py.
+# the free slot whose tokens share the longest prefix with its prompt (at least half of them;
+# none: the slot used longest ago), which pre-fills only the rest.
+#
+# Each request decodes through generation.Decoding, as Engine.generate does, so its tokens are
+# those it gets served alone: a decode step of many rows is compared with one-row steps in
+# tests/test_parallel.py.
 
 from __future__ import annotations
 
@@ -113,12 +115,12 @@ class SlotEngine:
         return request
 
     def _pick(self, prompt: list[int]) -> Slot:
-        """The free slot holding the longest prefix of `prompt`; without one (a shared BOS
-        alone is no reason to take another conversation's slot), the one used longest ago,
-        a slot never used first."""
+        """The free slot holding the longest prefix of `prompt`, if that prefix is at least
+        half of what the slot holds (a shared BOS or system prompt alone is no reason to take
+        another conversation's place); else the slot used longest ago, one never used first."""
         def reuse(slot: Slot) -> int:
             shared = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
-            return shared if shared > 1 else 0
+            return shared if shared > 1 and 2 * shared >= len(slot.tokens) else 0
 
         free = [slot for slot in self.slots if slot.request is None]
         return max(free, key=lambda slot: (reuse(slot), -slot.last_used))
