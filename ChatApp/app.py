@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def serve(args: argparse.Namespace) -> None:
     check_port(args.port)  # before the model and Gradio load
-    options = AppOptions(root=args.root, variant=args.variant, run=run_options_from_args(args),
+    run = run_options_from_args(args)
+    if run.parallel > 1:  # docs/serving.md says why
+        print(f"note: the chat app answers one message at a time per variant, so it keeps one "
+              f"slot; --parallel {run.parallel} decodes requests together in tools/serve.py.",
+              flush=True)
+        run = replace(run, parallel=1)
+    options = AppOptions(root=args.root, variant=args.variant, run=run,
                          token_delay=args.token_delay)
     app = build_app(options)
     print(f"Chat on http://{args.host}:{args.port} (Ctrl-C stops it; --share adds a public "

@@ -74,6 +74,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     capture.add_argument("--no_graph_capture", "--no-graph-capture", action="store_const",
                          const=False, dest="graph_capture",
                          help="run decode steps without graph capture")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="requests held in the KV cache and decoded together, on the CPU or "
+                        "CUDA (slots; default 1: one at a time; the cache grows N times)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +107,8 @@ def run_options_from_args(args: argparse.Namespace) -> RunOptions:
     return RunOptions(provider=getattr(args, "provider", "auto"),
                       max_seq_len=getattr(args, "max_seq_len", None),
                       graph_capture=getattr(args, "graph_capture", "auto"),
-                      verify=getattr(args, "verify", False))
+                      verify=getattr(args, "verify", False),
+                      parallel=getattr(args, "parallel", 1))
 
 
 def open_engine_from_args(args: argparse.Namespace, root: Path):

@@ -135,6 +135,12 @@ class Engine:
     def context_len(self) -> int:
         return self.runner.cache_len
 
+    @property
+    def slots(self) -> int:
+        """Sequences its cache holds (RunOptions.parallel); batching.SlotEngine runs several,
+        the methods here use the first."""
+        return self.runner.slots
+
     def reset(self) -> None:
         self.tokens = []
 

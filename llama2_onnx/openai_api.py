@@ -10,8 +10,8 @@ of responses, stream chunks and errors. No HTTP here: server.py moves these over
 #
 # The prompt is a function of the request alone (never of earlier requests), so any replica
 # answers a request the same way; the engine still reuses its KV cache for the longest prefix
-# the new prompt shares with the previous one, which is a whole conversation when a client
-# sends it back with one more message.
+# the new prompt shares with the previous one (with several slots, with the conversation a free
+# slot holds), which is a whole conversation when a client sends it back with one more message.
 #
 # Parameters this server cannot honour (n > 1, logprobs, tools, penalties other than
 # repetition) are refused with a 400 naming them, never silently ignored; so are parameters

@@ -1,5 +1,6 @@
-"""One generation at a time on one engine: a bounded first-come-first-served queue of jobs, a
-worker thread that runs them, and their text handed back to asyncio as it is made."""
+"""Generations on one engine: a bounded first-come-first-served queue of jobs, a worker thread
+that runs them, one at a time or several together in the engine's slots, and their text handed
+back to asyncio as it is made."""
 
 # Why a thread: the engine is synchronous (ONNX Runtime releases the GIL while it runs), so
 # one worker thread owns it and the event loop stays free to accept, stream and refuse
@@ -8,8 +9,12 @@ worker thread that runs them, and their text handed back to asyncio as it is mad
 #
 #   ("piece", str) ... then ("done", GenerationStats) or ("error", Exception)
 #
-# Cancelling a job (its client went away) takes effect before its next token: the engine
-# checks `should_stop` between tokens. A job cancelled while still waiting is skipped.
+# With one slot the worker runs a job's Engine.generate to its end, then the next. With several
+# (RunOptions.parallel) it starts waiting jobs while slots are free and runs batching.SlotEngine's
+# ticks: a prefill run of one job, a decode step of all of them; a job waits only while every
+# slot is busy. Cancelling a job (its client went away) takes effect before its next token (the
+# engine checks `should_stop` between tokens; with slots, before every tick), freeing its slot.
+# A job cancelled while still waiting is skipped.
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .batching import SlotEngine, SlotRequest
 from .sampling import SamplingSettings
 
 if TYPE_CHECKING:
@@ -55,20 +61,25 @@ class Job:
 
 
 class Scheduler:
-    """Runs jobs on `engine` one at a time, in the order they were submitted.
+    """Runs jobs on `engine` in the order they were submitted: one at a time, or up to `slots`
+    together (the engine's Placement.slots).
 
-    At most `max_waiting` jobs wait behind the running one; `submit` refuses more (with 0, a
-    job runs only when the engine is free). `token_delay` (seconds per text piece) slows
-    generation down for tests only.
+    At most `max_waiting` jobs wait while every slot is busy; `submit` refuses more (with 0, a
+    job runs only when a slot is free). `token_delay` (seconds per text piece; with several
+    slots, per tick) slows generation down for tests only.
     """
 
-    def __init__(self, engine: Engine, max_waiting: int = 32, token_delay: float = 0.0) -> None:
+    def __init__(self, engine: Engine, max_waiting: int = 32, token_delay: float = 0.0,
+                 slots: int = 1) -> None:
         self.engine, self.max_waiting, self.token_delay = engine, max_waiting, token_delay
+        self.slots = slots
         self._waiting: collections.deque[Job] = collections.deque()
-        self._running: Job | None = None
+        self._running: Job | None = None  # one slot: the job generating
+        self._busy = 0  # several slots: the jobs in them
         self._ready = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
+        work = self._work if slots == 1 else self._work_in_slots
+        self._thread = threading.Thread(target=work, name="engine", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
@@ -80,7 +91,8 @@ class Scheduler:
         with self._ready:
             self._waiting = collections.deque(j for j in self._waiting
                                               if not j.cancelled.is_set())
-            if len(self._waiting) + (self._running is not None) > self.max_waiting:
+            running = (self._running is not None) + self._busy
+            if len(self._waiting) + running >= self.slots + self.max_waiting:
                 raise QueueFull
             self._waiting.append(job)
             self._ready.notify()
@@ -131,6 +143,59 @@ class Scheduler:
             return "error", exc
         _log_stats(job, engine.last_stats)
         return "done", engine.last_stats
+
+    def _work_in_slots(self) -> None:
+        slots, jobs = SlotEngine(self.engine), {}
+        while self._admit(slots, jobs):
+            changed = slots.step()
+            for request in changed:
+                self._hand_back(request, jobs)
+            if self.token_delay and changed:
+                time.sleep(self.token_delay)
+
+    def _admit(self, slots: SlotEngine, jobs: dict[SlotRequest, Job]) -> bool:
+        """Start waiting jobs in free slots (waiting for one when idle); False once closed and
+        every job has ended."""
+        with self._ready:
+            while not jobs and not self._waiting and not self._closed:
+                self._ready.wait()
+            if self._closed and not jobs:
+                return False
+            starting = []
+            while self._waiting and len(starting) < slots.free():
+                if not (job := self._waiting.popleft()).cancelled.is_set():
+                    starting.append(job)
+            self._busy += len(starting)
+        for job in starting:
+            try:
+                request = slots.start(job.prompt, job.sampling, job.max_tokens, job.stop,
+                                      should_stop=job.cancelled.is_set)
+            except Exception as exc:  # noqa: BLE001  # reported to the client, as in _run
+                log.exception("%s failed", job.name)
+                self._end(job, ("error", exc))
+                continue
+            jobs[request] = job
+        return True
+
+    def _hand_back(self, request: SlotRequest, jobs: dict[SlotRequest, Job]) -> None:
+        """Post a tick's text of `request` to its job, and its end."""
+        job = jobs[request]
+        if text := request.take_text():
+            job.post("piece", text)
+        if not request.done:
+            return
+        del jobs[request]
+        if request.error is not None:
+            log.error("%s failed", job.name, exc_info=request.error)
+            self._end(job, ("error", request.error))
+            return
+        _log_stats(job, request.stats)
+        self._end(job, ("done", request.stats))
+
+    def _end(self, job: Job, last: tuple[str, object]) -> None:
+        with self._ready:
+            self._busy -= 1  # before the client hears the end: it may send the next
+        job.post(*last)
 
 
 def _log_stats(job: Job, stats: GenerationStats) -> None:

@@ -128,10 +128,11 @@ def create_app(engine: Engine, options: ApiOptions | None = None):
     """The ASGI app serving `engine` under its variant name.
 
     Args:
-        engine: a loaded engine; the app runs one generation on it at a time.
+        engine: a loaded engine; the app runs one generation on it at a time, or as many as
+            it has slots (RunOptions.parallel), decoded together.
         options: `api_key`: if set, every /v1 request needs `Authorization: Bearer <api_key>`;
-            `max_queue`: how many requests may wait behind the running one (more get 503; 0: a
-            request runs only when the engine is free); `allowed_hosts`: the Host names it
+            `max_queue`: how many requests may wait while every slot is busy (more get 503; 0:
+            a request runs only when a slot is free); `allowed_hosts`: the Host names it
             answers (http_guard.allowed_host_names), None: any; `body_timeout`: seconds a body
             may take to arrive (then 408); `token_delay`: seconds to pause per text piece
             (tests only).
@@ -164,12 +165,13 @@ def create_app(engine: Engine, options: ApiOptions | None = None):
 
 
 class OpenAIServer:
-    """The route handlers, sharing one engine through one scheduler."""
+    """The route handlers, sharing one engine (and its slots) through one scheduler."""
 
     def __init__(self, engine: Engine, options: ApiOptions) -> None:
         self.engine, self.model, self.body_timeout = engine, engine.name, options.body_timeout
         self.api_key = options.api_key.encode() if options.api_key else None
-        self.scheduler = Scheduler(engine, options.max_queue, options.token_delay)
+        self.scheduler = Scheduler(engine, options.max_queue, options.token_delay,
+                                   engine.slots)
         self.started = int(time.time())
 
     async def health(self, request):
@@ -222,9 +224,10 @@ class OpenAIServer:
         try:
             self.scheduler.submit(job)
         except QueueFull:
-            waiting = self.scheduler.max_waiting
+            waiting, slots = self.scheduler.max_waiting, self.scheduler.slots
+            runs = "one request at a time" if slots == 1 else f"{slots} requests at a time"
             queue = (f"its queue of {waiting} waiting requests is full" if waiting else
-                     "it runs one request at a time and --max-queue 0 lets none wait")
+                     f"it runs {runs} and --max-queue 0 lets none wait")
             raise ApiError(503, f"the server is busy ({queue}); retry shortly.",
                            code="queue_full", kind="server_error") from None
         return job
@@ -405,9 +408,10 @@ def serve(options: ServerOptions) -> None:
                                 options.header_timeout)
     config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30)
+    slots = f", {engine.slots} slots" if engine.slots > 1 else ""
     _run(uvicorn, config, sock, lambda: log.info(
-        "serving %s (%s, context %d) at http://%s:%d/v1%s", engine.name, engine.runner.provider,
-        engine.context_len, _url_host(host), port,
+        "serving %s (%s, context %d%s) at http://%s:%d/v1%s", engine.name,
+        engine.runner.provider, engine.context_len, slots, _url_host(host), port,
         " (API key required)" if options.api_key else ""))
 
 

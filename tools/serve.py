@@ -3,6 +3,7 @@
 
     python tools/serve.py                        # http://127.0.0.1:8000/v1, demo or first ready
     python tools/serve.py --variant 7B_FT_float16 --provider cuda --api-key "$KEY"
+    python tools/serve.py --parallel 8           # 8 requests decoded together (CPU or CUDA)
 
 It binds 127.0.0.1 unless --host says otherwise. With --api-key (or LLAMA2_ONNX_API_KEY) every
 request needs `Authorization: Bearer KEY`. Needs `pip install -e .[serve]`.
@@ -64,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", "--api_key", default=None,
                         help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
     parser.add_argument("--max-queue", "--max_queue", type=int, default=32,
-                        help="requests that may wait for the engine; more get 503 (default 32; "
-                        "0: a request runs only when the engine is free)")
+                        help="requests that may wait while every slot is busy; more get 503 "
+                        "(default 32; 0: a request runs only when a slot is free)")
     parser.add_argument("--max-connections", "--max_connections", type=int,
                         default=MAX_CONNECTIONS, help="connections open at once; past it the "
                         f"one idle longest is closed, or a new one gets 503 (default "
