@@ -62,6 +62,28 @@ def test_a_batched_decode_step_gives_each_row_the_logits_it_gets_alone(make_vari
 
 
 @pytest.mark.parametrize("precision, gqa", PRECISIONS)
+def test_decode_steps_of_every_width_up_to_16_rows_match_one_row_steps(make_variant, precision,
+                                                                       gqa):
+    """Matrix products of 2 to 16 rows against the one-row step (MLAS picks its kernels by
+    the number of rows)."""
+    folder = make_variant("hf", precision, gqa)
+    one = Engine.from_variant(folder, provider="cpu")
+    runtime = Engine.from_variant(folder, provider="cpu", parallel=16).runner
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(3, one.config.vocab_size, int(n)))
+               for n in rng.integers(2, 60, 16)]
+    alone = [greedy_alone(one, p, 2) for p in prompts]  # the first token, then the step's logits
+    for row, prompt in enumerate(prompts):
+        runtime.run(one.embeddings[prompt], 0, row=row)
+    for width in range(1, 17):
+        tokens = [alone[row][0][0] for row in range(width)]
+        logits = runtime.run_rows(one.embeddings[tokens], [len(p) for p in prompts[:width]])
+        for row in range(width):
+            np.testing.assert_allclose(logits[row], alone[row][1][1], atol=1e-4)
+            assert int(logits[row].argmax()) == alone[row][0][1], (width, row)
+
+
+@pytest.mark.parametrize("precision, gqa", PRECISIONS)
 def test_a_prefill_bound_into_a_row_gives_the_logits_of_the_one_slot_runtime(make_variant,
                                                                               precision, gqa):
     folder = make_variant("hf", precision, gqa)

@@ -4,6 +4,7 @@ frees its slot, and --parallel is refused in one sentence where it cannot run.""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -144,3 +145,17 @@ def test_parallel_mistakes_give_one_error_line(args, message):
                            "--port", "0", *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("error: ") and message in done.stderr
+
+
+def test_the_serve_benchmark_runs_the_server_with_slots():
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "serve",
+                           "--variant", "demo", "--clients", "1,3", "--requests-per-client", "1",
+                           "--new-tokens", "4", "--parallel", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["parallel"] == 2 and "--parallel 2" in report["command"]
+    assert [level["requests"] for level in report["levels"]] == [1, 3]
+    refused = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "serve",
+                              "--parallel", "0"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--parallel 0 is invalid" in refused.stderr

@@ -5,14 +5,16 @@
     python tools/benchmark.py export --hf /data/rand7b --precision int4 --out /data/out
     python tools/benchmark.py compare --variants out/r_float32,out/r_int4 --genai genai_int4
     python tools/benchmark.py serve --variant demo --provider cpu --clients 1,4,16
+    python tools/benchmark.py serve --variant demo --provider cpu --clients 1,4,16 --parallel 4
 
 `export` runs the exporter in a child process and reports its peak resident memory (the
 kernel's high-water mark for that process), wall time and bytes written. `run` reports load
 time, time to first token, prefill and decode tokens/s, effective weight bandwidth (bytes of
 weights read per decode step times decode tokens/s) and the host time per decode step spent
 outside ONNX Runtime's Run (sampling, embedding lookup, binding, streaming text). `serve` starts
-tools/serve.py and reports, for each number of concurrent streaming clients, requests/s, time to
-first token and tokens/s, then what prefix reuse saves on a follow-up chat request.
+tools/serve.py (with --parallel N slots) and reports, for each number of concurrent streaming
+clients, requests/s, time to first token and tokens/s, then what prefix reuse saves on a
+follow-up chat request.
 """
 
 from __future__ import annotations
@@ -377,8 +379,8 @@ SERVE_WORDS = ("LORD", "king", "people", "prophet", "priest", "servant", "son", 
 
 def bench_serve(args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--port", "0", "--provider",
-           args.provider, "--max-queue", "64"] + (["--variant", args.variant] if args.variant
-                                                  else [])
+           args.provider, "--max-queue", "64", "--parallel", str(args.parallel)] + (
+        ["--variant", args.variant] if args.variant else [])
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         line = server.stderr.readline()
@@ -390,7 +392,8 @@ def bench_serve(args: argparse.Namespace) -> dict:
         _wait_for_health(url, server)
         _stream_chat(url, model, [{"role": "user", "content": "warm up"}], 8)
         levels = [_serve_level(url, model, n, args) for n in args.clients]
-        return {"command": " ".join(cmd), "model": model, "max_tokens": args.new_tokens,
+        return {"command": " ".join(cmd), "model": model, "parallel": args.parallel,
+                "max_tokens": args.new_tokens,
                 "requests_per_client": args.requests_per_client, "levels": levels,
                 "prefix_reuse": _prefix_reuse(url, model)}
     finally:
@@ -551,6 +554,8 @@ def parse_args() -> argparse.Namespace:
     serve.add_argument("--requests-per-client", type=int, default=4,
                        help="streamed requests each client sends in turn (default 4)")
     serve.add_argument("--new-tokens", type=int, default=128, help="max_tokens per request")
+    serve.add_argument("--parallel", type=int, default=1,
+                       help="the server's slots, requests decoded together (default 1)")
     return parser.parse_args()
 
 
@@ -574,7 +579,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad counts and lists before anything loads (one sentence each, exit code 2)."""
-    for name in ("prompt_tokens", "new_tokens", "reps", "requests_per_client", "vocab_size"):
+    for name in ("prompt_tokens", "new_tokens", "reps", "requests_per_client", "vocab_size",
+                 "parallel"):
         value = getattr(args, name, None)
         if value is not None and not is_whole_number(value):
             raise UserError(f"--{name.replace('_', '-')} {value} is invalid; use a whole number "
