@@ -34,12 +34,30 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from .errors import GenerationError
-from .generation import Decoding, Engine, GenerationStats, common_prefix
+from .generation import Decoding, Engine, GenerationStats, Runner, common_prefix
 from .sampling import SamplingSettings
+
+
+class SlotRunner(Runner, Protocol):
+    """What SlotEngine asks of its engine's runner besides generation.Runner (session.Runtime
+    with several slots, or one)."""
+
+    def run(self, embeds: np.ndarray, start: int, row: int = 0) -> np.ndarray:
+        """Runner.run into slot `row`."""
+        ...
+
+    def run_rows(self, embeds: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+        """One decode step of slots 0..k-1 (embeds (k, dim)); logits (k, vocab)."""
+        ...
+
+    def decode_width(self, rows: int) -> int:
+        """The k that a step of slots 0..rows-1 runs at (k >= rows)."""
+        ...
 
 
 @dataclass(eq=False)
@@ -78,7 +96,8 @@ class SlotEngine:
 
     def __init__(self, engine: Engine) -> None:
         assert engine.runner.supports_continued_prefill, "slots pre-fill in runs"
-        self.engine, self.runner = engine, engine.runner
+        self.engine = engine
+        self.runner: SlotRunner = engine.runner
         self.slots = [Slot(row) for row in range(engine.runner.slots)]
         self.requests: list[SlotRequest] = []  # running, in order of arrival
         self._ended = itertools.count(1)
