@@ -14,9 +14,10 @@ from conftest import tiny_config
 from llama2_onnx.batching import SlotEngine
 from llama2_onnx.errors import UserError
 from llama2_onnx.generation import Engine, common_prefix
-from llama2_onnx.loading import check_memory, find_graph
+from llama2_onnx.loading import check_memory
 from llama2_onnx.placement import RunOptions, place
 from llama2_onnx.sampling import SamplingSettings
+from llama2_onnx.variant_folder import find_graph
 
 GREEDY = SamplingSettings(temperature=0)
 PRECISIONS = [("float32", False), ("float32", True), ("float16", True), ("int4", True)]
