@@ -132,13 +132,17 @@ def state_constants(tree: ast.Module) -> set[str]:
     return found
 
 
+def trees_except(owner: str):
+    """(module, parsed tree) of every package module but `owner`."""
+    for module in modules():
+        if module != owner:
+            yield module, ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+
+
 def test_one_vocabulary_of_folder_states():
     """variant_folder.py alone names a folder's states; no module keeps a second vocabulary or
     imports the owner's under other names (the old `ABSENT as NO_FOLDER`)."""
-    for module in modules():
-        if module == "variant_folder":
-            continue
-        tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+    for module, tree in trees_except("variant_folder"):
         found = state_constants(tree)
         assert not found, f"{module}.py defines folder states {found}; use variant_folder's"
     sample = ast.parse('from .variant_folder import ABSENT as NO_FOLDER\nREADY, X = "ready", 1\n'
@@ -167,10 +171,7 @@ def compared_provider_names(tree: ast.AST) -> set[str]:
 def test_only_the_placement_module_compares_provider_names():
     """Where and how a variant runs is decided once (placement.place); everything else reads
     the Placement it makes."""
-    for module in modules():
-        if module == "placement":
-            continue
-        tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+    for module, tree in trees_except("placement"):
         spelled = compared_provider_names(tree)
         assert not spelled, f"{module}.py decides by provider name {spelled}; use placement"
     sample = ast.parse('if provider == "dml" or device in ("cuda", "x"): pass')
