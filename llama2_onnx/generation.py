@@ -305,9 +305,14 @@ class Decoding:
         return not stats.stop_reason
 
     def tail(self) -> str:
-        """The text held back until the end (none past a stop string)."""
-        held = "" if self.stats.stop_reason == "stop string" else (
-            self.stop.push(self.decoder.flush())[0])
+        """The text held back until the end (none past a stop string). A stop string that the
+        held-back text completes (a character finished only now) ends the text there too."""
+        if self.stats.stop_reason == "stop string":
+            return self.stop.flush()
+        held, stopped = self.stop.push(self.decoder.flush())
+        if stopped:
+            self.stats.stop_reason = "stop string"
+            return held
         return held + self.stop.flush()
 
     def finish(self) -> None:

@@ -45,6 +45,16 @@ def test_a_stop_string_completed_by_the_last_allowed_token_is_a_stop(engine):
     assert finish_reason(engine.last_stats) == "length"
 
 
+def test_a_stop_string_completed_by_the_text_held_to_the_end_is_a_stop(tokenizer):
+    """The last token starts a character it does not finish: its replacement character comes
+    out only when the answer ends, and a stop string it completes still ends the answer."""
+    engine = chain_engine(tokenizer, piece_ids(tokenizer, "▁cat", "<0xE2>"))
+    assert "".join(run(engine, stop=["t\ufffd"], max_new_tokens=2)) == " ca"
+    assert finish_reason(engine.last_stats) == "stop"
+    assert "".join(run(engine, stop=["x\ufffd"], max_new_tokens=2)) == " cat\ufffd"
+    assert finish_reason(engine.last_stats) == "length"
+
+
 def test_a_stop_string_over_four_pieces_ends_the_answer_before_it(engine):
     pieces = run(engine, stop=["zz", "t sat w"])  # " ca|t", " s", "at", " w|ith"
     assert "".join(pieces) == " ca" and engine.last_stats.stop_reason == "stop string"

@@ -22,6 +22,7 @@ import pytest
 from stub_engine import chain_engine, piece_ids
 from test_serve import KEY, load_cli, start_server, stop_server
 
+from llama2_onnx.errors import UserError
 from llama2_onnx.generation import GenerationStats
 from llama2_onnx.http_guard import allowed_host_names, host_name
 from llama2_onnx.sampling import SamplingSettings
@@ -493,6 +494,15 @@ def test_a_key_with_a_trailing_newline_is_used_without_it(monkeypatch, caplog, f
     assert [r.getMessage() for r in caplog.records] == [
         f"the key in {source} had whitespace around it (a file's trailing newline?); using it "
         "without"]
+
+
+def test_an_empty_key_in_the_environment_is_refused_not_taken_for_no_key(monkeypatch):
+    cli = load_cli()
+    monkeypatch.setenv("LLAMA2_ONNX_API_KEY", "  \n")
+    with pytest.raises(UserError, match=r"^\$LLAMA2_ONNX_API_KEY is empty; give a key, or leave"):
+        cli.options_from_args(cli.parse_args([]))
+    monkeypatch.delenv("LLAMA2_ONNX_API_KEY")
+    assert cli.options_from_args(cli.parse_args([])).api_key is None
 
 
 @pytest.mark.parametrize("field", ["model", "n", "logprobs", "max_tokens", "stream",

@@ -85,7 +85,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
     if args.api_key is not None:
         key = check_api_key(args.api_key, "--api-key")
     else:
-        key = check_api_key(os.environ.get(API_KEY_ENV) or None, f"${API_KEY_ENV}")
+        key = check_api_key(os.environ.get(API_KEY_ENV), f"${API_KEY_ENV}")
     return ServerOptions(variant=resolve_variant(args.variant, ROOT),
                          run=run_options_from_args(args), host=args.host, port=args.port,
                          allowed_hosts=tuple(map(check_allowed_host, args.allowed_host)),
