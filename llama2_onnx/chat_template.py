@@ -25,6 +25,7 @@ import secrets
 from collections.abc import Sequence
 
 from .errors import GenerationError, VariantError
+from .variant_folder import TOKENIZER_CONFIG
 
 # What a broken template raises while rendering: Jinja's errors and Python's from its operators.
 _RENDER_ERRORS = (ArithmeticError, LookupError, TypeError, ValueError, AttributeError)
@@ -52,8 +53,8 @@ class ChatTemplate:
             self.compiled = env.from_string(source)
         except jinja2.TemplateError as exc:
             raise VariantError(f"the chat template in {origin} is not a valid Jinja template "
-                               f"({exc}); fix it or take the model's own "
-                               "tokenizer_config.json.") from None
+                               f"({exc}); fix it or take the model's own {TOKENIZER_CONFIG}."
+                               ) from None
         self.tokens, self.origin = dict(tokens), origin
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, tiny_config
+from hf_tokenizers import CHATML, LINES, LLAMA3, NO_SYSTEM, write_tokenizer
 
 from llama2_onnx.chat_format import Message, PromptBuilder
 from llama2_onnx.chat_session import ChatSettings, Conversation, EnginePool, respond
@@ -20,81 +21,12 @@ from llama2_onnx.errors import GenerationError, UserError, VariantError
 from llama2_onnx.sampling import SamplingSettings
 from llama2_onnx.tokenizer import HFTokenizer, StreamDecoder, check_vocab, open_tokenizer
 
-LINES = [
-    "the cat sat on the mat and the dog ran far away home",
-    "héllo wörld, ça va? naïve café crème brûlée",
-    "你好，世界。今天天气很好，我们去公园散步吧",
-    "emoji: 🙂 🚀 👍🏽 and a family 👨‍👩‍👧 in one line",
-    "Ελληνικά κείμενα και русский текст тоже здесь",
-    "numbers 12345 and symbols <tag> {json: [1, 2]} done",
-]
 TEXTS = ["the cat 🙂 sat", "  two  spaces and\nnew lines\n\n", "你好世界 🚀 café",
          "👍🏽👨‍👩‍👧 ça", "unseen letters: ǅ ₿ ∑ ☃", "the mat", "x"]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                   "<|end_header_id|>", "<|eot_id|>"]
-
-# Templates written for these tests in the shapes real models use.
-CHATML = ("{% for message in messages %}"
-          "{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\\nYou are a small test assistant.<|im_end|>\\n' }}{% endif %}"
-          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-LLAMA3 = ("{{ bos_token }}{% for message in messages %}"
-          "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-          "{{ message['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
-          "{% if add_generation_prompt %}"
-          "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
-NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}"
-             "{{ raise_exception('System role not supported') }}{% endif %}"
-             "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
-             "{{ message['content'] | tojson }}{{ '<|im_end|>\\n' }}{% endfor %}"
-             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 DIALOG = [Message(role="system", content="Answer briefly, en français si possible."),
           Message(role="user", content="What is 你好 in English? 🙂"),
           Message(role="assistant", content=" It means hello. "),
           Message(role="user", content="And café?")]
-
-
-def train(specials: list[str]):
-    """A byte-level BPE tokenizer (GPT-2 style pieces) trained on LINES."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(LINES * 20, trainer)
-    return tokenizer
-
-
-def write_tokenizer(folder: Path, kind: str = "chatml", template: str | None = None,
-                    stops: object = None) -> Path:
-    """tokenizer.json + tokenizer_config.json (+ generation_config.json when `stops`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if kind == "chatml":  # SmolLM2's shape: no BOS added, <|im_end|> ends a turn
-        tokenizer = train(SPECIALS)
-        settings = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-                    "chat_template": CHATML if template is None else template}
-    else:  # Llama 3's shape: the post-processor puts <|begin_of_text|> first
-        from tokenizers import processors
-
-        tokenizer = train(LLAMA3_SPECIALS)
-        bos = tokenizer.token_to_id("<|begin_of_text|>")
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
-        settings = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
-                    "chat_template": [{"name": "default", "template": LLAMA3 if template is None
-                                       else template}]}
-    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
-    if stops is not None:
-        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}))
-    return folder / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")
@@ -240,19 +172,8 @@ def test_bad_tokenizer_files_are_one_sentence(tmp_path, chatml):
 
 
 @pytest.fixture(scope="module")
-def hf_variant(tmp_path_factory, chatml) -> Path:
-    """A tiny random Llama with the ChatML tokenizer (and padded embedding rows), exported
-    with --hf."""
-    from llama2_onnx.export import ExportRequest, export_variant
-    from llama2_onnx.synthetic import write_hf
-
-    tokenizer = open_tokenizer(chatml)
-    hf = write_hf(tmp_path_factory.mktemp("hf_bpe") / "ckpt",
-                  tiny_config(tokenizer.n_words + 12, gqa=True, max_seq_len=256), seed=3)
-    write_tokenizer(hf, stops=[tokenizer.plain.token_to_id("<|endoftext|>")])
-    out = tmp_path_factory.mktemp("bpe_variants")
-    return export_variant(ExportRequest(variant="tiny_bpe", precision="float32", hf=hf, out=out,
-                                        progress=False))
+def hf_variant(bpe_variant) -> Path:
+    return bpe_variant
 
 
 def test_the_export_carries_the_tokenizer_and_sets_chat(hf_variant):
@@ -326,8 +247,10 @@ def test_chat_turns_reuse_the_cache_and_equal_a_cold_prompt(hf_variant):
                             sampling=SamplingSettings(temperature=0))
     for user in ("the cat sat", "and the dog? 🚀", "ça va"):
         list(respond(pool, conv, user, settings))
-        dialog = [Message(role="system", content="be brief"), *conv.messages()]
-        assert dialog[-1]["role"] == "assistant"  # the prompt was everything before it
+        dialog = [Message(role="system", content="be brief")]
+        for exchange in conv.exchanges:  # the answers as generated (the page shows them stripped)
+            dialog += [Message(role="user", content=exchange.user),
+                       Message(role="assistant", content=exchange.answer)]
         cold = PromptBuilder(engine.tokenizer, chat=True).from_messages(dialog[:-1])
         stats = engine.last_stats
         assert engine.tokens[:stats.prompt_tokens] == cold
