@@ -256,3 +256,21 @@ def test_chat_turns_reuse_the_cache_and_equal_a_cold_prompt(hf_variant):
         assert engine.tokens[:stats.prompt_tokens] == cold
         if len(conv.exchanges) > 1:  # the earlier turns' tokens were not computed again
             assert stats.prefilled_tokens < stats.prompt_tokens
+
+
+def test_a_folder_with_both_tokenizers_loads_the_one_its_manifest_lists(
+        bpe_variant, make_variant, tokenizer_path, tmp_path):
+    import shutil
+
+    from llama2_onnx.variant_folder import variant_tokenizer
+
+    ours = tmp_path / "bpe"
+    shutil.copytree(bpe_variant, ours)
+    shutil.copyfile(tokenizer_path, ours / "tokenizer.model")  # a stray file, not listed
+    assert variant_tokenizer(ours) == ours / "tokenizer.json"
+    old = tmp_path / "old"
+    shutil.copytree(make_variant("hf", "float32", True), old)
+    shutil.copyfile(ours / "tokenizer.json", old / "tokenizer.json")
+    assert variant_tokenizer(old) == old / "tokenizer.model"  # Llama 2 variants as before
+    (old / "manifest.json").unlink()
+    assert variant_tokenizer(old) == old / "tokenizer.model"  # no manifest: SentencePiece first
