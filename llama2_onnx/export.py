@@ -218,10 +218,12 @@ def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: C
         _write_embeddings(folder / EMBEDDINGS, source, config)
         itemsize = np.dtype(NP_DTYPES[config.dtype]).itemsize
         progress.update("tok_embeddings.weight", config.vocab_size * config.dim * itemsize)
-    for path, name in tokenizer_files(tokenizer_path):
+    tokenizer = tokenizer_files(tokenizer_path)
+    for path, name in tokenizer:
         shutil.copyfile(path, folder / name)
     config.save(folder / CONFIG)
-    (folder / README).write_text(variant_readme(req.variant, config), encoding="utf-8")
+    card = variant_readme(req.variant, config, tuple(name for _, name in tokenizer))
+    (folder / README).write_text(card, encoding="utf-8")
     if req.lfs:
         (folder / GITATTRIBUTES).write_text(gitattributes(), encoding="utf-8")
     (folder / GITIGNORE).write_text(f"{GRAPH_DIR}/{CACHE_DIR}/\n", encoding="utf-8")

@@ -185,6 +185,9 @@ def test_the_export_carries_the_tokenizer_and_sets_chat(hf_variant):
     assert "tokenizer.model" not in listed and not (hf_variant / "tokenizer.model").exists()
     assert Config.load(hf_variant / "config.json").chat is True  # it has a chat template
     assert variant_tokenizer(hf_variant).name == "tokenizer.json"
+    card = (hf_variant / "README.md").read_text()
+    assert "`tokenizer.json`, `tokenizer_config.json`, `generation_config.json`" in card
+    assert "the model's own chat template" in card and "tokenizer.model" not in card
     assert check_files(hf_variant, sha256=True) == []
     (hf_variant / "generation_config.json").rename(hf_variant / "gone.json")
     try:
