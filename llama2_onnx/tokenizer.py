@@ -176,7 +176,11 @@ class HFTokenizer:
 
         The whole text is encoded in one go (the tokens transformers gives) unless a special
         token lies inside a plain span; then the spans are encoded apart, as plain text.
+
+        Raises:
+            GenerationError when `text` holds lone surrogates, as `encode`.
         """
+        check_text(text, "the chat template's text")
         encoding = self.markup.encode(text, add_special_tokens=False)
         if not any(a < end and start < b for (a, b), token in
                    zip(encoding.offsets, encoding.ids, strict=True)
