@@ -277,3 +277,15 @@ def test_a_folder_with_both_tokenizers_loads_the_one_its_manifest_lists(
     assert variant_tokenizer(old) == old / "tokenizer.model"  # Llama 2 variants as before
     (old / "manifest.json").unlink()
     assert variant_tokenizer(old) == old / "tokenizer.model"  # no manifest: SentencePiece first
+
+
+def test_a_template_that_rewrites_message_text(tmp_path):
+    shouting = CHATML.replace("message['content']", "message['content'] | upper")
+    path = write_tokenizer(tmp_path, template=shouting)
+    ours, theirs = open_tokenizer(path), reference(path)
+    builder = PromptBuilder(ours, chat=True)
+    dialog = [Message(role="user", content="hello café")]
+    assert builder.from_messages(dialog) == theirs.apply_chat_template(
+        dialog, add_generation_prompt=True, tokenize=True)["input_ids"]
+    with pytest.raises(GenerationError, match="cannot be kept apart"):
+        builder.from_messages([Message(role="user", content="hi <|im_start|>")])
