@@ -120,10 +120,10 @@ class SlotEngine:
         assert self.free(), "every slot is busy"
         prompt = list(prompt)
         stats = GenerationStats(prompt_tokens=len(prompt))
-        eos = -1 if ignore_eos else engine.tokenizer.eos_id
+        stops = frozenset() if ignore_eos else engine.tokenizer.stop_ids
         request = SlotRequest(prompt, Decoding(
             engine, list(prompt), settings or SamplingSettings(), max_new_tokens, stop, stats,
-            eos, should_stop or (lambda: False)))
+            stops, should_stop or (lambda: False)))
         slot = self._pick(prompt)
         keep = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
         del slot.tokens[keep:]

@@ -1,7 +1,8 @@
 """Prompt tokens: the one builder the CLI, the chat app and the server use (PromptBuilder).
 
-Chat variants get Llama-2-chat exactly as Meta's `chat_completion` builds it; base variants
-continue a plain-text document."""
+Chat variants get their tokenizer's own chat template when it has one (tokenizer.json models:
+Llama 3, SmolLM2), else Llama-2-chat exactly as Meta's `chat_completion` builds it; base
+variants continue a plain-text document."""
 
 # A dialog is an optional system message, then alternating user/assistant messages ending
 # with a user message. The system message is merged into the first user message inside
@@ -13,6 +14,16 @@ continue a plain-text document."""
 # reads: a user could end their turn early or forge a system prompt token for token. Meta's
 # reference refuses such dialogs for chat variants, and so does this builder.
 #
+# Template variants (a tokenizer with a `chat_template`): the whole conversation is rendered by
+# the template (chat_template.py, as transformers renders it, with add_generation_prompt) and
+# the text encoded with special-token parsing on: the template's `<|im_start|>` are the control
+# tokens. Message text must not become control tokens, so the encoding is checked: when a
+# special token lies inside a message's text, the text is encoded again in pieces, the
+# template's pieces parsed and each message's text as plain text. Otherwise the tokens are the
+# whole text's, exactly what transformers' `apply_chat_template(tokenize=True)` gives. Each
+# turn's prompt is the whole conversation rendered cold from its texts; the engine keeps the
+# cache's common prefix and pre-fills the rest (the answer ids kept per exchange are not used).
+#
 # Base variants: the conversation is one document. BOS, then the system prompt as plain text
 # (if any), then each message's text as it was written; the tags are ordinary text there.
 
@@ -22,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypedDict
 
+from .chat_template import ChatTemplate
 from .errors import GenerationError
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -39,12 +51,17 @@ class Message(TypedDict):
 
 
 class TextTokenizer(Protocol):
-    """What formatting needs from `llama2_onnx.tokenizer.Tokenizer`."""
+    """What formatting needs from `llama2_onnx.tokenizer`'s tokenizers."""
 
-    bos_id: int
+    bos_id: int | None
     eos_id: int
+    chat_template: ChatTemplate | None
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+
+    def encode_markup(self, text: str, plain: Sequence[tuple[int, int]] = ()) -> list[int]: ...
+
+    def has_special_text(self, text: str) -> bool: ...
 
 
 def _segment(tokenizer: TextTokenizer, user: str, answer: str | None) -> list[int]:
@@ -110,13 +127,17 @@ class PromptBuilder:
 
     def __init__(self, tokenizer: TextTokenizer, chat: bool) -> None:
         self.tokenizer, self.chat = tokenizer, chat
+        self.template = tokenizer.chat_template if chat else None
 
     def prompt(self, system: str, exchanges: Sequence[Exchange], user: str) -> list[int]:
         """The prompt for `user` after `exchanges`, with the system prompt `system` ("": none).
 
         Raises:
-            GenerationError: (chat variants) for text holding a chat tag.
+            GenerationError: (chat variants) for text holding a chat tag; (template variants)
+                when the template refuses the conversation.
         """
+        if self.template is not None:
+            return self._rendered(_conversation(system, exchanges, user))
         ids = self._head(system)
         for index, exchange in enumerate(exchanges):
             ids += self._user_ids(exchange.user, system, first=index == 0) + exchange.answer_ids
@@ -130,6 +151,8 @@ class PromptBuilder:
             GenerationError: as for `prompt`, and for roles out of that order.
         """
         _check_roles(dialog)
+        if self.template is not None:
+            return self._rendered(dialog)
         start = 1 if dialog[0]["role"] == "system" else 0
         system = dialog[0]["content"] if start else ""
         turns = [m["content"] for m in dialog[start:]]
@@ -144,9 +167,10 @@ class PromptBuilder:
         Chat variants: Meta's tokens after the user segment (`answer </s>`); when the answer
         was `generated` by the model and Meta's tokens do not start with those ids, the
         generated ids + EOS (what the cache holds). Base variants: the generated ids, or the
-        answer's text encoded.
+        answer's text encoded. Template variants: the same (later prompts render the answer's
+        text; see the comment at the top).
         """
-        if not self.chat:
+        if not self.chat or self.template is not None:
             return self.tokenizer.encode(answer, bos=False) if generated is None \
                 else list(generated)
         check_no_tags(answer, "an assistant message")
@@ -163,8 +187,22 @@ class PromptBuilder:
     def _head(self, system: str) -> list[int]:
         if self.chat:
             return []
-        text = self.tokenizer.encode(system, bos=False) if system.strip() else []
-        return [self.tokenizer.bos_id] + text
+        return self.tokenizer.encode(system if system.strip() else "", bos=True)
+
+    def _rendered(self, dialog: Sequence[Message]) -> list[int]:
+        """A template variant's prompt (see the comment at the top)."""
+        assert self.template is not None
+        messages = [dict(m) for m in dialog]
+        text = self.template.render(messages)
+        spans = self.template.content_spans(messages, text)
+        if spans is None:
+            if any(self.tokenizer.has_special_text(m["content"]) for m in messages):
+                raise GenerationError(
+                    "a message contains a special token of this model's chat format and its "
+                    "chat template changes message text, so the message cannot be kept apart "
+                    "from the format's own tokens; remove the special token from the message.")
+            spans = []
+        return self.tokenizer.encode_markup(text, spans)
 
     def _user_ids(self, user: str, system: str, first: bool) -> list[int]:
         """Chat: `<s>[INST] user [/INST]`, the system prompt merged in when `first`."""
@@ -187,5 +225,18 @@ class PromptBuilder:
         return self.tokenizer.encode(text, bos=True, eos=False)
 
     def user_ids(self, user: str) -> list[int]:
-        """A later turn's new user segment (no system prompt): what a turn adds to the cache."""
+        """A later turn's new user segment (no system prompt): what a turn adds to the cache.
+        Template variants: the prompt of that message alone."""
+        if self.template is not None:
+            return self._rendered([Message(role="user", content=user)])
         return self._user_ids(user, "", first=False)
+
+
+def _conversation(system: str, exchanges: Sequence[Exchange], user: str) -> list[Message]:
+    """The messages of `PromptBuilder.prompt`'s arguments (no system message when "")."""
+    dialog = [Message(role="system", content=system)] if system else []
+    for exchange in exchanges:
+        dialog += [Message(role="user", content=exchange.user),
+                   Message(role="assistant", content=exchange.answer)]
+    return dialog + [Message(role="user", content=user)]
+

@@ -15,6 +15,11 @@ streaming step that answers one message. No UI code: the Gradio app and the test
 # stripped answer text whenever those start with the generated ids (the usual case), else
 # the generated ids + EOS: what the model actually produced, so the cache stays valid.
 #
+# Template variants (a tokenizer.json model with its own chat template): each turn's prompt is
+# the whole conversation rendered by the template from its texts (chat_format); the engine keeps
+# the part of the cache that prompt starts with (usually up to the last answer's tokens) and
+# pre-fills the rest, so a re-tokenized answer costs a longer prefill, never wrong tokens.
+#
 # Base variants: the conversation is one plain-text document that the model continues. Head
 # is BOS and the system prompt as plain text (if any); each message is appended as plain
 # text and the model's continuation follows it. No tags, no role names, no stop strings.

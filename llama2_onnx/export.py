@@ -34,7 +34,7 @@ from .staging import (
     signals_as_interrupts,
     staging_path,
 )
-from .tokenizer import Tokenizer
+from .tokenizer import open_tokenizer
 from .variant_card import gitattributes, variant_readme
 from .variant_folder import (
     CACHE_DIR,
@@ -43,10 +43,12 @@ from .variant_folder import (
     GITATTRIBUTES,
     GITIGNORE,
     GRAPH_DIR,
+    HF_TOKENIZER,
     README,
     TOKENIZER,
     data_path,
     graph_name,
+    tokenizer_files,
     tokenizer_near,
     write_manifest,
 )
@@ -142,9 +144,9 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
             raise CheckpointError(f"{flag} {folder} does not exist or is not a folder; pass the "
                                   f"checkpoint folder (it holds {HF_CONFIG} or {META_PARAMS}).")
     tokenizer_path = _find_tokenizer(req)
-    tokenizer = Tokenizer.from_file(tokenizer_path)
+    tokenizer = open_tokenizer(tokenizer_path)
     source = open_source(hf=req.hf, meta=req.meta, vocab_size=tokenizer.n_words)
-    if tokenizer.n_words != source.config.vocab_size:
+    if tokenizer.n_words > source.config.vocab_size:  # fewer: padded embedding rows
         raise UserError(
             f"the tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model has "
             f"vocab_size={source.config.vocab_size}; pass the tokenizer that came with these "
@@ -161,7 +163,8 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
                   "exported": datetime.date.today().isoformat()}
     block = None if req.precision != "int4" else (
         DEFAULT_BLOCK_SIZE if req.block_size is None else req.block_size)
-    config = source.config.replace(dtype=req.precision, block_size=block, chat=req.chat,
+    chat = req.chat or tokenizer.chat_template is not None  # the model's own chat format
+    config = source.config.replace(dtype=req.precision, block_size=block, chat=chat,
                                    max_seq_len=max_len, provenance=provenance)
     return source, tokenizer_path, config
 
@@ -177,10 +180,15 @@ def _check_export_memory(config: Config, max_len: int, skip_verify: bool) -> Non
 
 
 def _find_tokenizer(req: ExportRequest) -> Path:
-    path = Path(req.tokenizer or tokenizer_near(Path(req.hf or req.meta or ".")))
+    """--tokenizer, else the checkpoint's tokenizer.model (in its folder or one up: Llama 2),
+    else its tokenizer.json (Llama 3, SmolLM2, ...)."""
+    folder = Path(req.hf or req.meta or ".")
+    path = Path(req.tokenizer or tokenizer_near(folder))
+    if req.tokenizer is None and not path.is_file() and (folder / HF_TOKENIZER).is_file():
+        path = folder / HF_TOKENIZER
     if not path.is_file():
         raise UserError(f"tokenizer {path} does not exist; pass --tokenizer PATH to the "
-                        f"{TOKENIZER} that came with the weights.")
+                        f"{TOKENIZER} or {HF_TOKENIZER} that came with the weights.")
     check_not_lfs_pointer(path)
     return path
 
@@ -210,9 +218,12 @@ def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: C
         _write_embeddings(folder / EMBEDDINGS, source, config)
         itemsize = np.dtype(NP_DTYPES[config.dtype]).itemsize
         progress.update("tok_embeddings.weight", config.vocab_size * config.dim * itemsize)
-    shutil.copyfile(tokenizer_path, folder / TOKENIZER)
+    tokenizer = tokenizer_files(tokenizer_path)
+    for path, name in tokenizer:
+        shutil.copyfile(path, folder / name)
     config.save(folder / CONFIG)
-    (folder / README).write_text(variant_readme(req.variant, config), encoding="utf-8")
+    card = variant_readme(req.variant, config, tuple(name for _, name in tokenizer))
+    (folder / README).write_text(card, encoding="utf-8")
     if req.lfs:
         (folder / GITATTRIBUTES).write_text(gitattributes(), encoding="utf-8")
     (folder / GITIGNORE).write_text(f"{GRAPH_DIR}/{CACHE_DIR}/\n", encoding="utf-8")

@@ -198,9 +198,10 @@ class Engine:
                  should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
         """Stream the continuation of `prompt` as text pieces.
 
-        Stops on EOS (unless `ignore_eos`, for benchmarks), a stop string (not included in the
-        output), `max_new_tokens`, a full context, or when `should_stop()` turns true (checked
-        before every token, also those that complete no text yet). Statistics of the run land
+        Stops on EOS or another of the tokenizer's stop ids (unless `ignore_eos`, for
+        benchmarks), a stop string (not included in the output), `max_new_tokens`, a full
+        context, or when `should_stop()` turns true (checked before every token, also those
+        that complete no text yet). Statistics of the run land
         in `last_stats`, also when the caller stops early.
 
         Raises:
@@ -209,8 +210,8 @@ class Engine:
         settings = settings or SamplingSettings()
         self.check_request(prompt, max_new_tokens)
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
-        eos = -1 if ignore_eos else self.tokenizer.eos_id
-        return self._generate(list(prompt), settings, max_new_tokens, stop, stats, eos,
+        stops = frozenset() if ignore_eos else self.tokenizer.stop_ids
+        return self._generate(list(prompt), settings, max_new_tokens, stop, stats, stops,
                               should_stop or (lambda: False))
 
     def check_request(self, prompt: Sequence[int], max_new_tokens: int) -> None:
@@ -225,9 +226,9 @@ class Engine:
         self.check_fits(prompt)
 
     def _generate(self, prompt: list[int], settings: SamplingSettings, max_new_tokens: int,
-                  stop: Sequence[str], stats: GenerationStats, eos: int,
+                  stop: Sequence[str], stats: GenerationStats, stops: frozenset[int],
                   should_stop: Callable[[], bool]) -> Iterator[str]:
-        decoding = Decoding(self, prompt, settings, max_new_tokens, stop, stats, eos,
+        decoding = Decoding(self, prompt, settings, max_new_tokens, stop, stats, stops,
                             should_stop)
         logits = self.prefill(prompt)
         decoding.prefilled(self.last_prefill_count)
@@ -251,10 +252,10 @@ class Decoding:
     Engine.generate decodes through it, and so does every slot of batching.SlotEngine."""
 
     def __init__(self, engine: Engine, prompt: list[int], settings: SamplingSettings,
-                 max_new_tokens: int, stop: Sequence[str], stats: GenerationStats, eos: int,
-                 should_stop: Callable[[], bool]) -> None:
-        self.settings, self.max_new_tokens, self.stats, self.eos = (
-            settings, max_new_tokens, stats, eos)
+                 max_new_tokens: int, stop: Sequence[str], stats: GenerationStats,
+                 stops: frozenset[int], should_stop: Callable[[], bool]) -> None:
+        self.settings, self.max_new_tokens, self.stats = settings, max_new_tokens, stats
+        self.stop_ids = stops  # EOS and the tokenizer's other stop tokens; none: ignore EOS
         self.name, self.should_stop = engine.name or "this variant", should_stop
         self.rng, self.decoder = make_rng(settings.seed), StreamDecoder(engine.tokenizer, prompt)
         self.stop = _StopFilter(stop)
@@ -280,7 +281,7 @@ class Decoding:
         token = sample_token(logits, self.settings, self.rng, self.history[-REPETITION_WINDOW:])
         if not stats.new_tokens:
             stats.ttft_s = time.perf_counter() - self.start
-        if token == self.eos:
+        if token in self.stop_ids:
             stats.stop_reason = "eos"
             return ""
         self.token = token

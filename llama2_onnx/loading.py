@@ -14,7 +14,7 @@ from .legacy import load_legacy
 from .placement import Placement, RunOptions, place
 from .resources import GiB, free_host_memory, require
 from .session import EngineParts, FileStamps, Runtime, create_session
-from .tokenizer import Tokenizer, check_vocab
+from .tokenizer import check_vocab, open_tokenizer
 from .variant_folder import (
     CACHE_DIR,
     CONFIG,
@@ -29,6 +29,7 @@ from .variant_folder import (
     folder_format,
     original_files,
     variant_format,
+    variant_tokenizer,
 )
 from .variants import slot_hint
 
@@ -47,8 +48,8 @@ def load_variant(path: Path, options: RunOptions) -> EngineParts:
         if problems:
             raise VariantError(problems[0])
     config = Config.load(path / CONFIG)
-    return open_files(find_graph(path), path / EMBEDDINGS, path / TOKENIZER, config, options,
-                      name=path.name)
+    return open_files(find_graph(path), path / EMBEDDINGS, variant_tokenizer(path), config,
+                      options, name=path.name)
 
 
 def open_explicit(graph: Path, embeddings: Path | None, tokenizer: Path | None,
@@ -67,14 +68,14 @@ def open_explicit(graph: Path, embeddings: Path | None, tokenizer: Path | None,
         raise UserError("--verify checks a variant folder's manifest; use it with --variant "
                         "FOLDER instead of --onnx_file.")
     folder = graph.parent.parent
-    tokenizer = Path(tokenizer or folder / TOKENIZER)
     if folder_format(folder) == OURS:
+        tokenizer = Path(tokenizer or variant_tokenizer(folder))
         config = Config.load(folder / CONFIG)
         return open_files(graph, Path(embeddings or folder / EMBEDDINGS), tokenizer, config,
                           options)
     if not embeddings:
         raise UserError("--embedding_file is required with an original-format --onnx_file.")
-    return load_legacy(graph, Path(embeddings), tokenizer, options)
+    return load_legacy(graph, Path(embeddings), Path(tokenizer or folder / TOKENIZER), options)
 
 
 def load_embeddings(path: Path, config: Config) -> np.ndarray:
@@ -100,7 +101,7 @@ def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Conf
     --onnx_file style) where and how place() decides."""
     for p in (graph, data_path(graph)):
         check_not_lfs_pointer(p)
-    tokenizer = Tokenizer.from_file(tokenizer_path)
+    tokenizer = open_tokenizer(tokenizer_path)
     check_vocab(tokenizer, config, tokenizer_path)
     table = load_embeddings(embeddings, config)
     placement = place(config, options)

@@ -29,7 +29,7 @@ from .errors import VariantError
 from .placement import Placement
 
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from .tokenizer import HFTokenizer, Tokenizer
 
 OPSET_ZEROS = 17
 
@@ -116,7 +116,7 @@ class EngineParts:
     original format's LegacyRuntime) and the host-side parts read from the variant's files."""
 
     runner: Any
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | HFTokenizer
     embeddings: np.ndarray
     config: Config
     name: str

@@ -25,8 +25,14 @@ def gitattributes() -> str:
     return "\n".join(lines) + "\n"
 
 
-def variant_readme(name: str, config: Config) -> str:
-    kind = "chat (Llama-2-chat prompt format)" if config.chat else "base (plain text completion)"
+def variant_readme(name: str, config: Config, tokenizer: tuple[str, ...] = (TOKENIZER,)) -> str:
+    """The variant's README card; `tokenizer`: the names of its tokenizer's files."""
+    templated = tokenizer[0] != TOKENIZER
+    kind = ("base (plain text completion)" if not config.chat else
+            "chat (the model's own chat template)" if templated else
+            "chat (Llama-2-chat prompt format)")
+    files = ", ".join(f"`{n}`" for n in tokenizer)
+    family = "Llama-family" if templated else "Llama 2"
     gib = config.weight_bytes() / 2**30
     shape = f"{config.n_layers} / {config.dim} / {config.n_heads} / {config.n_kv_heads}"
     precision = config.dtype + (f", blocks of {config.block_size}, float16 scales, float16 "
@@ -36,7 +42,7 @@ def variant_readme(name: str, config: Config) -> str:
     # The link goes one folder up, to the distribution's README (the same file name as a card's).
     return f"""# {name}
 
-Llama 2 variant for [llama2_onnx](../{README}): ONNX graph with external weights, embedding
+{family} variant for [llama2_onnx](../{README}): ONNX graph with external weights, embedding
 table, tokenizer and config, produced by `tools/export_and_publish.py`.
 
 | | |
@@ -51,7 +57,7 @@ table, tokenizer and config, produced by `tools/export_and_publish.py`.
 | provenance | {prov} |
 
 Files: `{graph}` (graph), `{data_path(graph)}` (weights),
-`{EMBEDDINGS}` (token embeddings), `{TOKENIZER}`, `{CONFIG}`,
+`{EMBEDDINGS}` (token embeddings), {files}, `{CONFIG}`,
 `{MANIFEST}` (size and sha256 of every file; check with
 `python tools/export_and_publish.py verify {name}`).
 

@@ -4,7 +4,10 @@
     <variant>/ONNX/LlamaV2_<variant>.onnx.data   its weights   (data_path)
     <variant>/ONNX/.cache/                       old optimized-graph cache; unused
     <variant>/embeddings.safetensors             EMBEDDINGS
-    <variant>/tokenizer.model                    TOKENIZER
+    <variant>/tokenizer.model                    TOKENIZER (SentencePiece: Llama 2)
+    <variant>/tokenizer.json                     HF_TOKENIZER (Hugging Face `tokenizers`), with
+    <variant>/tokenizer_config.json              TOKENIZER_CONFIG (BOS/EOS, chat_template) and
+    <variant>/generation_config.json             GENERATION_CONFIG (extra stop ids; optional)
     <variant>/config.json                        CONFIG
     <variant>/manifest.json                      MANIFEST
     <variant>/README.md, .gitattributes, .gitignore    README, GITATTRIBUTES, GITIGNORE
@@ -40,6 +43,13 @@ from .files import (
 CONFIG = "config.json"
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+HF_TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+GENERATION_CONFIG = "generation_config.json"
+# The files of each tokenizer a variant can carry: the first is the tokenizer, the required ones
+# come next, generation_config.json is optional (HF_OPTIONAL).
+HF_TOKENIZER_FILES = (HF_TOKENIZER, TOKENIZER_CONFIG, GENERATION_CONFIG)
+HF_OPTIONAL = (GENERATION_CONFIG,)
 EMBEDDINGS = "embeddings.safetensors"
 ORIGINAL_EMBEDDINGS = "embeddings.pth"
 GRAPH_DIR = "ONNX"
@@ -55,8 +65,9 @@ LFS_PATTERNS = (f"*{GRAPH_SUFFIX}", f"*{GRAPH_SUFFIX}{DATA_SUFFIX}", f"*{Path(EM
 # Written first into an export's hidden staging folder and removed before it becomes the variant:
 # only folders carrying it are ever cleaned up as leftovers of an interrupted export.
 STAGING_MARK = ".llama2_onnx-staging"
-# Files every variant of our format has besides its graph (ONNX/<name>.onnx and .onnx.data).
-REQUIRED_FILES = (CONFIG, TOKENIZER, EMBEDDINGS)
+# Files every variant of our format has besides its graph (ONNX/<name>.onnx and .onnx.data) and
+# its tokenizer's files (tokenizer_files).
+REQUIRED_FILES = (CONFIG, EMBEDDINGS)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 AnyPath = TypeVar("AnyPath", bound=PurePath)
 
@@ -221,6 +232,40 @@ def tokenizer_near(folder: Path) -> Path:
     return next((p for p in candidates if p.is_file()), candidates[0])
 
 
+def variant_tokenizer(folder: Path) -> Path:
+    """The tokenizer a variant of our format was exported with: the one of tokenizer.model and
+    tokenizer.json its manifest lists (the exporter writes one of them); without such a manifest
+    tokenizer.model when it exists (every variant before tokenizer.json), else tokenizer.json,
+    else tokenizer.model's path (whose absence the loader names)."""
+    folder = Path(folder)
+    try:
+        listed = (read_manifest(folder) or {}).get("files", {})
+    except VariantError:
+        listed = {}
+    named = [name for name in (TOKENIZER, HF_TOKENIZER) if name in listed]
+    if len(named) == 1:
+        return folder / named[0]
+    return next((folder / n for n in (TOKENIZER, HF_TOKENIZER) if (folder / n).is_file()),
+                folder / TOKENIZER)
+
+
+def tokenizer_files(tokenizer: Path) -> list[tuple[Path, str]]:
+    """The files that make up the tokenizer in `tokenizer` and their names in a variant folder:
+    a SentencePiece model alone (tokenizer.model), or a tokenizer.json with the
+    tokenizer_config.json and (if present) generation_config.json beside it."""
+    tokenizer = Path(tokenizer)
+    if not is_hf_tokenizer(tokenizer):
+        return [(tokenizer, TOKENIZER)]
+    beside = [(tokenizer.with_name(name), name) for name in HF_TOKENIZER_FILES[1:]]
+    return [(tokenizer, HF_TOKENIZER), *((path, name) for path, name in beside
+                                         if name not in HF_OPTIONAL or path.is_file())]
+
+
+def is_hf_tokenizer(tokenizer: Path) -> bool:
+    """Whether a tokenizer file is a Hugging Face tokenizer.json (else SentencePiece)."""
+    return Path(tokenizer).suffix == Path(HF_TOKENIZER).suffix
+
+
 def submodule_paths(root: Path) -> list[str]:
     """Paths of the submodules declared in `root/.gitmodules`."""
     parser = configparser.ConfigParser()
@@ -337,9 +382,12 @@ def variant_file_problems(folder: Path, listed: dict) -> list[str]:
              ] if found else []
     present = [p.relative_to(folder).as_posix() for p in (folder / GRAPH_DIR).rglob("*")
                if p.is_file() and CACHE_DIR not in p.relative_to(folder).parts] if found else []
+    tokenizer = HF_TOKENIZER if HF_TOKENIZER in listed and TOKENIZER not in listed else TOKENIZER
+    tokenizer_names = [name for _, name in tokenizer_files(folder / tokenizer)]
     problems = [f"{folder / MANIFEST} does not list {rel}; the manifest is incomplete: "
                 "re-export or fetch the variant again." for rel in
-                dict.fromkeys([*REQUIRED_FILES, *graph, *present]) if rel not in listed]
+                dict.fromkeys([*REQUIRED_FILES, *tokenizer_names, *graph, *present])
+                if rel not in listed]
     if not found and not any(rel.endswith(GRAPH_SUFFIX) for rel in listed):
         problems.append(f"{folder / GRAPH_DIR} has no {GRAPH_SUFFIX} graph; re-export or fetch "
                         "the variant.")

@@ -90,6 +90,25 @@ def make_variant(tmp_path_factory, make_checkpoint, tokenizer_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def bpe_variant(tmp_path_factory) -> Path:
+    """A tiny random Llama (GQA, 12 padded embedding rows) with a byte-level BPE tokenizer.json
+    and a ChatML chat template (tests/hf_tokenizers.py), exported with --hf: a chat variant."""
+    from hf_tokenizers import write_tokenizer
+
+    from llama2_onnx.export import ExportRequest, export_variant
+    from llama2_onnx.synthetic import write_hf
+    from llama2_onnx.tokenizer import open_tokenizer
+
+    hf = tmp_path_factory.mktemp("hf_bpe") / "ckpt"
+    tokenizer = open_tokenizer(write_tokenizer(hf))
+    write_tokenizer(hf, stops=[tokenizer.plain.token_to_id("<|endoftext|>")])
+    write_hf(hf, tiny_config(tokenizer.n_words + 12, gqa=True, max_seq_len=256), seed=3)
+    out = tmp_path_factory.mktemp("bpe_variants")
+    return export_variant(ExportRequest(variant="tiny_bpe", precision="float32", hf=hf, out=out,
+                                        progress=False))
+
+
 @pytest.fixture
 def variant(make_variant, tmp_path) -> Path:
     """A private copy of a float32 GQA tiny variant, for tests that change its files."""

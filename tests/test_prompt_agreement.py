@@ -1,6 +1,6 @@
 """One prompt builder: the CLI, the chat app and the server feed the same tokens for the same
-conversation (chat and base variants, with and without a system prompt), and each refuses the
-Llama-2-chat tags in a chat variant's messages with one sentence."""
+conversation (chat, base and chat-template variants, with and without a system prompt), and
+each refuses the Llama-2-chat tags in a chat variant's messages with one sentence."""
 
 from __future__ import annotations
 
@@ -27,9 +27,11 @@ def cli_module():
     return module
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["chat", "base"])
-def engine(request, make_variant):
-    return Engine.from_variant(make_variant("hf", "float32", True, chat=request.param),
+@pytest.fixture(scope="module", params=["chat", "base", "template"])
+def engine(request, make_variant, bpe_variant):
+    if request.param == "template":  # tokenizer.json with its own chat template (ChatML)
+        return Engine.from_variant(bpe_variant, provider="cpu")
+    return Engine.from_variant(make_variant("hf", "float32", True, chat=request.param == "chat"),
                                provider="cpu")
 
 
@@ -44,10 +46,10 @@ def test_cli_chat_app_and_server_build_the_same_tokens(engine, system):
         {"role": "user", "content": user}]
     server = parse_request("chat", {"model": "m", "messages": messages}, engine, "m").prompt
     assert cli == app == server
-    assert cli[0] == engine.tokenizer.bos_id
-    if system:  # the system prompt is in the prompt for both kinds of variant
-        assert len(cli) > len(cli_module().prompt_tokens(engine, Namespace(system=None,
-                                                                           prompt=user)))
+    assert cli[0] == engine.tokenizer.bos_id  # Llama 2's BOS; ChatML's first <|im_start|>
+    if system:  # the system prompt is in the prompt for every kind of variant
+        alone = cli_module().prompt_tokens(engine, Namespace(system=None, prompt=user))
+        assert system in engine.tokenizer.decode(cli) and cli != alone
 
 
 def test_chat_tags_are_refused_by_all_three_entry_points(make_variant):

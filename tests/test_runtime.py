@@ -182,13 +182,13 @@ def test_truncated_and_corrupted_weights(variant_copy):
 def test_tokenizer_that_does_not_match_the_model(variant_copy, tmp_path):
     import sentencepiece as spm
 
-    spm.SentencePieceTrainer.train(
+    spm.SentencePieceTrainer.train(  # more ids than the variant's 320 embedding rows
         sentence_iterator=iter(["a small tokenizer for a test"] * 40),
-        model_prefix=str(tmp_path / "other"), vocab_size=290, model_type="bpe",
-        byte_fallback=True, minloglevel=2)
+        model_prefix=str(tmp_path / "other"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, minloglevel=2, user_defined_symbols=[f"<x{i}>" for i in range(120)])
     graph = next((variant_copy / "ONNX").glob("*.onnx"))
     expect_error(cli("--onnx_file", str(graph), "--tokenizer_path", str(tmp_path / "other.model"),
-                     "--prompt", "hi"), "290 tokens", "expects 320")
+                     "--prompt", "hi"), "400 tokens", "expects at most 320")
 
 
 def test_prompt_too_long_empty_prompt_and_bad_sampling(make_variant):

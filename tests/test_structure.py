@@ -73,6 +73,7 @@ def variant_file_names() -> dict[str, re.Pattern]:
     from llama2_onnx import variant_folder as vf
 
     files = [vf.CONFIG, vf.MANIFEST, vf.TOKENIZER, vf.EMBEDDINGS, vf.ORIGINAL_EMBEDDINGS,
+             vf.HF_TOKENIZER, vf.TOKENIZER_CONFIG, vf.GENERATION_CONFIG,
              vf.README, vf.GITATTRIBUTES, vf.GITIGNORE, vf.STAGING_MARK, f"*{vf.GRAPH_SUFFIX}"]
     names = {name: re.compile(re.escape(name)) for name in files}
     for folder in (vf.GRAPH_DIR, vf.CACHE_DIR):  # a path component ("ONNX Runtime" is not one)
