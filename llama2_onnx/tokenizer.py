@@ -94,11 +94,12 @@ class StreamDecoder:
 
 
 def check_vocab(tokenizer: Tokenizer, config: Config, tokenizer_path: Path) -> None:
-    """Raise VariantError unless the tokenizer has the model's vocabulary size."""
-    if tokenizer.n_words != config.vocab_size:
+    """Raise VariantError when the tokenizer has more ids than the model's vocabulary (fewer
+    is allowed: vocabularies padded to a round size)."""
+    if tokenizer.n_words > config.vocab_size:
         raise VariantError(
             f"the tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model "
-            f"expects {config.vocab_size}; use the {TOKENIZER} that belongs to this variant.")
+            f"has only {config.vocab_size}; use the {TOKENIZER} that belongs to this variant.")
 
 
 def check_text(text: str, what: str) -> None:
