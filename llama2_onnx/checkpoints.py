@@ -239,18 +239,14 @@ def hf_config(path: Path, max_seq_len: int | None = None) -> Config:
     positions = raw.get("max_position_embeddings", 4096)
     _check_sliding_window(path, raw, positions if max_seq_len is None else max_seq_len)
     heads = raw["num_attention_heads"]
-    return Config(
-        dim=raw["hidden_size"],
-        n_layers=raw["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=raw.get("num_key_value_heads", heads),
-        vocab_size=raw["vocab_size"],
-        norm_eps=raw.get("rms_norm_eps", 1e-5),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_seq_len=positions,
-        intermediate_size=raw["intermediate_size"],
-    )
+    try:
+        return Config(dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"], n_heads=heads,
+                      n_kv_heads=raw.get("num_key_value_heads", heads),
+                      vocab_size=raw["vocab_size"], norm_eps=raw.get("rms_norm_eps", 1e-5),
+                      rope_theta=theta, rope_scaling=scaling, max_seq_len=positions,
+                      intermediate_size=raw["intermediate_size"])
+    except ConfigError as exc:  # a value Config refuses: say which file holds it
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _check_architecture(path: Path, raw: dict) -> None:
