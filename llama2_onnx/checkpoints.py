@@ -17,7 +17,8 @@ import numpy as np
 
 from . import safetensors_io
 from .config import Config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, is_whole_number
+from .rope import ROPE_TYPES
 
 # The files that name a checkpoint's shapes: Hugging Face's and Meta's.
 HF_CONFIG, META_PARAMS = "config.json", "params.json"
@@ -142,11 +143,16 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 class HFSource(_Checked):
-    """A Hugging Face LlamaForCausalLM folder: config.json plus one or more .safetensors files."""
+    """A Hugging Face folder of the Llama family (LlamaForCausalLM, MistralForCausalLM):
+    config.json plus one or more .safetensors files. With tie_word_embeddings and no lm_head,
+    the output projection is the embedding table (as transformers ties them).
 
-    def __init__(self, folder: Path) -> None:
+    `max_seq_len` is the context the variant will have, when it is not max_position_embeddings
+    (a sliding window is accepted only where it never slides: hf_config)."""
+
+    def __init__(self, folder: Path, max_seq_len: int | None = None) -> None:
         self.folder = _require_dir(folder, "Hugging Face checkpoint")
-        self.config = hf_config(self.folder / HF_CONFIG)
+        self.config = hf_config(self.folder / HF_CONFIG, max_seq_len)
         self.tied = False
         self.infos: dict[str, safetensors_io.TensorInfo] = {}
         self.keys: dict[str, str] = {}  # canonical name -> the checkpoint's own
@@ -181,8 +187,9 @@ class HFSource(_Checked):
             name = f"layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}"
         else:
             raise CheckpointError(
-                f"{info.path.name} holds tensor {key!r} that a Llama 2 checkpoint does not have; "
-                "only LlamaForCausalLM checkpoints are supported."
+                f"{info.path.name} holds tensor {key!r} that a Llama checkpoint does not have; "
+                "only LlamaForCausalLM and MistralForCausalLM checkpoints without biases are "
+                "supported."
             )
         if name in self.infos:
             raise CheckpointError(f"tensor {key!r} appears in two files of {self.folder}.")
@@ -195,43 +202,128 @@ class HFSource(_Checked):
         return f"{self.keys[name]} in {self.infos[name].path}"
 
     def describe(self) -> dict[str, str]:
-        return {"format": "huggingface", "source": self.folder.name}
+        tied = {"tie_word_embeddings": "true"} if self.tied else {}
+        return {"format": "huggingface", "source": self.folder.name, **tied}
 
 
-def hf_config(path: Path) -> Config:
-    """Translate a Hugging Face Llama config.json into a Config, refusing other architectures."""
+# The Hugging Face model types this exporter reads, with their class: the same decoder (RMSNorm,
+# rotary, grouped-query attention, SiLU-gated MLP, no biases). Mistral's one difference, a
+# sliding attention window, is accepted only where it never slides (hf_config).
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def hf_config(path: Path, max_seq_len: int | None = None) -> Config:
+    """Translate a Hugging Face config.json of the Llama family into a Config.
+
+    Args:
+        path: the checkpoint's config.json.
+        max_seq_len: the context the variant will have (default: max_position_embeddings).
+    Raises:
+        ConfigError, one sentence naming what and the fix, for another architecture or an
+        option the graph does not have (biases, another activation, a head_dim that is not
+        hidden_size / num_attention_heads, rope scaling other than linear and llama3, a
+        sliding window shorter than the context).
+    """
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; a Hugging Face checkpoint folder needs "
                               "config.json.")
     raw = read_json_object(path)
-    arch = raw.get("architectures") or []
-    if raw.get("model_type") != "llama" or (arch and arch[0] != "LlamaForCausalLM"):
-        raise ConfigError(
-            f"{path} describes model_type={raw.get('model_type')!r} {arch}; only Llama 2 "
-            "(model_type 'llama', LlamaForCausalLM) can be exported."
-        )
-    if raw.get("rope_scaling"):
-        raise ConfigError(f"{path} uses rope_scaling {raw['rope_scaling']}, which Llama 2 "
-                          "does not use and this exporter does not support.")
-    if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("mlp_bias"):
-        raise ConfigError(f"{path} uses an activation or biases that Llama 2 does not have.")
+    _check_architecture(path, raw)
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                            "vocab_size", "intermediate_size") if k not in raw]
     if missing:
         raise ConfigError(f"{path} lacks {', '.join(missing)}; it is not a complete Llama "
                           "config.json: download it again.")
+    _check_options(path, raw)
+    theta, scaling = hf_rope(path, raw)
+    positions = raw.get("max_position_embeddings", 4096)
+    _check_sliding_window(path, raw, positions if max_seq_len is None else max_seq_len)
     heads = raw["num_attention_heads"]
-    return Config(
-        dim=raw["hidden_size"],
-        n_layers=raw["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=raw.get("num_key_value_heads", heads),
-        vocab_size=raw["vocab_size"],
-        norm_eps=raw.get("rms_norm_eps", 1e-5),
-        rope_theta=raw.get("rope_theta", 10000.0),
-        max_seq_len=raw.get("max_position_embeddings", 4096),
-        intermediate_size=raw["intermediate_size"],
-    )
+    try:
+        return Config(dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"], n_heads=heads,
+                      n_kv_heads=raw.get("num_key_value_heads", heads),
+                      vocab_size=raw["vocab_size"], norm_eps=raw.get("rms_norm_eps", 1e-5),
+                      rope_theta=theta, rope_scaling=scaling, max_seq_len=positions,
+                      intermediate_size=raw["intermediate_size"])
+    except ConfigError as exc:  # a value Config refuses: say which file holds it
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _check_architecture(path: Path, raw: dict) -> None:
+    kind, arch = raw.get("model_type"), raw.get("architectures") or []
+    if kind not in HF_ARCHITECTURES or (arch and arch[0] != HF_ARCHITECTURES[kind]):
+        known = ", ".join(f"{k!r} ({v})" for k, v in HF_ARCHITECTURES.items())
+        raise ConfigError(f"{path} describes model_type={kind!r} {arch}, which this exporter "
+                          f"cannot export; pass a checkpoint of model_type {known}.")
+
+
+def _check_options(path: Path, raw: dict) -> None:
+    """Refuse what the Llama graph does not compute: biases, another activation or head size."""
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key):
+            raise ConfigError(f"{path} sets {key} true, but the Llama family this exporter "
+                              "supports has no biases; pass a checkpoint without them.")
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{path} uses hidden_act {act!r}, but the Llama family's MLP is "
+                          "SiLU-gated and no other is supported; pass a checkpoint with "
+                          "hidden_act 'silu'.")
+    head_dim, heads, hidden = raw.get("head_dim"), raw["num_attention_heads"], raw["hidden_size"]
+    if not (is_whole_number(heads) and is_whole_number(hidden)):
+        return  # Config names the bad value
+    implied = hidden / heads
+    if head_dim is not None and head_dim != implied:
+        raise ConfigError(f"{path} sets head_dim={head_dim!r} but hidden_size / "
+                          f"num_attention_heads is {implied:g}; this exporter needs them equal, "
+                          "so pass a checkpoint whose head_dim is hidden_size / "
+                          "num_attention_heads.")
+
+
+def hf_rope(path: Path, raw: dict) -> tuple[float, dict | None]:
+    """rope_theta and Config.rope_scaling from a Hugging Face config: the older layout
+    (`rope_theta` beside a `rope_scaling` dict) or transformers 5's (`rope_parameters` holding
+    both), read with transformers' priorities (rope_scaling, then rope_parameters; a theta
+    inside the dict before the top-level one).
+
+    Raises:
+        ConfigError for a rope scaling type other than linear and llama3, or partial rotary.
+    """
+    params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} has rope_scaling {params!r}, which is not an object; fix "
+                          "its config.json.")
+    params = dict(params)
+    theta = params.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    partial = params.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConfigError(f"{path} rotates only part of each head (partial_rotary_factor "
+                          f"{partial!r}), which the Llama family does not do; pass a "
+                          "checkpoint without it.")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{path} uses rope scaling of type {kind!r}, which this exporter does "
+                          f"not support (only {' and '.join(ROPE_TYPES)}); pass a checkpoint "
+                          "without it.")
+    if kind == "llama3":  # transformers' defaults for the length it was trained at
+        params.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
+        if "original_max_position_embeddings" in raw:
+            params["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
+    return theta, params
+
+
+def _check_sliding_window(path: Path, raw: dict, context: int) -> None:
+    """A sliding window at least as long as the context never slides: that model is the
+    Llama graph. A shorter one would need a mask this graph does not have."""
+    window = raw.get("sliding_window")
+    if window is not None and not is_whole_number(window):
+        raise ConfigError(f"{path} has sliding_window={window!r}, which must be a positive "
+                          "integer or null; fix its config.json.")
+    if window is not None and window < context:
+        raise ConfigError(f"{path} uses a sliding attention window of {window!r} tokens, "
+                          f"shorter than the context of {context}; pass --max-seq-len "
+                          f"{window} or less, within which the window never slides.")
 
 
 def read_json_object(path: Path) -> dict:
@@ -327,9 +419,14 @@ def _load_pth(torch, path: Path) -> dict:
 
 
 def open_source(hf: Path | None = None, meta: Path | None = None,
-                vocab_size: int | None = None) -> Source:
-    """Open exactly one of a Hugging Face or a Meta checkpoint folder."""
+                vocab_size: int | None = None, max_seq_len: int | None = None) -> Source:
+    """Open exactly one of a Hugging Face or a Meta checkpoint folder.
+
+    Args:
+        vocab_size: a Meta checkpoint's, when its params.json leaves it out (-1).
+        max_seq_len: the context the variant will have, when it is given (--max-seq-len).
+    """
     if (hf is None) == (meta is None):
         raise CheckpointError("pass exactly one of --hf DIR or --meta DIR.")
-    return HFSource(hf) if hf is not None else MetaSource(meta, vocab_size)
+    return HFSource(hf, max_seq_len) if hf is not None else MetaSource(meta, vocab_size)
 

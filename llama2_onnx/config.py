@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import ConfigError, is_whole_number
 from .files import write_text_atomic
+from .rope import ROPE_KEYS, ROPE_TYPES
 
 # Bumped whenever graph input/output names, shapes or meanings change (see DESIGN.md).
 CONTRACT_VERSION = 1
@@ -38,7 +39,10 @@ class Config:
 
     `intermediate_size` is set when a checkpoint states its MLP width directly (Hugging Face
     configs do); otherwise the width follows Meta's rule from `multiple_of` and
-    `ffn_dim_multiplier`.
+    `ffn_dim_multiplier`. `rope_scaling` holds Hugging Face's dict for scaled rotary
+    frequencies (Llama 3.1's `{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}`, or `{"rope_type":
+    "linear", "factor": 4.0}`); None is plain rotary (rope.py computes both).
     """
 
     dim: int = 4096
@@ -50,6 +54,7 @@ class Config:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 4096
     intermediate_size: int | None = None
     dtype: DType = "float16"
@@ -62,6 +67,7 @@ class Config:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         self._check_types()
+        self.rope_scaling = checked_rope_scaling(self.rope_scaling)
         if self.dim % self.n_heads:
             raise ConfigError(
                 f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
@@ -91,9 +97,7 @@ class Config:
         def whole(v):
             return is_whole_number(v)
 
-        def real(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
-
+        real = is_positive_number
         rules = {name: (whole, "a positive integer") for name in (
             "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len",
             "multiple_of")}
@@ -168,8 +172,9 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if self.block_size is None:  # float variants' config.json stays as before int4 existed
-            del data["block_size"]
+        for key in ("block_size", "rope_scaling"):  # unset: config.json stays as it was before
+            if data[key] is None:
+                del data[key]
         return data
 
     def replace(self, **changes: Any) -> Config:
@@ -204,3 +209,55 @@ class Config:
 
     def save(self, path: Path) -> None:
         write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def checked_rope_scaling(scaling: Any) -> dict[str, Any] | None:
+    """A rope_scaling value as Config keeps it: None, or a dict with "rope_type" (Hugging Face's
+    older key "type" is accepted) and exactly the numbers that type needs.
+
+    Raises:
+        ConfigError naming the bad value, one sentence each.
+    """
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"config value rope_scaling={scaling!r} must be an object or null.")
+    scaling = dict(scaling)
+    kind = scaling.pop("rope_type", None)
+    older = scaling.pop("type", None)
+    kind = older if kind is None else kind
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"rope scaling type {kind!r} is not supported (only "
+                          f"{' and '.join(map(repr, ROPE_TYPES))} are), so this model cannot be "
+                          "exported; use a checkpoint without it.")
+    needed = ROPE_KEYS[kind]
+    missing = [k for k in needed if k not in scaling]
+    unknown = sorted(set(scaling) - set(needed))
+    if missing or unknown:
+        what = (f"lacks {', '.join(missing)}" if missing
+                else f"has keys it does not use ({', '.join(unknown)})")
+        raise ConfigError(f"rope_scaling of type {kind!r} {what}; it needs exactly "
+                          f"{', '.join(needed)}: fix the checkpoint's config.")
+    for key in needed:
+        _check_rope_number(kind, key, scaling[key])
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError(f"rope_scaling high_freq_factor={scaling['high_freq_factor']!r} must be "
+                          f"greater than low_freq_factor={scaling['low_freq_factor']!r}; fix the "
+                          "checkpoint's config.")
+    return {"rope_type": kind, **scaling}
+
+
+def _check_rope_number(kind: str, key: str, value: Any) -> None:
+    if key == "original_max_position_embeddings":
+        ok, what = is_whole_number(value), "a positive integer"
+    else:
+        ok = is_positive_number(value)
+        what = "a positive number"
+    if not ok:
+        raise ConfigError(f"rope_scaling {key}={value!r} (type {kind!r}) must be {what}; fix the "
+                          "checkpoint's config.")
+
+
+def is_positive_number(value: Any) -> bool:
+    """A finite number above 0 (an int or a float, not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf

@@ -145,12 +145,14 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
                                   f"checkpoint folder (it holds {HF_CONFIG} or {META_PARAMS}).")
     tokenizer_path = _find_tokenizer(req)
     tokenizer = open_tokenizer(tokenizer_path)
-    source = open_source(hf=req.hf, meta=req.meta, vocab_size=tokenizer.n_words)
-    if tokenizer.n_words > source.config.vocab_size:  # fewer: padded embedding rows
+    source = open_source(hf=req.hf, meta=req.meta, vocab_size=tokenizer.n_words,
+                         max_seq_len=req.max_seq_len)
+    # Fewer ids than the model's rows is allowed (vocabularies padded to a round size).
+    if tokenizer.n_words > source.config.vocab_size:
         raise UserError(
             f"the tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model has "
-            f"vocab_size={source.config.vocab_size}; pass the tokenizer that came with these "
-            "weights (--tokenizer)."
+            f"only vocab_size={source.config.vocab_size}; pass the tokenizer that came with "
+            "these weights (--tokenizer)."
         )
     # An explicit value is used or refused, never replaced (0 is not "not given").
     max_len = source.config.max_seq_len if req.max_seq_len is None else req.max_seq_len

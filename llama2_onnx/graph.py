@@ -259,7 +259,7 @@ class _GraphBuilder:
 
     def build(self) -> onnx.ModelProto:
         c = self.config
-        cos, sin = rotary_cos_sin(c.head_dim, c.rope_theta, c.max_seq_len)
+        cos, sin = rotary_cos_sin(c.head_dim, c.rope_theta, c.max_seq_len, c.rope_scaling)
         self.initializers += [self.writer.add("cos_cache", cos.astype(self.dtype)),
                               self.writer.add("sin_cache", sin.astype(self.dtype))]
         x = "/layers.0/attention_norm/normed"

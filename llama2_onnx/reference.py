@@ -2,7 +2,8 @@
 
 Parameter names are Meta's (`layers.0.attention.wq.weight`, ...), so a state dict of this module
 is the package's canonical weight set. Rotary embeddings use the half-split layout of Hugging
-Face checkpoints (`rotate_half`); Meta checkpoints are permuted into it when read.
+Face checkpoints (`rotate_half`); Meta checkpoints are permuted into it when read. The rotary
+frequencies (with rope scaling) come from rope.py's one definition; the rotation is done here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import Config
+from .rope import inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -31,11 +33,13 @@ class RMSNorm(nn.Module):
 def rotary_tables(config: Config, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (length, head_dim // 2) for positions 0..length-1.
 
-    Pair i of position p turns by the angle p * theta^(-2i/head_dim). Computed here rather than
-    taken from rope.py, which feeds the graph: the exporter's check must not share its tables.
+    Pair i of position p turns by the angle p * inv_freq[i] (theta^(-2i/head_dim), then rope
+    scaling). The frequencies are rope.py's, whose scaled forms tests/test_llama_family.py checks
+    against transformers; the tables are built here rather than taken from rope.py's
+    `rotary_cos_sin`, which feeds the graph: the exporter's check must not share those.
     """
-    half = config.head_dim // 2
-    inv_freq = config.rope_theta ** (-torch.arange(half, dtype=torch.float64) / half)
+    inv_freq = torch.from_numpy(inverse_frequencies(config.head_dim, config.rope_theta,
+                                                    config.rope_scaling))
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 

@@ -82,6 +82,19 @@ MUTATIONS = [
         ("llama2_onnx/graph.py", 'self.writer.add(name + "_t", array.T.astype(self.dtype))',
          'self.writer.add(name + "_t", (array if name.endswith("wo.weight") else array.T)'
          '.astype(self.dtype))'),)),
+    Mutation("llama3_unsmoothed", "llama3 rope scaling divides the middle band by the factor "
+             "instead of interpolating it (rope.py)", (
+        ("llama2_onnx/rope.py", "between = (1 - smooth) * inv_freq / factor + smooth * inv_freq",
+         "between = inv_freq / factor"),)),
+    Mutation("rope_scaling_not_in_the_graph", "the graph's rotary tables ignore rope scaling", (
+        ("llama2_onnx/graph.py", "c.max_seq_len, c.rope_scaling)", "c.max_seq_len)"),)),
+    Mutation("tied_output_zero", "a tied model's output projection read as zeros", (
+        ("llama2_onnx/checkpoints.py",
+         "        return self._check(name, safetensors_io.read_tensor(self.infos[name]))",
+         "        array = safetensors_io.read_tensor(self.infos[name])\n"
+         "        if self.tied and name == \"output.weight\":\n"
+         "            array = array * 0\n"
+         "        return self._check(name, array)"),)),
     Mutation("manifest_size_only", "the manifest check compares sizes only, never sha256", (
         ("llama2_onnx/files.py", 'elif sha256 and sha256_file(path) != entry["sha256"]:',
          'elif False and sha256_file(path) != entry["sha256"]:'),)),

@@ -139,18 +139,20 @@ def test_bad_inputs_are_refused_with_a_fix(tmp_path, make_checkpoint, tokenizer_
     hf = make_checkpoint("hf")
     with pytest.raises(UserError, match="does not exist"):
         export_variant(_request(tmp_path, tokenizer_path, hf=tmp_path / "nope"))
-    other = tmp_path / "mistral"
+    other = tmp_path / "qwen2"
     shutil.copytree(hf, other)
     raw = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**raw, "model_type": "mistral"}))
-    with pytest.raises(ConfigError, match="only Llama 2"):
+    (other / "config.json").write_text(json.dumps({**raw, "model_type": "qwen2"}))
+    with pytest.raises(ConfigError, match="model_type='qwen2'.*cannot export"):
         export_variant(_request(tmp_path, tokenizer_path, hf=other))
     (tmp_path / "out" / "v").mkdir(parents=True)
     with pytest.raises(UserError, match="--force"):
         export_variant(_request(tmp_path, tokenizer_path, hf=hf))
 
 
-def test_tokenizer_vocabulary_must_fit_the_model(tmp_path, tokenizer):
+def test_tokenizer_with_more_ids_than_the_model_is_refused(tmp_path, tokenizer):
+    """More ids than the model's rows is refused; fewer (a padded vocabulary) is allowed
+    (tests/test_llama_family.py exports one)."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
@@ -159,8 +161,8 @@ def test_tokenizer_vocabulary_must_fit_the_model(tmp_path, tokenizer):
         byte_fallback=True, minloglevel=2)
     from llama2_onnx.synthetic import write_hf
 
-    hf = write_hf(tmp_path / "hf", tiny_config(256))  # fewer rows than the tokenizer has ids
-    with pytest.raises(UserError, match="tokenizer .* has 280 tokens"):
+    hf = write_hf(tmp_path / "hf", tiny_config(tokenizer.n_words - 48))
+    with pytest.raises(UserError, match="tokenizer .* has 280 tokens .* only vocab_size=272"):
         export_variant(_request(tmp_path, tmp_path / "small.model", hf=hf))
 
 
