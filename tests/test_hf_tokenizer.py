@@ -207,7 +207,7 @@ def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tmp_path, chatml):
     n_words = open_tokenizer(chatml).n_words
     hf = write_hf(tmp_path / "ckpt", tiny_config(n_words - 20))
     write_tokenizer(hf)
-    with pytest.raises(UserError, match=f"has {n_words} tokens but the model has vocab_size="
+    with pytest.raises(UserError, match=f"has {n_words} tokens but the model has only vocab_size="
                                         f"{n_words - 20}; pass the tokenizer"):
         export_variant(ExportRequest(variant="v", precision="float32", hf=hf, out=tmp_path,
                                      progress=False, skip_verify=True))
