@@ -370,6 +370,10 @@ class MetaSource(_Checked):
         missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
         if missing:
             raise ConfigError(f"{params_path} lacks {', '.join(missing)}; download it again.")
+        if "use_scaled_rope" in params:  # Llama 3.1 as Meta ships it: a tiktoken tokenizer
+            raise ConfigError(f"{params_path} is Llama 3 in Meta's own format (use_scaled_rope), "
+                              "which this exporter does not read; export the Hugging Face "
+                              "download of the same model with --hf instead.")
         embed_rows = self.shards[0]["tok_embeddings.weight"].shape[0]
         if params.get("vocab_size", -1) in (-1, None):
             params["vocab_size"] = vocab_size or embed_rows

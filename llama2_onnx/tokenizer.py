@@ -82,7 +82,9 @@ class Tokenizer:
         return False
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.DecodeIds(list(ids))
+        """Text of `ids`; an id past the tokenizer's pieces (a model whose embedding table is
+        padded to a round size can choose one) gives none, as with tokenizer.json."""
+        return self.sp.DecodeIds([i for i in ids if i < self.n_words])
 
 
 def open_tokenizer(path: Path) -> Tokenizer | HFTokenizer:

@@ -225,3 +225,19 @@ def test_meta_shards_are_remapped_without_changing_values(make_checkpoint, monke
     for name, value in expected.items():
         np.testing.assert_array_equal(remapped.read(name), value)
         assert remapped._shards is None  # closed after every read at this threshold
+
+
+def test_llama_3_in_metas_own_format_is_refused_with_the_way_out(tmp_path, tokenizer):
+    from llama2_onnx.synthetic import write_meta
+
+    folder = write_meta(tmp_path / "m", tiny_config(tokenizer.n_words), seed=3)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
+    with pytest.raises(ConfigError, match=r"Llama 3 in Meta's own format \(use_scaled_rope\).*"
+                                          "Hugging Face download of the same model with --hf"):
+        MetaSource(folder)
+
+
+def test_an_id_of_a_padded_embedding_row_decodes_to_no_text(tokenizer):
+    ids = tokenizer.encode("the cat", bos=False)
+    assert tokenizer.decode(ids + [tokenizer.n_words + 7]) == tokenizer.decode(ids) == "the cat"
