@@ -39,6 +39,7 @@ def variant_readme(name: str, config: Config, tokenizer: tuple[str, ...] = (TOKE
                                 "activations" if config.dtype == "int4" else "")
     prov = ", ".join(f"{k}: {v}" for k, v in sorted(config.provenance.items()))
     graph = PurePosixPath(GRAPH_DIR, graph_name(name))
+    rotary = f"theta {config.rope_theta:g}" + rope_scaling_text(config.rope_scaling)
     # The link goes one folder up, to the distribution's README (the same file name as a card's).
     return f"""# {name}
 
@@ -53,6 +54,7 @@ table, tokenizer and config, produced by `tools/export_and_publish.py`.
 | layers / dim / heads / kv heads | {shape} |
 | vocabulary | {config.vocab_size} |
 | context | {config.max_seq_len} tokens |
+| rotary positions | {rotary} |
 | graph contract | {config.contract_version} |
 | provenance | {prov} |
 
@@ -61,6 +63,15 @@ Files: `{graph}` (graph), `{data_path(graph)}` (weights),
 `{MANIFEST}` (size and sha256 of every file; check with
 `python tools/export_and_publish.py verify {name}`).
 
-Llama 2 weights are licensed by Meta under the Llama 2 Community License; a variant made from
-them keeps that license.
+A variant keeps the license of the weights it was made from (Llama 2's: Meta's Llama 2
+Community License).
 """
+
+
+def rope_scaling_text(scaling: dict | None) -> str:
+    """", llama3 scaling x8 from 8192 positions" and the like ("" without scaling)."""
+    if not scaling:
+        return ""
+    text = f", {scaling['rope_type']} scaling x{scaling['factor']:g}"
+    original = scaling.get("original_max_position_embeddings")
+    return text + (f" from {original} positions" if original else "")

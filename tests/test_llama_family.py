@@ -167,6 +167,9 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path, tokenizer, tokenizer
     assert len(prompt) + STEPS > 32 + 16
     assert json.loads((tmp_path / "out" / "llama3_float32" / "config.json").read_text())[
         "rope_scaling"] == LLAMA3
+    card = (tmp_path / "out" / "llama3_float32" / "README.md").read_text()
+    assert f"| rotary positions | theta 10000, llama3 scaling x{LLAMA3['factor']:g} from 32 " \
+           "positions |" in card
     plain = oracle(folder, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     assert worst_relative(logits, plain, prompt, tokens) > 1000 * REL_BOUND  # scaling matters
 
