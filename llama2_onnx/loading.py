@@ -14,7 +14,7 @@ from .legacy import load_legacy
 from .placement import Placement, RunOptions, place
 from .resources import GiB, free_host_memory, require
 from .session import EngineParts, FileStamps, Runtime, create_session
-from .tokenizer import Tokenizer, check_vocab
+from .tokenizer import check_vocab, load_tokenizer
 from .variant_folder import (
     CACHE_DIR,
     CONFIG,
@@ -28,6 +28,7 @@ from .variant_folder import (
     find_graph,
     folder_format,
     original_files,
+    tokenizer_file,
     variant_format,
 )
 from .variants import slot_hint
@@ -47,7 +48,7 @@ def load_variant(path: Path, options: RunOptions) -> EngineParts:
         if problems:
             raise VariantError(problems[0])
     config = Config.load(path / CONFIG)
-    return open_files(find_graph(path), path / EMBEDDINGS, path / TOKENIZER, config, options,
+    return open_files(find_graph(path), path / EMBEDDINGS, tokenizer_file(path), config, options,
                       name=path.name)
 
 
@@ -100,7 +101,7 @@ def open_files(graph: Path, embeddings: Path, tokenizer_path: Path, config: Conf
     --onnx_file style) where and how place() decides."""
     for p in (graph, data_path(graph)):
         check_not_lfs_pointer(p)
-    tokenizer = Tokenizer.from_file(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     check_vocab(tokenizer, config, tokenizer_path)
     table = load_embeddings(embeddings, config)
     placement = place(config, options)

@@ -10,7 +10,7 @@ from .errors import GenerationError, VariantError
 if TYPE_CHECKING:
     from .config import Config
 from .files import check_not_lfs_pointer
-from .variant_folder import TOKENIZER
+from .variant_folder import TOKENIZER, TOKENIZER_CONFIG, TOKENIZER_JSON
 
 
 class Tokenizer:
@@ -52,6 +52,57 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.DecodeIds(list(ids))
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (byte-level BPE: SmolLM2, Llama 3) behind the same
+    interface as Tokenizer. Text is encoded with special-token parsing off, so a user typing
+    `<|im_end|>` gets those characters' pieces, never the control token.
+
+    A stand-in until the tokenizer work of issue 23 (its own backend, stop-token sets, chat
+    templates) lands: the GGUF import writes the files that backend reads.
+    """
+
+    def __init__(self, backend, bos_id: int | None, eos_id: int | None) -> None:
+        self.backend = backend
+        self.n_words: int = backend.get_vocab_size(with_added_tokens=True)
+        self.bos_id = -1 if bos_id is None else bos_id
+        self.eos_id = -1 if eos_id is None else eos_id
+
+    @classmethod
+    def from_file(cls, path: Path) -> HFTokenizer:
+        import json
+
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(path)
+        check_not_lfs_pointer(path)
+        try:
+            backend = Backend.from_file(str(path))
+        except Exception:  # tokenizers raises its own exception type for a bad file
+            raise VariantError(f"{path} is not a Hugging Face {TOKENIZER_JSON}; use the "
+                               f"variant's {TOKENIZER_JSON}.") from None
+        settings = path.parent / TOKENIZER_CONFIG
+        config = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
+        bos, eos = (config.get(k) for k in ("bos_token", "eos_token"))
+        return cls(backend, backend.token_to_id(bos) if bos else None,
+                   backend.token_to_id(eos) if eos else None)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        check_text(text, "the text")
+        ids = self.backend.encode(text, add_special_tokens=False, is_pretokenized=False).ids
+        start = [self.bos_id] if bos and self.bos_id >= 0 else []
+        return start + ids + ([self.eos_id] if eos and self.eos_id >= 0 else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+
+def load_tokenizer(path: Path) -> Tokenizer | HFTokenizer:
+    """The tokenizer in `path`: a SentencePiece model, or a Hugging Face tokenizer.json."""
+    if Path(path).name == TOKENIZER_JSON:
+        return HFTokenizer.from_file(path)
+    return Tokenizer.from_file(path)
 
 
 class StreamDecoder:

@@ -5,6 +5,10 @@
     <variant>/ONNX/.cache/                       old optimized-graph cache; unused
     <variant>/embeddings.safetensors             EMBEDDINGS
     <variant>/tokenizer.model                    TOKENIZER
+    <variant>/tokenizer.json, tokenizer_config.json, generation_config.json
+                                                 TOKENIZER_JSON, TOKENIZER_CONFIG,
+                                                 GENERATION_CONFIG (Hugging Face's files,
+                                                 instead of tokenizer.model: a GGUF import)
     <variant>/config.json                        CONFIG
     <variant>/manifest.json                      MANIFEST
     <variant>/README.md, .gitattributes, .gitignore    README, GITATTRIBUTES, GITIGNORE
@@ -40,6 +44,9 @@ from .files import (
 CONFIG = "config.json"
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+GENERATION_CONFIG = "generation_config.json"
 EMBEDDINGS = "embeddings.safetensors"
 ORIGINAL_EMBEDDINGS = "embeddings.pth"
 GRAPH_DIR = "ONNX"
@@ -57,6 +64,19 @@ LFS_PATTERNS = (f"*{GRAPH_SUFFIX}", f"*{GRAPH_SUFFIX}{DATA_SUFFIX}", f"*{Path(EM
 STAGING_MARK = ".llama2_onnx-staging"
 # Files every variant of our format has besides its graph (ONNX/<name>.onnx and .onnx.data).
 REQUIRED_FILES = (CONFIG, TOKENIZER, EMBEDDINGS)
+
+
+def tokenizer_file(folder: Path) -> Path:
+    """The variant's tokenizer: tokenizer.model, or tokenizer.json where that is what it has."""
+    folder = Path(folder)
+    if not (folder / TOKENIZER).exists() and (folder / TOKENIZER_JSON).is_file():
+        return folder / TOKENIZER_JSON
+    return folder / TOKENIZER
+
+
+def required_files(folder: Path) -> tuple[str, ...]:
+    """REQUIRED_FILES with the tokenizer the folder has (tokenizer_file)."""
+    return (CONFIG, tokenizer_file(folder).name, EMBEDDINGS)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 AnyPath = TypeVar("AnyPath", bound=PurePath)
 
@@ -339,7 +359,7 @@ def variant_file_problems(folder: Path, listed: dict) -> list[str]:
                if p.is_file() and CACHE_DIR not in p.relative_to(folder).parts] if found else []
     problems = [f"{folder / MANIFEST} does not list {rel}; the manifest is incomplete: "
                 "re-export or fetch the variant again." for rel in
-                dict.fromkeys([*REQUIRED_FILES, *graph, *present]) if rel not in listed]
+                dict.fromkeys([*required_files(folder), *graph, *present]) if rel not in listed]
     if not found and not any(rel.endswith(GRAPH_SUFFIX) for rel in listed):
         problems.append(f"{folder / GRAPH_DIR} has no {GRAPH_SUFFIX} graph; re-export or fetch "
                         "the variant.")
