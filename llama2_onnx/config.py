@@ -57,9 +57,6 @@ class Config:
     chat: bool = False
     contract_version: int = CONTRACT_VERSION
     provenance: dict[str, Any] = field(default_factory=dict)
-    # int4 only: MatMulNBits nodes take float16 zero points (codes kept from a Q4_1 GGUF file:
-    # gguf_source.py), which DirectML's and WebGPU's MatMulNBits do not take (placement.py).
-    zero_points: bool = False
     # int4 only: whether the output projection is 4-bit (None: INT4_QUANTIZES_OUTPUT). A GGUF
     # import keeps it float16 where the file stored it above 4 bits (docs/export.md).
     output_int4: bool | None = None
@@ -110,7 +107,6 @@ class Config:
                       "intermediate_size": (lambda v: v is None or whole(v),
                                             "a positive integer or null"),
                       "chat": (lambda v: isinstance(v, bool), "true or false"),
-                      "zero_points": (lambda v: isinstance(v, bool), "true or false"),
                       "output_int4": (lambda v: v is None or isinstance(v, bool),
                                       "true, false or null"),
                       "contract_version": (whole, "a positive integer"),
@@ -121,8 +117,8 @@ class Config:
                 raise ConfigError(f"config value {name}={value!r} must be {what}.")
 
     def _check_block_size(self) -> None:
-        if (self.zero_points or self.output_int4 is not None) and self.dtype != "int4":
-            raise ConfigError("zero_points and output_int4 only apply to int4 variants.")
+        if self.output_int4 is not None and self.dtype != "int4":
+            raise ConfigError("output_int4 only applies to int4 variants.")
         if self.dtype != "int4":
             if self.block_size is not None:
                 raise ConfigError(f"block_size={self.block_size} only applies to int4 variants.")
@@ -179,15 +175,13 @@ class Config:
                                   + 3 * self.dim * self.hidden_dim)
         if self.quantizes_output:
             linear += self.vocab_size * self.dim
-        per_weight = 0.5 + (4 if self.zero_points else 2) / self.block_size
+        per_weight = 0.5 + 2 / self.block_size
         return int(linear * per_weight) + (self.n_params() - linear) * 2
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if self.block_size is None:  # float variants' config.json stays as before int4 existed
             del data["block_size"]
-        if not self.zero_points:  # only variants whose codes carry zero points state it
-            del data["zero_points"]
         if self.output_int4 is None:
             del data["output_int4"]
         return data

@@ -265,7 +265,7 @@ def _write_variant(folder: Path, source: Source, tokenizer: Path | dict[str, str
     else:
         shutil.copyfile(tokenizer, folder / TOKENIZER)
     if kept.kept:
-        config = config.replace(zero_points=kept.zero_points, provenance={
+        config = config.replace(provenance={
             **config.provenance, "int4_codes_kept": f"{len(kept.kept)} of {kept.asked} "
             "matrices keep the source's 4-bit codes"})
     config.save(folder / CONFIG)
@@ -278,18 +278,17 @@ def _write_variant(folder: Path, source: Source, tokenizer: Path | dict[str, str
 
 
 class _KeptBlocks:
-    """The source's int4_blocks, noting which matrices kept their codes (and whether any
-    carries zero points) for the variant's config and its verification."""
+    """The source's int4_blocks, noting which matrices kept their codes (for the variant's
+    provenance and its verification)."""
 
     def __init__(self, source: Source) -> None:
-        self.source, self.asked, self.kept, self.zero_points = source, 0, [], False
+        self.source, self.asked, self.kept = source, 0, []
 
     def __call__(self, name: str):
         self.asked += 1
         blocks = self.source.int4_blocks(name)
         if blocks is not None:
             self.kept.append(name)
-            self.zero_points |= blocks.zero_points is not None
         return blocks
 
 

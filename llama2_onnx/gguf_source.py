@@ -10,7 +10,8 @@ Two things differ from a Hugging Face checkpoint:
   with `checkpoints.meta_to_half_split`, per head of q (n_heads) and of k (n_kv_heads).
 - 4-bit blocks: Q4_0 (blocks of 32, one float16 scale d: w = d * (q - 8)) and Q4_1 (a scale d
   and a minimum m: w = d * q + m) are offered whole (`int4_blocks`), so an int4 export keeps
-  their codes instead of rounding a second time: Q4_1's minimum becomes the zero point -m / d.
+  their codes instead of rounding a second time: Q4_1's minimum becomes a per-block offset
+  (quantize.Int4Blocks).
 
 The tokenizer and chat template come from the file's metadata, written as the Hugging Face
 files a checkpoint folder has (`tokenizer_files`).
@@ -141,11 +142,11 @@ class GGUFSource(_Checked):
 
     def int4_blocks(self, name: str) -> Int4Blocks | None:
         """The tensor's own 4-bit codes, in MatMulNBits' terms (blocks of 32 along K), when it
-        is stored as Q4_0 or Q4_1 and every block is representable; None otherwise.
+        is stored as Q4_0 or Q4_1; None otherwise.
 
-        Q4_0: w = d * (q - 8), the implicit zero point 8. Q4_1: w = d * q + m = d * (q - z)
-        with z = -m / d rounded to float16; a block with d = 0 but m != 0 (a constant block)
-        or a z beyond float16 has no such form, and the tensor is then de-quantized instead.
+        Q4_0: w = d * (q - 8), MatMulNBits' own form. Q4_1: w = d * q + m = d * (q - 8) + o
+        with the offset o = m + 8 d (quantize.Int4Blocks), rounded to float16 like m itself;
+        a tensor whose offsets pass float16's range is de-quantized instead.
         """
         tensor = self.tensors[name]
         kind = tensor.tensor_type.name
@@ -158,18 +159,14 @@ class GGUFSource(_Checked):
         qs = raw[..., head:head + GGUF_BLOCK // 2]
         # llama.cpp puts a block's values 0..15 in the low nibbles, 16..31 in the high ones.
         codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (n, k / 32, 32)
-        zero_points = None
+        offsets = None
         if kind == "Q4_1":
             m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            d32 = d.astype(np.float32)
-            if np.any((d32 == 0) & (m != 0)):
+            o = m + 8 * d.astype(np.float32)
+            if not np.isfinite(o).all() or np.abs(o).max() > np.finfo(np.float16).max:
                 return None
-            with np.errstate(divide="ignore", invalid="ignore"):
-                z = np.where(d32 == 0, 0.0, -m / d32)
-            if not np.isfinite(z).all() or np.abs(z).max() > np.finfo(np.float16).max:
-                return None
-            zero_points = z.astype(np.float16)
-        blocks = Int4Blocks(codes, d, zero_points)
+            offsets = o.astype(np.float16)
+        blocks = Int4Blocks(codes, d, offsets)
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             heads = self.config.n_heads if name.endswith("wq.weight") else self.config.n_kv_heads
             order = meta_to_half_split(np.arange(n)[:, None], heads)[:, 0]

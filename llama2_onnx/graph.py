@@ -46,10 +46,9 @@ Operator support, from ONNX Runtime's OperatorKernels.md (checked for CPU, CUDA 
 
 int4 variants (weight-only): every MatMul of the blocks and the output projection becomes
 MatMulNBits (com.microsoft; bits 4, blocks of 32/64/128 along K, B = packed uint8 codes,
-float16 scales, no zero-point input: quantize.py; a Q4_1 GGUF source's kept codes add float16
-zero points, which CUDA and the CPU take and DirectML and WebGPU do not). Everything else is
-the float16 graph: the activations, norms, rotary tables, KV cache and the embedding table are
-float16.
+float16 scales, no zero-point input: quantize.py; a Q4_1 GGUF source's kept codes add a
+per-block offset term of ordinary operators: matmul_blocks). Everything else is the float16
+graph: the activations, norms, rotary tables, KV cache and the embedding table are float16.
 - MatMulNBits in OperatorKernels.md: CPU T1 (A, scales, Y) float/float16, B uint8, zero points
   uint8/float/float16; CUDA T1 bfloat16/float/float16; DirectML T1 float/float16, B uint8, and
   no type listed for zero points (its kernel also refuses the g_idx and bias inputs), hence
@@ -82,6 +81,11 @@ ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
 # MatMulNBits' accuracy_level: 4 lets the CPU kernel multiply int8-quantized activations with
 # the 4-bit weights; CUDA and DirectML ignore it.
 ACCURACY_LEVEL = 4
+# Codes kept from a 4-bit source use the CPU's exact kernel (float32 activations): on SmolLM2's
+# Q4_1 file int8 activations alone moved the logits by 0.12 of their spread (KL 0.014) against
+# 0.0013 (KL 3e-6) exact, and the exact kernel still decodes 1.6x as fast as float32
+# (docs/export.md, "int4 from a GGUF file").
+KEPT_ACCURACY_LEVEL = 0
 TRANSPOSE_ROWS = 64  # rows per band of a transposed copy (see transposed)
 
 
@@ -227,27 +231,45 @@ class _GraphBuilder:
         return Int4Blocks.concatenate(parts)
 
     def matmul_blocks(self, x: str, name: str, blocks: Int4Blocks, out: str) -> str:
-        """x @ W.T with the source's codes kept: MatMulNBits with zero points of the scales'
-        type when the blocks have them (a Q4_1 source), none otherwise (the implicit 8)."""
-        n, k = blocks.codes.shape[0], blocks.codes.shape[1] * blocks.block
-        inputs = [x, name + "_q4", name + "_scales"]
+        """x @ W.T with the source's codes kept (quantize.Int4Blocks): MatMulNBits of the
+        codes and scales, plus, for blocks with offsets (Q4_1), the offsets times each block's
+        sum of x:
+
+            x ──► MatMulNBits(codes, scales) ─────────────────────────────┐
+            └───► Reshape (.., K / block, block) ─► ReduceSum ─► MatMul ─► Add ─► out
+                                                      (.., K / block) @ offsets.T (K / block, N)
+        """
+        n, k, block = blocks.codes.shape[0], blocks.codes.shape[1] * blocks.block, blocks.block
+        products = out if blocks.offsets is None else out + "/codes"
         self.initializers += [self.writer.add(name + "_q4", pack(blocks.codes)),
                               self.writer.add(name + "_scales", blocks.scales.astype(self.dtype))]
-        if blocks.zero_points is not None:
-            inputs.append(name + "_zp")
-            self.initializers.append(self.writer.add(name + "_zp",
-                                                     blocks.zero_points.astype(self.dtype)))
-        self.node("MatMulNBits", inputs, [out], out, domain="com.microsoft", K=k, N=n, bits=4,
-                  block_size=blocks.block, accuracy_level=ACCURACY_LEVEL)
+        self.node("MatMulNBits", [x, name + "_q4", name + "_scales"], [products], products,
+                  domain="com.microsoft", K=k, N=n, bits=4, block_size=block,
+                  accuracy_level=KEPT_ACCURACY_LEVEL)
+        if blocks.offsets is None:
+            return out
+        shape = self.constant(f"/blocks/shape_{k // block}_{block}", [0, 0, k // block, block])
+        self.node("Reshape", [x, shape], [out + "/blocks"], out + "/blocks")
+        self.node("ReduceSum", [out + "/blocks", self.constant("/blocks/last_axis", [-1])],
+                  [out + "/block_sums"], out + "/block_sums", keepdims=0)
+        self.initializers.append(self.writer.add(name + "_offsets",
+                                                 transposed(blocks.offsets, self.dtype)))
+        self.node("MatMul", [out + "/block_sums", name + "_offsets"], [out + "/offsets"],
+                  out + "/offsets")
+        self.node("Add", [products, out + "/offsets"], [out], out)
         return out
+
+    def constant(self, name: str, values: list[int]) -> str:
+        """An int64 vector initializer, written once however often it is asked for."""
+        if name not in self.split_sizes:
+            self.split_sizes.add(name)
+            self.initializers.append(helper.make_tensor(name, TensorProto.INT64, [len(values)],
+                                                        values))
+        return name
 
     def split(self, x: str, sizes: list[int], outs: list[str]) -> list[str]:
         """Split the last axis of x into `sizes` (one int64 initializer per distinct split)."""
-        key = "/split/" + "_".join(map(str, sizes))
-        if key not in self.split_sizes:
-            self.split_sizes.add(key)
-            self.initializers.append(helper.make_tensor(key, TensorProto.INT64, [len(sizes)],
-                                                        sizes))
+        key = self.constant("/split/" + "_".join(map(str, sizes)), sizes)
         self.node("Split", [x, key], outs, outs[0] + "/split", axis=-1)
         return outs
 

@@ -281,15 +281,6 @@ def _provider_for(config: Config, requested: str, installed: list[str] | None,
     from the second decode step, so float32 variants run on the CPU: `auto` picks it,
     `--provider cuda` is refused. The original format has no GroupQueryAttention."""
     provider = resolve_provider(requested, installed)
-    if config.zero_points and provider in ("dml", "webgpu"):
-        # DirectML's MatMulNBits takes no zero points; WebGPU's reads them as packed 4-bit
-        # integers only, and a Q4_1 block's zero point -m/d is a fraction (gguf_source.py).
-        if requested == "auto":
-            return "cpu"
-        raise UserError(f"this int4 variant keeps a Q4_1 file's codes with zero points, which "
-                        f"{PROVIDERS[provider]}'s MatMulNBits does not take; run it with "
-                        "--provider cpu or cuda, or export int4 from a Q4_0 or float source "
-                        "for this provider.")
     if provider == "cuda" and config.dtype == "float32" and contract == OURS:
         if requested == "auto":
             return "cpu"

@@ -17,7 +17,7 @@ import pytest
 
 from llama2_onnx import graph_forms
 from llama2_onnx.config import Config
-from llama2_onnx.errors import CheckpointError, ConfigError, UserError
+from llama2_onnx.errors import CheckpointError, ConfigError
 from llama2_onnx.evaluate import perplexity
 from llama2_onnx.export import BOUNDS, ExportRequest, export_variant
 from llama2_onnx.generation import Engine
@@ -207,12 +207,12 @@ def test_four_bit_blocks_are_the_files_codes(tiny):
                  "layers.0.attention.wv.weight", "layers.1.feed_forward.w2.weight"):
         blocks = source.int4_blocks(name)
         reference = source.read(name)
-        # float16 zero points (-m/d) round like any float16 value: within its relative step
+        # Q4_1's offsets (m + 8 d) are float16, rounded like m itself
         np.testing.assert_allclose(blocks.dequantize(), reference, rtol=0,
                                    atol=2e-3 * np.abs(reference).max(), err_msg=name)
         assert blocks.block == 32 and blocks.codes.max() <= 15
-    assert source.int4_blocks("layers.0.attention.wv.weight").zero_points is None  # Q4_0
-    assert source.int4_blocks("layers.0.attention.wq.weight").zero_points is not None  # Q4_1
+    assert source.int4_blocks("layers.0.attention.wv.weight").offsets is None  # Q4_0
+    assert source.int4_blocks("layers.0.attention.wq.weight").offsets is not None  # Q4_1
     mixed = GGUFSource(tiny["mixed"])
     assert mixed.int4_blocks("layers.0.attention.wq.weight") is None  # Q8_0
     assert mixed.int4_blocks("layers.0.attention_norm.weight") is None
@@ -268,20 +268,28 @@ def test_float32_export_gives_transformers_greedy_tokens(tiny, tmp_path, which):
 
 
 def test_int4_from_q4_blocks_equals_the_dequantized_model(tiny, tmp_path):
-    """Q4_0/Q4_1 codes kept: MatMulNBits with float16 zero points for Q4_1 and none for Q4_0,
-    verified against the de-quantized float model within float16's bounds; the logits equal the
-    float32 export's within float16 rounding, on every graph form the CPU runs."""
+    """Q4_0/Q4_1 codes kept (MatMulNBits of the file's codes and scales, plus Q4_1's per-block
+    offsets), verified against the de-quantized float model within float16's bounds; the
+    logits equal the float32 export's within float16 rounding."""
     reports = []
     folder = export(tiny["four_bit"], "int4", tmp_path, on_verified=reports.append)
     assert reports[0].bounds == BOUNDS["float16"] and reports[0].ok
     config = Config.load(folder / "config.json")
-    assert config.zero_points and config.output_int4 and config.block_size == 32
+    assert config.output_int4 and config.block_size == 32
+    assert config.provenance["int4_codes_kept"].startswith(f"{7 * LAYERS + 1} of ")
     model = onnx.load(str(find_graph(folder)), load_external_data=False)
     nbits = {n.input[1]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
-    assert len(nbits) == 4 * LAYERS + 1
-    # layer 0's fused qkv: q and k are Q4_1, v is Q4_0 (its zero points written out as 8)
-    assert len(nbits["layers.0.attention.wqkv.weight_q4"].input) == 4
-    assert len(nbits["output.weight_q4"].input) == 3  # the Q4_0 embedding table, tied
+    assert len(nbits) == 4 * LAYERS + 1 and all(len(n.input) == 3 for n in nbits.values())
+    offsets = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
+    # every projection has a Q4_1 part (q and k, o, gate, down) but the Q4_0 embedding table
+    assert offsets == {f"layers.{i}.{w}.weight_offsets" for i in range(LAYERS) for w in
+                       ("attention.wqkv", "attention.wo", "feed_forward.w13",
+                        "feed_forward.w2")}
+    codes = GGUFSource(tiny["four_bit"]).int4_blocks("layers.1.feed_forward.w2.weight").codes
+    stored = onnx.numpy_helper.to_array(
+        next(t for t in model.graph.initializer if t.name == "layers.1.feed_forward.w2.weight_q4"),
+        base_dir=str(find_graph(folder).parent))
+    assert np.array_equal(stored & 0x0F, codes[..., 0::2])  # the file's own codes
     float32 = export(tiny["four_bit"], "float32", tmp_path)
     int4_engine = Engine.from_variant(folder, provider="cpu")
     f32_engine = Engine.from_variant(float32, provider="cpu")
@@ -291,28 +299,32 @@ def test_int4_from_q4_blocks_equals_the_dequantized_model(tiny, tmp_path):
     assert greedy(int4_engine, prompt, 16) == greedy(f32_engine, prompt, 16)
 
 
-def test_zero_points_survive_every_graph_form(tiny, tmp_path):
-    """The CPU's (float32), CUDA's (packed) and WebGPU's (split-K) forms keep each
-    MatMulNBits' zero points; DirectML and WebGPU, whose MatMulNBits take no fractional zero
-    points, are refused (auto picks the CPU instead)."""
+@pytest.mark.parametrize("form", [graph_forms.EXPORTED, graph_forms.PACKED,
+                                  graph_forms.PACKED_FLOAT32, graph_forms.SPLIT_K])
+def test_offsets_survive_every_graph_form(tiny, tmp_path, form):
+    """DirectML's (as exported), CUDA's (packed), the CPU's (float32) and WebGPU's (split-K)
+    forms keep each Q4_1 projection's offset term feeding what the projection fed; the
+    CPU's form runs (the test above), the others are checked node by node."""
     folder = export(tiny["four_bit"], "int4", tmp_path, skip_verify=True)
     graph_path = find_graph(folder)
-    for form in (graph_forms.PACKED_FLOAT32, graph_forms.PACKED, graph_forms.SPLIT_K):
-        model = onnx.load(str(graph_path), load_external_data=False)
-        graph_forms.to_form(model, form, graph_path.parent)
-        with_zp = [n for n in model.graph.node if n.op_type == "MatMulNBits" and
-                   len(n.input) == 4]
-        names = {t.name for t in model.graph.initializer}
-        assert len(with_zp) == 4 * LAYERS, form  # qkv, o, gate|up, down of each layer
-        assert all(n.input[3] in names for n in with_zp), form
-    # WebGPU's fused projections (not a default form) leave nodes with zero points alone.
-    assert graph_forms.fuse_projections(model.graph) == 0
+    model = onnx.load(str(graph_path), load_external_data=False)
+    graph_forms.to_form(model, form, graph_path.parent)
+    nodes = list(model.graph.node)
+    producer = {out: n for n in nodes for out in n.output}
+    names = {t.name for t in model.graph.initializer} | {"inputs_embeds"}
+    adds = [n for n in nodes if n.op_type == "Add" and n.input[0].endswith("/codes")]
+    assert len(adds) == 4 * LAYERS
+    for add in adds:
+        codes, offsets = producer[add.input[0]], producer[add.input[1]]
+        assert codes.op_type == "MatMulNBits" and offsets.op_type in ("MatMul", "Reshape")
+        sums = producer[offsets.input[0]] if offsets.op_type == "MatMul" else None
+        assert sums is None or sums.op_type == "ReduceSum"
+        assert add.output[0] in {i for n in nodes for i in n.input}  # still consumed
+    inputs = {i.name for i in model.graph.input}
+    made = {out for n in nodes for out in n.output}
+    assert all(i in made | names | inputs or i == "" for n in nodes for i in n.input)
     config = Config.load(folder / "config.json")
-    for provider in ("dml", "webgpu"):
-        with pytest.raises(UserError, match="does not take; run it with --provider cpu"):
-            place(config, RunOptions(provider=provider), installed=[provider, "cpu"],
-                  float16=True)
-    assert place(config, RunOptions(provider="auto"), installed=["dml", "cpu"]).provider == "cpu"
+    assert place(config, RunOptions(provider="cpu"), installed=["cpu"]).provider == "cpu"
 
 
 def test_other_types_are_quantized_again(tiny, tmp_path):
@@ -321,8 +333,8 @@ def test_other_types_are_quantized_again(tiny, tmp_path):
     reports = []
     folder = export(tiny["mixed"], "int4", tmp_path, on_verified=reports.append)
     config = Config.load(folder / "config.json")
-    assert config.output_int4 is False and config.zero_points  # v and gate are Q4_1
-    assert reports[0].ok
+    assert config.output_int4 is False  # the F16 table is not 4-bit: it stays float16
+    assert reports[0].ok and reports[0].bounds == BOUNDS["int4"]  # some matrices re-rounded
     model = onnx.load(str(find_graph(folder)), load_external_data=False)
     assert not any(n.op_type == "MatMulNBits" and n.input[1].startswith("output")
                    for n in model.graph.node)
@@ -440,7 +452,7 @@ def test_smollm2_int4_keeps_codes_and_perplexity(smollm2):
     report = smollm2["reports"]["int4"]
     assert report.ok and report.bounds == BOUNDS["float16"]
     config = Config.load(smollm2["int4"] / "config.json")
-    assert config.zero_points and config.output_int4 is False  # the Q8_0 table stays float16
+    assert config.output_int4 is False  # the Q8_0 table stays float16
     results = {}
     for precision in ("float32", "int4"):
         engine = Engine.from_variant(smollm2[precision], provider="cpu")
