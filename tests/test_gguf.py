@@ -244,12 +244,18 @@ def greedy(engine: Engine, prompt: list[int], steps: int) -> list[int]:
 
 
 def transformers_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """`steps` argmax tokens from transformers' forward with its KV cache (not `generate`,
+    whose stop and minimum-length rules would change tokens at an end-of-turn token)."""
     import torch
 
+    tokens, past, ids = [], None, torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
-                             min_new_tokens=steps, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        for _ in range(steps):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens
 
 
 def export(path: Path, precision: str, out: Path, **changes) -> Path:
