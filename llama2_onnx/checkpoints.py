@@ -18,6 +18,7 @@ import numpy as np
 from . import safetensors_io
 from .config import Config
 from .errors import CheckpointError, ConfigError, is_whole_number
+from .quantize import Int4Blocks
 from .rope import ROPE_TYPES
 
 # The files that name a checkpoint's shapes: Hugging Face's and Meta's.
@@ -96,6 +97,9 @@ class Source(Protocol):
     """A checkpoint that yields canonical float tensors by name."""
 
     config: Config
+    # The weights were quantized already (a GGUF file): int4 keeps what is 4-bit and leaves the
+    # output projection float16 where the file kept it above 4 bits (export._variant_config).
+    prequantized: bool
 
     def read(self, name: str) -> np.ndarray: ...
 
@@ -103,12 +107,16 @@ class Source(Protocol):
 
     def describe(self) -> dict[str, str]: ...
 
+    # A 4-bit source's own blocks of a matrix (gguf_source: Q4_0, Q4_1), or None.
+    def int4_blocks(self, name: str) -> Int4Blocks | None: ...
+
 
 class _Checked:
     """Shape checks and a record of which canonical tensors were read."""
 
     config: Config
     available: set[str]
+    prequantized = False
 
     def _check(self, name: str, arr: np.ndarray) -> np.ndarray:
         expected = canonical_shapes(self.config)[name]
@@ -118,6 +126,10 @@ class _Checked:
                 "the checkpoint and its config do not belong together."
             )
         return arr
+
+    def int4_blocks(self, name: str) -> Int4Blocks | None:
+        """Float checkpoints have no 4-bit blocks of their own: int4 quantizes them."""
+        return None
 
     def _check_complete(self) -> None:
         missing = sorted(set(canonical_shapes(self.config)) - self.available)
@@ -431,6 +443,6 @@ def open_source(hf: Path | None = None, meta: Path | None = None,
         max_seq_len: the context the variant will have, when it is given (--max-seq-len).
     """
     if (hf is None) == (meta is None):
-        raise CheckpointError("pass exactly one of --hf DIR or --meta DIR.")
+        raise CheckpointError("pass exactly one of --hf DIR, --meta DIR or --gguf FILE.")
     return HFSource(hf, max_seq_len) if hf is not None else MetaSource(meta, vocab_size)
 

@@ -50,10 +50,13 @@ def spell_both(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """--hf / --meta (exactly one) and --tokenizer: where an export reads its weights."""
+    """--hf / --meta / --gguf (exactly one) and --tokenizer: where an export reads its
+    weights."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", type=Path, help=f"Hugging Face folder ({HF_CONFIG} + safetensors)")
     src.add_argument("--meta", type=Path, help=f"Meta folder ({META_PARAMS} + consolidated.NN.pth)")
+    src.add_argument("--gguf", type=Path, help="GGUF file (llama.cpp's format; its tokenizer "
+                     "and chat template come with it)")
     parser.add_argument("--tokenizer", type=Path, help=f"{TOKENIZER} (default: beside the "
                         "checkpoint or in its parent folder)")
 

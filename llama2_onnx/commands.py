@@ -20,7 +20,7 @@ def export_command(args: argparse.Namespace, root: Path) -> int:
         raise UserError("--remote/--hub only apply with --publish; add --publish.")
     request = ExportRequest(variant=args.variant, precision=args.precision,
                             block_size=args.block_size, hf=args.hf,
-                            meta=args.meta, tokenizer=args.tokenizer, out=args.out,
+                            meta=args.meta, gguf=args.gguf, tokenizer=args.tokenizer, out=args.out,
                             max_seq_len=args.max_seq_len, chat=args.chat, force=args.force,
                             skip_verify=args.skip_verify, progress=not args.no_progress,
                             lfs=not args.no_lfs,

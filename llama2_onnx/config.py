@@ -62,6 +62,9 @@ class Config:
     chat: bool = False
     contract_version: int = CONTRACT_VERSION
     provenance: dict[str, Any] = field(default_factory=dict)
+    # int4 only: whether the output projection is 4-bit (None: INT4_QUANTIZES_OUTPUT). A GGUF
+    # import keeps it float16 where the file stored it above 4 bits (docs/export.md).
+    output_int4: bool | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -108,6 +111,8 @@ class Config:
                       "intermediate_size": (lambda v: v is None or whole(v),
                                             "a positive integer or null"),
                       "chat": (lambda v: isinstance(v, bool), "true or false"),
+                      "output_int4": (lambda v: v is None or isinstance(v, bool),
+                                      "true, false or null"),
                       "contract_version": (whole, "a positive integer"),
                       "provenance": (lambda v: isinstance(v, dict), "an object")})
         for name, (ok, what) in rules.items():
@@ -116,6 +121,8 @@ class Config:
                 raise ConfigError(f"config value {name}={value!r} must be {what}.")
 
     def _check_block_size(self) -> None:
+        if self.output_int4 is not None and self.dtype != "int4":
+            raise ConfigError("output_int4 only applies to int4 variants.")
         if self.dtype != "int4":
             if self.block_size is not None:
                 raise ConfigError(f"block_size={self.block_size} only applies to int4 variants.")
@@ -129,6 +136,11 @@ class Config:
                 raise ConfigError(f"the model's {name} {width} is not a multiple of the int4 "
                                   f"block size {self.block_size}; use a block size that "
                                   "divides it or export float16.")
+
+    @property
+    def quantizes_output(self) -> bool:
+        """Whether an int4 variant stores the output projection as 4-bit codes."""
+        return INT4_QUANTIZES_OUTPUT if self.output_int4 is None else self.output_int4
 
     @property
     def head_dim(self) -> int:
@@ -165,15 +177,15 @@ class Config:
             return self.n_params() * np.dtype(NP_DTYPES[self.dtype]).itemsize
         linear = self.n_layers * (2 * self.dim * self.dim + 2 * self.dim * self.kv_dim
                                   + 3 * self.dim * self.hidden_dim)
-        if INT4_QUANTIZES_OUTPUT:
+        if self.quantizes_output:
             linear += self.vocab_size * self.dim
         per_weight = 0.5 + 2 / self.block_size
         return int(linear * per_weight) + (self.n_params() - linear) * 2
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for key in ("block_size", "rope_scaling"):  # unset: config.json stays as it was before
-            if data[key] is None:
+        for key in ("block_size", "rope_scaling", "output_int4"):  # unset: config.json stays
+            if data[key] is None:  # as it was before these existed
                 del data[key]
         return data
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from .variant_folder import (
     HF_TOKENIZER,
     README,
     TOKENIZER,
+    TOKENIZER_CONFIG,
     data_path,
     graph_name,
     tokenizer_files,
@@ -68,6 +70,7 @@ class ExportRequest:
     block_size: int | None = None  # int4 only; default DEFAULT_BLOCK_SIZE
     hf: Path | None = None
     meta: Path | None = None
+    gguf: Path | None = None  # a GGUF file (gguf_source.py); its tokenizer comes from it
     tokenizer: Path | None = None
     out: Path = Path(".")
     max_seq_len: int | None = None
@@ -93,7 +96,8 @@ def export_variant(req: ExportRequest) -> Path:
         raise UserError(f"--precision {req.precision!r} is not one of float32, float16, int4.")
     if req.block_size is not None and req.precision != "int4":
         raise UserError("--block-size only applies to --precision int4.")
-    protected = [REPO_ROOT, *(p for p in (req.hf, req.meta, req.tokenizer) if p is not None)]
+    protected = [REPO_ROOT, *(p for p in (req.hf, req.meta, req.gguf, req.tokenizer)
+                              if p is not None)]
     remove_stale_leftovers(final.parent)  # first: a variant hidden by a killed export returns
     check_replaceable(final, req.force, protected)
     source, tokenizer_path, config = _open_inputs(req)
@@ -107,9 +111,12 @@ def export_variant(req: ExportRequest) -> Path:
     with signals_as_interrupts():
         begin_staging(staging)  # outside the try: a folder it refuses is not ours to remove
         try:
-            _write_variant(staging, source, tokenizer_path, config, req)
+            codes_kept = _write_variant(staging, source, tokenizer_path, config, req)
             if not req.skip_verify:
-                report = verify_variant_against(staging, source)
+                # int4 that kept every code of a 4-bit source differs from the de-quantized
+                # reference by float16 rounding alone, so it is held to float16's bounds.
+                bounds = BOUNDS["float16"] if codes_kept else None
+                report = verify_variant_against(staging, source, bounds)
                 if req.on_verified is not None:
                     req.on_verified(report)
             move_into_place(staging, final)
@@ -138,22 +145,54 @@ def _os_error(exc: OSError, out: Path) -> UserError:
                      "folder's permissions or pass another --out.")
 
 
-def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
+def _open_inputs(req: ExportRequest) -> tuple[Source, Path | dict[str, str], Config]:
+    """The source, its tokenizer (a file to copy, or a GGUF file's files to write: name ->
+    text) and the variant's config."""
     for flag, folder in (("--hf", req.hf), ("--meta", req.meta)):
         if folder is not None and not Path(folder).is_dir():
             raise CheckpointError(f"{flag} {folder} does not exist or is not a folder; pass the "
                                   f"checkpoint folder (it holds {HF_CONFIG} or {META_PARAMS}).")
-    tokenizer_path = _find_tokenizer(req)
-    tokenizer = open_tokenizer(tokenizer_path)
-    source = open_source(hf=req.hf, meta=req.meta, vocab_size=tokenizer.n_words,
-                         max_seq_len=req.max_seq_len)
-    # Fewer ids than the model's rows is allowed (vocabularies padded to a round size).
-    if tokenizer.n_words > source.config.vocab_size:
+    if req.gguf is not None:
+        source, tokenizer_path = _open_gguf(req)
+        template = json.loads(tokenizer_path[TOKENIZER_CONFIG]).get("chat_template")
+    else:
+        tokenizer_path = _find_tokenizer(req)
+        tokenizer = open_tokenizer(tokenizer_path)
+        source = open_source(hf=req.hf, meta=req.meta, vocab_size=tokenizer.n_words,
+                             max_seq_len=req.max_seq_len)
+        _check_tokenizer_size(tokenizer.n_words, tokenizer_path, source.config)
+        template = tokenizer.chat_template
+    return source, tokenizer_path, _variant_config(source, req, chat=req.chat or bool(template))
+
+
+def _open_gguf(req: ExportRequest) -> tuple[Source, dict[str, str]]:
+    from tokenizers import Tokenizer as Backend
+
+    from .gguf_source import GGUFSource
+
+    if req.hf is not None or req.meta is not None:
+        raise CheckpointError("pass exactly one of --hf DIR, --meta DIR or --gguf FILE.")
+    if req.tokenizer is not None:
+        raise UserError("--tokenizer does not apply to --gguf: the file's own tokenizer is "
+                        "used; drop --tokenizer.")
+    source = GGUFSource(req.gguf)
+    files = source.tokenizer_files()
+    words = Backend.from_str(files[HF_TOKENIZER]).get_vocab_size(with_added_tokens=True)
+    _check_tokenizer_size(words, Path(req.gguf), source.config)
+    return source, files
+
+
+def _check_tokenizer_size(words: int, tokenizer_path: Path, config: Config) -> None:
+    """Fewer ids than the model's rows is allowed (vocabularies padded to a round size)."""
+    if words > config.vocab_size:
         raise UserError(
-            f"the tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model has "
-            f"only vocab_size={source.config.vocab_size}; pass the tokenizer that came with "
-            "these weights (--tokenizer)."
+            f"the tokenizer {tokenizer_path} has {words} tokens but the model has "
+            f"only vocab_size={config.vocab_size}; pass the tokenizer that came with these "
+            "weights (--tokenizer)."
         )
+
+
+def _variant_config(source: Source, req: ExportRequest, chat: bool) -> Config:
     # An explicit value is used or refused, never replaced (0 is not "not given").
     max_len = source.config.max_seq_len if req.max_seq_len is None else req.max_seq_len
     if max_len < 2:
@@ -165,10 +204,16 @@ def _open_inputs(req: ExportRequest) -> tuple[Source, Path, Config]:
                   "exported": datetime.date.today().isoformat()}
     block = None if req.precision != "int4" else (
         DEFAULT_BLOCK_SIZE if req.block_size is None else req.block_size)
-    chat = req.chat or tokenizer.chat_template is not None  # the model's own chat format
-    config = source.config.replace(dtype=req.precision, block_size=block, chat=chat,
-                                   max_seq_len=max_len, provenance=provenance)
-    return source, tokenizer_path, config
+    output_int4 = None
+    if block is not None and source.prequantized:
+        # llama.cpp keeps the output projection above 4 bits (SmolLM2's tied table: Q8_0);
+        # rounding it to int4 again cost most of int4's error there (docs/export.md), so it
+        # stays float16 unless the file's own 4-bit codes can be kept.
+        blocks = source.int4_blocks("output.weight")
+        output_int4 = blocks is not None and blocks.block == block
+    return source.config.replace(dtype=req.precision, block_size=block, chat=chat,
+                                 max_seq_len=max_len, provenance=provenance,
+                                 output_int4=output_int4)
 
 
 def _check_export_memory(config: Config, max_len: int, skip_verify: bool) -> None:
@@ -203,16 +248,22 @@ def _check_disk(folder: Path, config: Config) -> None:
                         f"{free / 2**30:.1f} GiB is free; free some space or pass another --out.")
 
 
-def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: Config,
-                   req: ExportRequest) -> None:
+def _write_variant(folder: Path, source: Source, tokenizer: Path | dict[str, str],
+                   config: Config, req: ExportRequest) -> bool:
+    """Write the variant's files into `folder`.
+
+    Returns:
+        Whether every 4-bit matrix kept the source's own codes (int4 from a Q4_0/Q4_1 GGUF).
+    """
     source = _StorableSource(source, config)
     (folder / GRAPH_DIR).mkdir(parents=True)
     graph_path = folder / GRAPH_DIR / graph_name(req.variant)
+    kept = _KeptBlocks(source)
     with _Progress(config, enabled=req.progress) as progress:
         writer = ExternalDataWriter(data_path(graph_path),
                                     on_write=progress.update)
         try:
-            model = build_model(config, source.read, writer)
+            model = build_model(config, source.read, writer, blocks=kept)
         finally:
             writer.close()
         known = {data_path(graph_path).relative_to(folder).as_posix(): writer.sha256()}
@@ -220,16 +271,42 @@ def _write_variant(folder: Path, source: Source, tokenizer_path: Path, config: C
         _write_embeddings(folder / EMBEDDINGS, source, config)
         itemsize = np.dtype(NP_DTYPES[config.dtype]).itemsize
         progress.update("tok_embeddings.weight", config.vocab_size * config.dim * itemsize)
-    tokenizer = tokenizer_files(tokenizer_path)
-    for path, name in tokenizer:
-        shutil.copyfile(path, folder / name)
+    if isinstance(tokenizer, dict):  # a GGUF file's: written from its metadata
+        for name, text in tokenizer.items():
+            (folder / name).write_text(text, encoding="utf-8")
+        names = tuple(tokenizer)
+    else:
+        names = ()
+        for path, name in tokenizer_files(tokenizer):
+            shutil.copyfile(path, folder / name)
+            names += (name,)
+    if kept.kept:
+        config = config.replace(provenance={
+            **config.provenance, "int4_codes_kept": f"{len(kept.kept)} of {kept.asked} "
+            "matrices keep the source's 4-bit codes"})
     config.save(folder / CONFIG)
-    card = variant_readme(req.variant, config, tuple(name for _, name in tokenizer))
+    card = variant_readme(req.variant, config, names)
     (folder / README).write_text(card, encoding="utf-8")
     if req.lfs:
         (folder / GITATTRIBUTES).write_text(gitattributes(), encoding="utf-8")
     (folder / GITIGNORE).write_text(f"{GRAPH_DIR}/{CACHE_DIR}/\n", encoding="utf-8")
     write_manifest(folder, req.variant, known)
+    return bool(kept.kept) and len(kept.kept) == kept.asked
+
+
+class _KeptBlocks:
+    """The source's int4_blocks, noting which matrices kept their codes (for the variant's
+    provenance and its verification)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source, self.asked, self.kept = source, 0, []
+
+    def __call__(self, name: str):
+        self.asked += 1
+        blocks = self.source.int4_blocks(name)
+        if blocks is not None:
+            self.kept.append(name)
+        return blocks
 
 
 def _write_embeddings(path: Path, source: Source, config: Config) -> None:
@@ -255,6 +332,13 @@ class _StorableSource:
 
     def describe(self) -> dict[str, str]:
         return self.source.describe()
+
+    def int4_blocks(self, name: str):
+        return self.source.int4_blocks(name)
+
+    @property
+    def prequantized(self) -> bool:
+        return self.source.prequantized
 
 
 def check_storable(name: str, array: np.ndarray, variant: Config, where: str) -> None:
@@ -385,14 +469,17 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def verify_variant_against(folder: Path, source: Source) -> VerifyReport:
+def verify_variant_against(folder: Path, source: Source,
+                           bounds: Bounds | None = None) -> VerifyReport:
     """Run the variant on ONNX Runtime CPU and compare with the PyTorch reference.
 
+    Args:
+        bounds: what the variant may differ by (default: its precision's BOUNDS).
     Raises:
-        VerificationError when a step's error exceeds the precision's BOUNDS.
+        VerificationError when a step's error exceeds the bounds.
     """
     try:
-        report = compare_with_reference(folder, source)
+        report = compare_with_reference(folder, source, bounds=bounds)
     except VerificationError as exc:  # non-finite logits: one sentence, its fix last
         raise VerificationError(f"{str(exc).rstrip('.')} (the variant was not written).") \
             from None
@@ -403,7 +490,7 @@ def verify_variant_against(folder: Path, source: Source) -> VerifyReport:
 
 
 def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STEPS,
-                           provider: str = "cpu") -> VerifyReport:
+                           provider: str = "cpu", bounds: Bounds | None = None) -> VerifyReport:
     """Teacher-forced comparison: at each step both models see the reference's greedy tokens.
 
     Raises:
@@ -435,7 +522,7 @@ def compare_with_reference(folder: Path, source: Source, steps: int = VERIFY_STE
             ort_logits = engine.decode_step(tokens[-1])
     rel_rms, kl, top1 = np.asarray(errors, np.float64).T  # (3, steps)
     return VerifyReport(dtype, worst_abs, float(rel_rms.max()), float(kl.max()),
-                        float(top1.mean()), BOUNDS[dtype], steps)
+                        float(top1.mean()), bounds or BOUNDS[dtype], steps)
 
 
 def _require_finite(ours: np.ndarray, reference: np.ndarray, precision: str, when: str) -> None:

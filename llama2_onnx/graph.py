@@ -46,8 +46,9 @@ Operator support, from ONNX Runtime's OperatorKernels.md (checked for CPU, CUDA 
 
 int4 variants (weight-only): every MatMul of the blocks and the output projection becomes
 MatMulNBits (com.microsoft; bits 4, blocks of 32/64/128 along K, B = packed uint8 codes,
-float16 scales, no zero-point input: quantize.py). Everything else is the float16 graph: the
-activations, norms, rotary tables, KV cache and the embedding table are float16.
+float16 scales, no zero-point input: quantize.py; a Q4_1 GGUF source's kept codes add a
+per-block offset term of ordinary operators: matmul_blocks). Everything else is the float16
+graph: the activations, norms, rotary tables, KV cache and the embedding table are float16.
 - MatMulNBits in OperatorKernels.md: CPU T1 (A, scales, Y) float/float16, B uint8, zero points
   uint8/float/float16; CUDA T1 bfloat16/float/float16; DirectML T1 float/float16, B uint8, and
   no type listed for zero points (its kernel also refuses the g_idx and bias inputs), hence
@@ -70,8 +71,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .config import INT4_QUANTIZES_OUTPUT, NP_DTYPES, Config
-from .quantize import THREADS, ZERO_POINT, quantize
+from .config import NP_DTYPES, Config
+from .quantize import THREADS, ZERO_POINT, Int4Blocks, pack, quantize
 from .rope import rotary_cos_sin
 
 OPSET = 17
@@ -80,6 +81,11 @@ ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
 # MatMulNBits' accuracy_level: 4 lets the CPU kernel multiply int8-quantized activations with
 # the 4-bit weights; CUDA and DirectML ignore it.
 ACCURACY_LEVEL = 4
+# Codes kept from a 4-bit source use the CPU's exact kernel (float32 activations): on SmolLM2's
+# Q4_1 file int8 activations alone moved the logits by 0.12 of their spread (KL 0.014) against
+# 0.0013 (KL 3e-6) exact, and the exact kernel still decodes 1.6x as fast as float32
+# (docs/export.md, "int4 from a GGUF file").
+KEPT_ACCURACY_LEVEL = 0
 TRANSPOSE_ROWS = 64  # rows per band of a transposed copy (see transposed)
 
 
@@ -164,12 +170,14 @@ class _GraphBuilder:
     """Accumulates nodes and initializers; weights are fetched and written as they are needed."""
 
     def __init__(self, config: Config, weights: Callable[[str], np.ndarray],
-                 writer: ExternalDataWriter) -> None:
+                 writer: ExternalDataWriter,
+                 blocks: Callable[[str], Int4Blocks | None] | None = None) -> None:
         self.config = config
         self.weights = weights
+        self.blocks = blocks
         self.writer = writer
         self.dtype = NP_DTYPES[config.dtype]
-        self.quantize_output = INT4_QUANTIZES_OUTPUT
+        self.quantize_output = config.quantizes_output
         self.split_sizes: set[str] = set()
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
@@ -187,6 +195,10 @@ class _GraphBuilder:
         """x @ W.T for the Linear weights `weights` (out, in), concatenated along `out` under
         the name `fused` when there are several (the caller splits the result)."""
         name = fused or weights[0]
+        if quantized(self.config, name, self.quantize_output):
+            kept = self.kept_blocks(weights)
+            if kept is not None:
+                return self.matmul_blocks(x, name, kept, out)
         parts = [self.weights(w) for w in weights]
         array = parts[0] if len(parts) == 1 else np.concatenate(parts)  # (sum of outs, in)
         del parts
@@ -208,13 +220,56 @@ class _GraphBuilder:
                   accuracy_level=ACCURACY_LEVEL)
         return out
 
+    def kept_blocks(self, weights: list[str]) -> Int4Blocks | None:
+        """The source's own 4-bit blocks of every part, stacked, when the source offers them
+        for all parts in this variant's block size; else None (the weights are quantized)."""
+        if self.blocks is None:
+            return None
+        parts = [self.blocks(w) for w in weights]
+        if any(p is None or p.block != self.config.block_size for p in parts):
+            return None
+        return Int4Blocks.concatenate(parts)
+
+    def matmul_blocks(self, x: str, name: str, blocks: Int4Blocks, out: str) -> str:
+        """x @ W.T with the source's codes kept (quantize.Int4Blocks): MatMulNBits of the
+        codes and scales, plus, for blocks with offsets (Q4_1), the offsets times each block's
+        sum of x:
+
+            x ──► MatMulNBits(codes, scales) ─────────────────────────────┐
+            └───► Reshape (.., K / block, block) ─► ReduceSum ─► MatMul ─► Add ─► out
+                                                      (.., K / block) @ offsets.T (K / block, N)
+        """
+        n, k, block = blocks.codes.shape[0], blocks.codes.shape[1] * blocks.block, blocks.block
+        products = out if blocks.offsets is None else out + "/codes"
+        self.initializers += [self.writer.add(name + "_q4", pack(blocks.codes)),
+                              self.writer.add(name + "_scales", blocks.scales.astype(self.dtype))]
+        self.node("MatMulNBits", [x, name + "_q4", name + "_scales"], [products], products,
+                  domain="com.microsoft", K=k, N=n, bits=4, block_size=block,
+                  accuracy_level=KEPT_ACCURACY_LEVEL)
+        if blocks.offsets is None:
+            return out
+        shape = self.constant(f"/blocks/shape_{k // block}_{block}", [0, 0, k // block, block])
+        self.node("Reshape", [x, shape], [out + "/blocks"], out + "/blocks")
+        self.node("ReduceSum", [out + "/blocks", self.constant("/blocks/last_axis", [-1])],
+                  [out + "/block_sums"], out + "/block_sums", keepdims=0)
+        self.initializers.append(self.writer.add(name + "_offsets",
+                                                 transposed(blocks.offsets, self.dtype)))
+        self.node("MatMul", [out + "/block_sums", name + "_offsets"], [out + "/offsets"],
+                  out + "/offsets")
+        self.node("Add", [products, out + "/offsets"], [out], out)
+        return out
+
+    def constant(self, name: str, values: list[int]) -> str:
+        """An int64 vector initializer, written once however often it is asked for."""
+        if name not in self.split_sizes:
+            self.split_sizes.add(name)
+            self.initializers.append(helper.make_tensor(name, TensorProto.INT64, [len(values)],
+                                                        values))
+        return name
+
     def split(self, x: str, sizes: list[int], outs: list[str]) -> list[str]:
         """Split the last axis of x into `sizes` (one int64 initializer per distinct split)."""
-        key = "/split/" + "_".join(map(str, sizes))
-        if key not in self.split_sizes:
-            self.split_sizes.add(key)
-            self.initializers.append(helper.make_tensor(key, TensorProto.INT64, [len(sizes)],
-                                                        sizes))
+        key = self.constant("/split/" + "_".join(map(str, sizes)), sizes)
         self.node("Split", [x, key], outs, outs[0] + "/split", axis=-1)
         return outs
 
@@ -315,11 +370,11 @@ class _GraphBuilder:
 def quantized(config: Config, name: str, quantize_output: bool | None = None) -> bool:
     """Whether the graph stores matrix `name` (canonical, or fused like `...wqkv.weight`) as
     4-bit codes with float16 block scales: every Linear weight of an int4 variant, the output
-    projection when `quantize_output` (default INT4_QUANTIZES_OUTPUT); never the norms or the
+    projection when `quantize_output` (default Config.quantizes_output); never the norms or the
     embedding table."""
     if config.dtype != "int4" or name.endswith("norm.weight") or name == "tok_embeddings.weight":
         return False
-    return name != "output.weight" or (INT4_QUANTIZES_OUTPUT if quantize_output is None
+    return name != "output.weight" or (config.quantizes_output if quantize_output is None
                                        else quantize_output)
 
 
@@ -332,20 +387,24 @@ def largest_storable(config: Config, name: str) -> float:
 
 
 def build_model(config: Config, weights: Callable[[str], np.ndarray],
-                writer: ExternalDataWriter) -> onnx.ModelProto:
+                writer: ExternalDataWriter,
+                blocks: Callable[[str], Int4Blocks | None] | None = None) -> onnx.ModelProto:
     """Build the graph for `config`, pulling canonical weights from `weights` one at a time.
 
     Args:
         config: the variant's configuration (its dtype selects float32 or float16).
         weights: returns a canonical tensor by name (see checkpoints.py).
         writer: where the weights go; the returned model refers to it as external data.
+        blocks: int4 only: a 4-bit source's own blocks of a canonical matrix, or None where it
+            has none (Source.int4_blocks); a matrix whose parts all have blocks in the
+            variant's block size keeps them instead of being quantized again.
     """
-    return _GraphBuilder(config, weights, writer).build()
+    return _GraphBuilder(config, weights, writer, blocks).build()
 
 
 def n_graph_tensors(config: Config) -> int:
     """How many weight tensors build_model writes (for progress bars)."""
     # Per layer: 2 norms and 4 matrices (qkv, o, w1+w3, w2), int4 ones as codes and scales.
     if config.dtype == "int4":
-        return 10 * config.n_layers + 2 + (3 if INT4_QUANTIZES_OUTPUT else 2)
+        return 10 * config.n_layers + 2 + (3 if config.quantizes_output else 2)
     return 6 * config.n_layers + 2 + 2

@@ -135,11 +135,11 @@ def test_a_corrupted_layer_is_refused(tmp_path, monkeypatch, make_checkpoint, to
     """One matrix written with its rows reversed: the graph runs but computes something else."""
     build = export.build_model
 
-    def corrupted(config, weights, writer):
+    def corrupted(config, weights, writer, **kwargs):
         def read(name):
             array = weights(name)
             return array[::-1].copy() if name == "layers.1.attention.wo.weight" else array
-        return build(config, read, writer)
+        return build(config, read, writer, **kwargs)
 
     monkeypatch.setattr(export, "build_model", corrupted)
     with pytest.raises(VerificationError, match="not written"):

@@ -4,6 +4,8 @@
         --variant 7B_FT_float16 --chat
     python tools/export_and_publish.py export --meta llama-2-7b-chat --tokenizer tokenizer.model \\
         --precision float16 --variant 7B_FT_float16 --chat
+    python tools/export_and_publish.py export --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --precision int4 --variant SmolLM2_int4
     python tools/export_and_publish.py publish --variant 7B_FT_float16 --remote ../7B_FT_float16.git
     python tools/export_and_publish.py verify --variant 7B_FT_float16
 """

