@@ -329,3 +329,24 @@ def test_slot_bookkeeping_reuses_rows_and_holds_what_each_row_holds(tokenizer):
     assert len(long.slot.tokens) == 39  # stepped idle beside row 1: its last position written
     assert [r.stats.stop_reason for r in requests[1:]] == ["max tokens"] * 4
     assert set(runner.widths) == {1, 2}
+
+
+@pytest.mark.parametrize("budget, ticks", [(0, 3), (6, 2), (100, 1)])
+def test_a_tick_prefills_up_to_its_token_budget(tokenizer, budget, ticks):
+    """With prefill_tokens 0 a tick runs one prefill; with more it goes on to the next waiting
+    prompts until that many prompt tokens ran (the first run always goes), and the requests
+    still get the same tokens."""
+    vocab = tokenizer.n_words
+    runner = RowRunner(3, 40, vocab)
+    engine = Engine(runner, tokenizer, np.arange(vocab, dtype=np.float32)[:, None],
+                    tiny_config(vocab, max_seq_len=40), name="rows")
+    slots = SlotEngine(engine, prefill_tokens=budget)
+    requests = [slots.start([1, 10 * k + 10, 10 * k + 11, 10 * k + 12], GREEDY, 3,
+                            ignore_eos=True) for k in range(3)]
+    for _ in range(ticks):
+        assert any(r.runs for r in requests)
+        slots.step()
+    assert not any(r.runs for r in requests)  # every prompt pre-filled in `ticks` ticks
+    while slots.requests:
+        slots.step()
+    assert [r.stats.tokens for r in requests] == [[13, 14, 15], [23, 24, 25], [33, 34, 35]]
