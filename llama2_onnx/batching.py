@@ -24,7 +24,7 @@
 #
 # Prefix reuse is per slot: each slot remembers the tokens its row holds, and a request goes to
 # the free slot whose tokens share the longest prefix with its prompt (at least half of them;
-# none: the slot used longest ago), which pre-fills only the rest.
+# none: the slot used longest ago among the low rows, LOW_ROWS), which pre-fills only the rest.
 #
 # Each request decodes through generation.Decoding, as Engine.generate does, so its tokens are
 # those it gets served alone: a decode step of many rows is compared with one-row steps in
@@ -98,6 +98,12 @@ class SlotRequest:
 PREFILL_TOKENS_PER_TICK = 0
 
 
+# A request that reuses no slot's conversation takes a row below the width the decode step
+# runs at anyway (at least LOW_ROWS): rows 0..k-1 run together, so keeping the rows in use low
+# keeps the steps narrow; among those rows, the one used longest ago (prefix reuse).
+LOW_ROWS = 4
+
+
 def prefill_tokens_per_tick() -> int:
     value = os.environ.get("LLAMA2_ONNX_PREFILL_TOKENS_PER_TICK", "")
     return int(value) if value.isdigit() else PREFILL_TOKENS_PER_TICK
@@ -153,13 +159,21 @@ class SlotEngine:
     def _pick(self, prompt: list[int]) -> Slot:
         """The free slot holding the longest prefix of `prompt`, if that prefix is at least
         half of what the slot holds (a shared BOS or system prompt alone is no reason to take
-        another conversation's place); else the slot used longest ago, one never used first."""
+        another conversation's place); else the slot used longest ago, one never used first,
+        among the rows a decode step runs anyway (module comment: a step runs rows 0..k-1, so a
+        request alone in row 40 would cost a step of 64 rows)."""
         def reuse(slot: Slot) -> int:
             shared = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
             return shared if shared > 1 and 2 * shared >= len(slot.tokens) else 0
 
         free = [slot for slot in self.slots if slot.request is None]
-        return max(free, key=lambda slot: (reuse(slot), -slot.last_used))
+        best = max(free, key=lambda slot: (reuse(slot), -slot.last_used))
+        if reuse(best):
+            return best
+        busy = [slot.row for slot in self.slots if slot.request is not None]
+        width = max(self.runner.decode_width(1 + max(busy)) if busy else 0,
+                    self.runner.decode_width(len(busy) + 1), min(len(self.slots), LOW_ROWS))
+        return max((slot for slot in free if slot.row < width), key=lambda slot: -slot.last_used)
 
     def step(self) -> list[SlotRequest]:
         """One tick: stopped requests end, prefill runs (one, or more up to prefill_tokens), one

@@ -350,3 +350,25 @@ def test_a_tick_prefills_up_to_its_token_budget(tokenizer, budget, ticks):
     while slots.requests:
         slots.step()
     assert [r.stats.tokens for r in requests] == [[13, 14, 15], [23, 24, 25], [33, 34, 35]]
+
+
+def test_a_new_conversation_takes_a_low_row(tokenizer):
+    """With 16 slots and every row once used, new requests go to rows below the width the
+    decode step runs at (so 3 requests never make a step of 16 rows), and alone a request
+    takes one of the lowest LOW_ROWS rows used longest ago."""
+    vocab = tokenizer.n_words
+    runner = RowRunner(16, 40, vocab)
+    runner.decode_width = lambda rows: min(1 << (rows - 1).bit_length(), 16)
+    engine = Engine(runner, tokenizer, np.arange(vocab, dtype=np.float32)[:, None],
+                    tiny_config(vocab, max_seq_len=40), name="rows")
+    slots = SlotEngine(engine)
+    for k in range(16):  # every row used once, row 15 last
+        slots.start([1, 100 + k], GREEDY, 1, ignore_eos=True)
+    while slots.requests:
+        slots.step()
+    rows = [slots.start([1, 200 + k], GREEDY, 4, ignore_eos=True).slot.row for k in range(3)]
+    assert rows == [0, 1, 2]  # below 4, the oldest first
+    while slots.requests:
+        slots.step()
+    assert max(runner.widths[-4:]) == 4
+    assert slots.start([1, 300], GREEDY, 4, ignore_eos=True).slot.row == 3
