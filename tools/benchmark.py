@@ -400,10 +400,12 @@ def _serve_once(args: argparse.Namespace, parallel: int) -> dict:
         ["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else [])
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
-        line = server.stderr.readline()
-        found = re.search(r"serving (\S+) .* at (http://\S+)/v1", line)
-        if not found:
-            raise SystemExit(line + server.stderr.read())
+        seen = []  # the server's notes and warnings before its "serving" line
+        while not (found := re.search(r"serving (\S+) .* at (http://\S+)/v1",
+                                      line := server.stderr.readline())):
+            seen.append(line)
+            if not line:  # the server ended
+                raise SystemExit("".join(seen))
         threading.Thread(target=server.stderr.read, daemon=True).start()  # keep the pipe empty
         model, url = found.groups()
         _wait_for_health(url, server)

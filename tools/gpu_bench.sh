@@ -33,10 +33,11 @@
 # `side` runs tools/webgpu_tune.py with our CUDA path first (the reference for the tokens), our
 # WebGPU default form, onnxruntime-genai on the plugin (stage `genai_webgpu` builds its model)
 # and, for int4, the split-K int4 experiments (nbits_split4/8), each 128 -> 256 greedy, median
-# of 3. `serve` runs tools/benchmark.py serve at 1, 4, 16 and 64 clients (128-token prompts,
-# 128 new tokens, 2 requests per client, a 1,024-token context) with --parallel 1, 16 and 64
-# side by side (greedy answers compared with --parallel 1's), then --parallel 16 again with
-# SERVE_PREFILL_TOKENS (default 512) prompt tokens a tick (batching.PREFILL_TOKENS_PER_TICK).
+# of 3. `serve` runs tools/benchmark.py serve (128-token prompts, 128 new tokens, one request
+# per client, a 1,024-token context): --parallel 1 and 16 at 1, 4 and 16 clients, then 16 and
+# 64 at 16 and 64 clients (greedy answers compared with the first value's), then --parallel 16
+# again with SERVE_PREFILL_TOKENS (default 512) prompt tokens a tick
+# (batching.PREFILL_TOKENS_PER_TICK).
 # `slots_profile` times decode steps on the GPU (tools/gpu_profile.py): one slot captured and
 # uncaptured, 16 and 64 slots (uncaptured): the host's share of a batched step.
 set -euo pipefail
@@ -148,13 +149,17 @@ side() {
   done
 }
 
-serve() {
+serve() {  # one request per client: --parallel 1 at 64 clients alone would take minutes
   for p in $precisions; do
-    common=(--variant "$work/ours_$p" --provider cuda --clients 1,4,16,64
-            --requests-per-client 2 --prompt-tokens 128 --new-tokens 128 --max-seq-len 1024)
-    $py tools/benchmark.py serve "${common[@]}" --parallel 1,16,64 > "$out/serve_$p.json"
+    common=(--variant "$work/ours_$p" --provider cuda --requests-per-client 1
+            --prompt-tokens 128 --new-tokens 128 --max-seq-len 1024)
+    $py tools/benchmark.py serve "${common[@]}" --clients 1,4,16 --parallel 1,16 \
+      > "$out/serve_$p.json"
+    $py tools/benchmark.py serve "${common[@]}" --clients 16,64 --parallel 16,64 \
+      > "$out/serve_${p}_64.json"
     LLAMA2_ONNX_PREFILL_TOKENS_PER_TICK=${SERVE_PREFILL_TOKENS:-512} \
-      $py tools/benchmark.py serve "${common[@]}" --parallel 16 > "$out/serve_${p}_prefill.json"
+      $py tools/benchmark.py serve "${common[@]}" --clients 16 --parallel 16 \
+      > "$out/serve_${p}_prefill.json"
   done
 }
 
