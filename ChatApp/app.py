@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def serve(args: argparse.Namespace) -> None:
     check_port(args.port)  # before the model and Gradio load
     run = run_options_from_args(args)
-    if run.parallel > 1:  # docs/serving.md says why
+    if run.parallel != 1:  # docs/serving.md says why
         print(f"note: the chat app answers one message at a time per variant, so it keeps one "
               f"slot; --parallel {run.parallel} decodes requests together in tools/serve.py.",
               flush=True)

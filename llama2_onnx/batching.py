@@ -4,8 +4,9 @@
 # One tick of SlotEngine.step():
 #
 #   requests their callers stopped end     their slots are free before the next run
-#   one prefill run of the oldest request  batch 1, bound to its slot's row of the cache
-#     still pre-filling
+#   prefill runs of the oldest requests    batch 1, each bound to its slot's row of the cache;
+#     still pre-filling                    one run, then more while this tick's runs hold
+#                                          fewer than `prefill_tokens` prompt tokens
 #   one decode step of every request       batch k: rows 0..k-1 together, each at its own
 #     with a token to run                  position (session.Runtime.run_rows)
 #
@@ -23,7 +24,7 @@
 #
 # Prefix reuse is per slot: each slot remembers the tokens its row holds, and a request goes to
 # the free slot whose tokens share the longest prefix with its prompt (at least half of them;
-# none: the slot used longest ago), which pre-fills only the rest.
+# none: the slot used longest ago among the low rows, LOW_ROWS), which pre-fills only the rest.
 #
 # Each request decodes through generation.Decoding, as Engine.generate does, so its tokens are
 # those it gets served alone: a decode step of many rows is compared with one-row steps in
@@ -32,6 +33,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -89,18 +91,39 @@ class SlotRequest:
         return text
 
 
+# Prompt tokens a tick may pre-fill before its decode step (the first run always goes): more
+# lets a burst of new requests reach their first token sooner, at the cost of a longer pause
+# for the streams already decoding. LLAMA2_ONNX_PREFILL_TOKENS_PER_TICK sets it (0: one run a
+# tick). Measured on an H200 (7B float16, 16 clients at once): docs/serving.md.
+PREFILL_TOKENS_PER_TICK = 0
+
+
+# A request that reuses no slot's conversation takes a row below the width the decode step
+# runs at anyway (at least LOW_ROWS): rows 0..k-1 run together, so keeping the rows in use low
+# keeps the steps narrow; among those rows, the one used longest ago (prefix reuse).
+LOW_ROWS = 4
+
+
+def prefill_tokens_per_tick() -> int:
+    value = os.environ.get("LLAMA2_ONNX_PREFILL_TOKENS_PER_TICK", "")
+    return int(value) if value.isdigit() else PREFILL_TOKENS_PER_TICK
+
+
 class SlotEngine:
     """Runs requests in the engine's slots (Placement.slots rows of its KV cache), a tick at a
     time (see the module comment). It owns the cache: use the engine through it only.
+    `prefill_tokens`: see PREFILL_TOKENS_PER_TICK (None: that, or the variable).
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, prefill_tokens: int | None = None) -> None:
         assert engine.runner.supports_continued_prefill, "slots pre-fill in runs"
         self.engine = engine
         self.runner: SlotRunner = engine.runner
         self.slots = [Slot(row) for row in range(engine.runner.slots)]
         self.requests: list[SlotRequest] = []  # running, in order of arrival
         self._ended = itertools.count(1)
+        self.prefill_tokens = prefill_tokens_per_tick() if prefill_tokens is None \
+            else prefill_tokens
 
     def free(self) -> int:
         """How many slots have no request."""
@@ -136,16 +159,25 @@ class SlotEngine:
     def _pick(self, prompt: list[int]) -> Slot:
         """The free slot holding the longest prefix of `prompt`, if that prefix is at least
         half of what the slot holds (a shared BOS or system prompt alone is no reason to take
-        another conversation's place); else the slot used longest ago, one never used first."""
+        another conversation's place); else the slot used longest ago, one never used first,
+        among the rows a decode step runs anyway (module comment: a step runs rows 0..k-1, so a
+        request alone in row 40 would cost a step of 64 rows)."""
         def reuse(slot: Slot) -> int:
             shared = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
             return shared if shared > 1 and 2 * shared >= len(slot.tokens) else 0
 
         free = [slot for slot in self.slots if slot.request is None]
-        return max(free, key=lambda slot: (reuse(slot), -slot.last_used))
+        best = max(free, key=lambda slot: (reuse(slot), -slot.last_used))
+        if reuse(best):
+            return best
+        busy = [slot.row for slot in self.slots if slot.request is not None]
+        width = max(self.runner.decode_width(1 + max(busy)) if busy else 0,
+                    self.runner.decode_width(len(busy) + 1), min(len(self.slots), LOW_ROWS))
+        return max((slot for slot in free if slot.row < width), key=lambda slot: -slot.last_used)
 
     def step(self) -> list[SlotRequest]:
-        """One tick: stopped requests end, one prefill run, one decode step of the others.
+        """One tick: stopped requests end, prefill runs (one, or more up to prefill_tokens), one
+        decode step of the others.
 
         Returns:
             The requests that made text (take_text) or ended in this tick.
@@ -155,9 +187,13 @@ class SlotEngine:
             if request.decoding.should_stop():
                 request.stats.stop_reason = request.stats.stop_reason or "stopped"
                 self._end(request)
-        pending = next((r for r in self.requests if r.runs), None)
-        if pending is not None:
+        budget = self.prefill_tokens
+        while (pending := next((r for r in self.requests if r.runs), None)) is not None:
+            a, b = pending.runs[0]
             self._prefill_run(pending)
+            budget -= b - a
+            if budget <= 0:
+                break
         decoding = [r for r in self.requests if not r.runs]  # with one just pre-filled
         if decoding:
             self._decode_step(decoding)

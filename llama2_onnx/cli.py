@@ -77,9 +77,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     capture.add_argument("--no_graph_capture", "--no-graph-capture", action="store_const",
                          const=False, dest="graph_capture",
                          help="run decode steps without graph capture")
-    parser.add_argument("--parallel", type=int, default=1,
+    parser.add_argument("--parallel", type=parallel_count, default=1,
                         help="requests held in the KV cache and decoded together, on the CPU or "
-                        "CUDA (slots; default 1: one at a time; the cache grows N times)")
+                        "CUDA (slots; default 1: one at a time; the cache grows N times; auto: "
+                        "the provider's default for a server)")
+
+
+def parallel_count(text: str) -> int | str:
+    """--parallel N or auto; anything else is kept for RunOptions to refuse in one sentence."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ This is the only module that compares provider names.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnxruntime as ort
@@ -54,7 +54,8 @@ class RunOptions:
     two); None: whole prompts at once; "auto": the provider's default. check_files / verify:
     check the manifest's sizes / also its sha256 before loading. profile: a file prefix for
     ONNX Runtime's profiler.
-    parallel: sequences held in the KV cache and decoded together (slots; 1: one at a time).
+    parallel: sequences held in the KV cache and decoded together (slots; 1: one at a time;
+    "auto": the provider's default for a server, auto_slots, which tools/serve.py uses).
     """
 
     provider: str = "auto"
@@ -64,7 +65,7 @@ class RunOptions:
     check_files: bool = True
     verify: bool = False
     profile: str | None = None
-    parallel: int = 1
+    parallel: int | str = 1
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDER_CHOICES:
@@ -78,7 +79,7 @@ class RunOptions:
         if self.prefill_chunk not in ("auto", None) and not is_whole_number(self.prefill_chunk):
             raise UserError(f"prefill chunk {self.prefill_chunk!r} must be a whole number of "
                             "at least 1, or None for whole prompts.")
-        if not is_whole_number(self.parallel):
+        if self.parallel != "auto" and not is_whole_number(self.parallel):
             raise UserError(f"--parallel {self.parallel!r} is invalid; use a whole number of "
                             "at least 1 (the requests decoded together).")
 
@@ -257,6 +258,10 @@ def place(config: Config, options: RunOptions, installed: list[str] | None = Non
         float16 = provider != "webgpu" or config.dtype == "float32" or webgpu.has_shader_f16()
     form = _form(provider, config.dtype, contract, float16)
     wide = form in graph_forms.FLOAT32_FORMS and provider == "webgpu"
+    if options.parallel == "auto":
+        options = replace(options, parallel=1 if options.graph_capture is True
+                          or contract == ORIGINAL else auto_slots(
+                              provider, config, cache_len, _activation(form, config)))
     return Placement(
         provider=provider, device=provider if provider in ("cuda", "dml", "webgpu") else "cpu",
         form=form, activation=_activation(form, config),
@@ -355,6 +360,34 @@ def _graph_capture(provider: str, options: RunOptions, contract: str) -> bool:
 # GroupQueryAttention reads per-row lengths only for single-token steps); the original format's
 # runtime holds one sequence.
 SLOTS_OFFERED = ("cuda", "cpu")
+
+
+# The server's default slots (tools/serve.py; RunOptions.parallel "auto"): on CUDA as many as
+# fit in AUTO_SLOTS_SHARE of the GPU memory free beside the weights, at most AUTO_SLOTS_CAP:
+# measured on an H200 (7B float16, 128-token prompts, 128 new tokens; docs/serving.md), 16
+# slots gave 7.4x the tokens/s of one at 16 clients with every stream above half a lone
+# stream's speed, while 64 slots at 64 clients gave 1.4x more in all but streams at a quarter
+# of it. The rest of that memory is left for activations and other programs. Elsewhere one:
+# the CPU's rows compete for its few cores (each stream slows down as more share a step), and
+# DirectML and WebGPU offer no slots.
+AUTO_SLOTS_CAP = {"cuda": 16}
+AUTO_SLOTS_SHARE = 0.5
+
+
+def auto_slots(provider: str, config: Config, cache_len: int, activation: str,
+               free: int | None = None) -> int:
+    """The server's default number of slots (see AUTO_SLOTS_CAP); `free`: the device's free
+    memory in bytes (default: asked of the device; unknown gives one slot)."""
+    cap = AUTO_SLOTS_CAP.get(provider, 1)
+    if cap == 1:
+        return 1
+    if free is None:
+        free = free_cuda_memory() if provider == "cuda" else None
+    if not free:
+        return 1
+    room = AUTO_SLOTS_SHARE * (free - config.weight_bytes())
+    slot = kv_cache_bytes(config, cache_len, activation)
+    return int(max(1, min(cap, room // slot)))
 
 
 def _slots(provider: str, parallel: int, contract: str) -> int:

@@ -329,3 +329,46 @@ def test_slot_bookkeeping_reuses_rows_and_holds_what_each_row_holds(tokenizer):
     assert len(long.slot.tokens) == 39  # stepped idle beside row 1: its last position written
     assert [r.stats.stop_reason for r in requests[1:]] == ["max tokens"] * 4
     assert set(runner.widths) == {1, 2}
+
+
+@pytest.mark.parametrize("budget, ticks", [(0, 3), (6, 2), (100, 1)])
+def test_a_tick_prefills_up_to_its_token_budget(tokenizer, budget, ticks):
+    """With prefill_tokens 0 a tick runs one prefill; with more it goes on to the next waiting
+    prompts until that many prompt tokens ran (the first run always goes), and the requests
+    still get the same tokens."""
+    vocab = tokenizer.n_words
+    runner = RowRunner(3, 40, vocab)
+    engine = Engine(runner, tokenizer, np.arange(vocab, dtype=np.float32)[:, None],
+                    tiny_config(vocab, max_seq_len=40), name="rows")
+    slots = SlotEngine(engine, prefill_tokens=budget)
+    requests = [slots.start([1, 10 * k + 10, 10 * k + 11, 10 * k + 12], GREEDY, 3,
+                            ignore_eos=True) for k in range(3)]
+    for _ in range(ticks):
+        assert any(r.runs for r in requests)
+        slots.step()
+    assert not any(r.runs for r in requests)  # every prompt pre-filled in `ticks` ticks
+    while slots.requests:
+        slots.step()
+    assert [r.stats.tokens for r in requests] == [[13, 14, 15], [23, 24, 25], [33, 34, 35]]
+
+
+def test_a_new_conversation_takes_a_low_row(tokenizer):
+    """With 16 slots and every row once used, new requests go to rows below the width the
+    decode step runs at (so 3 requests never make a step of 16 rows), and alone a request
+    takes one of the lowest LOW_ROWS rows used longest ago."""
+    vocab = tokenizer.n_words
+    runner = RowRunner(16, 40, vocab)
+    runner.decode_width = lambda rows: min(1 << (rows - 1).bit_length(), 16)
+    engine = Engine(runner, tokenizer, np.arange(vocab, dtype=np.float32)[:, None],
+                    tiny_config(vocab, max_seq_len=40), name="rows")
+    slots = SlotEngine(engine)
+    for k in range(16):  # every row used once, row 15 last
+        slots.start([1, 100 + k], GREEDY, 1, ignore_eos=True)
+    while slots.requests:
+        slots.step()
+    rows = [slots.start([1, 200 + k], GREEDY, 4, ignore_eos=True).slot.row for k in range(3)]
+    assert rows == [0, 1, 2]  # below 4, the oldest first
+    while slots.requests:
+        slots.step()
+    assert max(runner.widths[-4:]) == 4
+    assert slots.start([1, 300], GREEDY, 4, ignore_eos=True).slot.row == 3

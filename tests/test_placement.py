@@ -6,13 +6,14 @@ from __future__ import annotations
 import onnxruntime as ort
 import pytest
 
-from llama2_onnx import graph_forms, webgpu
+from llama2_onnx import graph_forms, placement, webgpu
 from llama2_onnx.config import Config
 from llama2_onnx.errors import UserError
 from llama2_onnx.placement import (
     ORIGINAL,
     PROVIDERS,
     RunOptions,
+    auto_slots,
     cpu_spinning,
     installed_providers,
     place,
@@ -211,3 +212,31 @@ def test_parallel_is_refused_for_the_original_format_and_must_be_a_count():
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(UserError, match="--parallel .* is invalid"):
             RunOptions(parallel=bad)
+
+
+def test_a_servers_default_slots_fit_half_the_free_gpu_memory_up_to_the_measured_cap(
+        monkeypatch):
+    """--parallel auto (tools/serve.py's default): on CUDA as many slots as fit in half of the
+    GPU memory free beside the weights, at most 16 (measured, docs/serving.md); one where the
+    free memory is unknown, with --graph-capture, and on every other provider."""
+    seven_b = Config(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, dtype="float16",
+                     max_seq_len=4096)
+    weights, slot = seven_b.weight_bytes(), 2 * 32 * 32 * 4096 * 128 * 2  # 2 GiB a slot
+    gib = 2 ** 30
+    assert auto_slots("cuda", seven_b, 4096, "float16", weights + 10 * slot) == 5
+    assert auto_slots("cuda", seven_b, 4096, "float16", weights + 100 * slot) == 16
+    assert auto_slots("cuda", seven_b, 1024, "float16", weights + 10 * slot) == 16
+    assert auto_slots("cuda", seven_b, 4096, "float16", weights + gib) == 1
+    assert auto_slots("cuda", seven_b, 4096, "float16", weights // 2) == 1
+    for provider in ("cpu", "dml", "webgpu"):
+        assert auto_slots(provider, seven_b, 4096, "float16", weights + 100 * slot) == 1
+    monkeypatch.setattr(placement, "free_cuda_memory", lambda: None)
+    assert auto_slots("cuda", seven_b, 4096, "float16") == 1
+    small = config()  # 2 layers of 64: a tiny cache; 80 GiB free
+    monkeypatch.setattr(placement, "free_cuda_memory", lambda: 80 * gib)
+    auto = placed("cuda", parallel="auto")
+    assert auto.slots == 16 and not auto.graph_capture
+    assert placed("cuda", parallel="auto", graph_capture=True).slots == 1
+    assert placed("cpu", parallel="auto").slots == 1
+    assert placed("webgpu", parallel="auto").slots == 1
+    assert auto_slots("cuda", small, 64, "float16") == 16

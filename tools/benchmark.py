@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import resource
 import statistics
@@ -122,19 +123,18 @@ def bench_run(args: argparse.Namespace) -> dict:
     return median
 
 
-def gpu_memory_mib() -> int | None:
-    """GPU memory this process holds, from nvidia-smi (None without it)."""
-    import os
-
+def gpu_memory_mib(pid: int | None = None) -> int | None:
+    """GPU memory this process (or `pid`) holds, from nvidia-smi (None without it)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
                               "--format=csv,noheader,nounits"], capture_output=True,
                              text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         return None
+    pid_asked = pid
     for line in out.splitlines():
         pid, used = (x.strip() for x in line.split(","))
-        if pid == str(os.getpid()):
+        if pid == str(os.getpid() if pid_asked is None else pid_asked):
             return int(used)
     return None
 
@@ -378,27 +378,114 @@ SERVE_WORDS = ("LORD", "king", "people", "prophet", "priest", "servant", "son", 
 
 
 def bench_serve(args: argparse.Namespace) -> dict:
+    """One server per --parallel value, in turn; with several values, also how many greedy
+    answers of each equal the first value's (the same prompts at each level)."""
+    reports = [_serve_once(args, parallel) for parallel in args.parallel]
+    if len(reports) == 1:
+        return reports[0]
+    tokenizer = _serve_tokenizer(args)
+    base = reports[0]
+    for report in reports[1:]:
+        report["answers_vs_first"] = _agreement(base["answers"], report["answers"], tokenizer)
+    for report in reports:
+        report.pop("answers")
+    return {"parallel": args.parallel, "runs": reports,
+            "vs_first": {r["parallel"]: _speedups(base, r) for r in reports[1:]}}
+
+
+def _serve_once(args: argparse.Namespace, parallel: int) -> dict:
     cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--port", "0", "--provider",
-           args.provider, "--max-queue", "64", "--parallel", str(args.parallel)] + (
-        ["--variant", args.variant] if args.variant else [])
+           args.provider, "--max-queue", "128", "--parallel", str(parallel)] + (
+        ["--variant", args.variant] if args.variant else []) + (
+        ["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else [])
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
-        line = server.stderr.readline()
-        found = re.search(r"serving (\S+) .* at (http://\S+)/v1", line)
-        if not found:
-            raise SystemExit(line + server.stderr.read())
+        seen = []  # the server's notes and warnings before its "serving" line
+        while not (found := re.search(r"serving (\S+) .* at (http://\S+)/v1",
+                                      line := server.stderr.readline())):
+            seen.append(line)
+            if not line:  # the server ended
+                raise SystemExit("".join(seen))
         threading.Thread(target=server.stderr.read, daemon=True).start()  # keep the pipe empty
         model, url = found.groups()
         _wait_for_health(url, server)
         _stream_chat(url, model, [{"role": "user", "content": "warm up"}], 8)
-        levels = [_serve_level(url, model, n, args) for n in args.clients]
-        return {"command": " ".join(cmd), "model": model, "parallel": args.parallel,
-                "max_tokens": args.new_tokens,
+        words = _prompt_words(url, model, args.prompt_tokens) if args.prompt_tokens else None
+        answers: dict[str, str] = {}
+        levels = [_serve_level(url, model, n, args, words, answers) for n in args.clients]
+        memory = {"gpu_memory_server_mib": gpu_memory_mib(server.pid),
+                  "gpu_memory_used_total_mib": gpu_memory_used_total_mib()}
+        return {"command": " ".join(cmd), "model": model, "parallel": parallel,
+                "max_tokens": args.new_tokens, "prompt_words": words,
                 "requests_per_client": args.requests_per_client, "levels": levels,
-                "prefix_reuse": _prefix_reuse(url, model)}
+                "prefix_reuse": _prefix_reuse(url, model), **memory, "answers": answers}
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _serve_tokenizer(args: argparse.Namespace):
+    """The variant's tokenizer, to count the tokens two answers share (None if not found)."""
+    try:
+        from llama2_onnx.tokenizer import Tokenizer
+        from llama2_onnx.variant_folder import TOKENIZER
+        from llama2_onnx.variants import resolve_variant
+
+        return Tokenizer.from_file(resolve_variant(args.variant, ROOT) / TOKENIZER)
+    except Exception:  # noqa: BLE001  # the comparison then counts characters only
+        return None
+
+
+def _agreement(base: dict[str, str], other: dict[str, str], tokenizer) -> dict:
+    """How many answers equal the base's; for the others, where they first differ (characters,
+    and about how many tokens of the answer came before: the shared text, encoded)."""
+    keys = sorted(set(base) & set(other))
+    differ = [k for k in keys if base[k] != other[k]]
+    first = []
+    for key in differ:
+        shared = len(os.path.commonprefix([base[key], other[key]]))
+        tokens = None if tokenizer is None else len(tokenizer.encode(base[key][:shared], bos=False,
+                                                                     eos=False))
+        first.append({"request": key, "chars_equal": shared, "tokens_equal_about": tokens})
+    first.sort(key=lambda d: d["chars_equal"])
+    return {"requests": len(keys), "equal": len(keys) - len(differ),
+            "share_equal": round((len(keys) - len(differ)) / max(len(keys), 1), 3),
+            "first_divergences": first[:8]}
+
+
+def _speedups(base: dict, run: dict) -> list[dict]:
+    """Per level, total tokens/s and median first token against the first --parallel value."""
+    rows = []
+    for a, b in zip(base["levels"], run["levels"], strict=True):
+        rows.append({"clients": b["clients"],
+                     "tokens_per_s_total_ratio": round(b["tokens_per_s_total"]
+                                                       / a["tokens_per_s_total"], 2),
+                     "ttft_ms_median": b["ttft_ms_median"],
+                     "slowest_stream_vs_single": round(
+                         b["tokens_per_s_slowest_stream"]
+                         / run["levels"][0]["tokens_per_s_per_stream"], 2)})
+    return rows
+
+
+def _prompt_words(url: str, model: str, tokens: int) -> int:
+    """How many filler words make a chat prompt of about `tokens` tokens (two requests measure
+    this tokenizer's tokens per word)."""
+    def count(words: int) -> int:
+        text = _prompt_text(0, 0, words)
+        return _stream_chat(url, model, [{"role": "user", "content": text}], 1)["prompt_tokens"]
+
+    low, high = count(8), count(72)
+    per_word = max((high - low) / 64, 1e-3)
+    return max(1, round(8 + (tokens - low) / per_word))
+
+
+def _prompt_text(index: int, k: int, words: int | None) -> str:
+    head = f"And the {SERVE_WORDS[(index + k) % len(SERVE_WORDS)]} said unto them ({index}, {k})"
+    if words is None:
+        return head
+    filler = [SERVE_WORDS[(index * 7 + k * 3 + j * (1 + index % 5)) % len(SERVE_WORDS)]
+              for j in range(words)]
+    return head + " " + " ".join(filler)
 
 
 def _wait_for_health(url: str, server: subprocess.Popen, seconds: float = 60) -> None:
@@ -418,16 +505,19 @@ def _wait_for_health(url: str, server: subprocess.Popen, seconds: float = 60) ->
         time.sleep(0.1)
 
 
-def _serve_level(url: str, model: str, clients: int, args: argparse.Namespace) -> dict:
+def _serve_level(url: str, model: str, clients: int, args: argparse.Namespace,
+                 words: int | None = None, answers: dict[str, str] | None = None) -> dict:
     """`clients` threads, each sending `requests_per_client` streamed chat requests in turn."""
     results: list[dict] = []
 
     def client(index: int) -> None:
         for k in range(args.requests_per_client):
-            word = SERVE_WORDS[(index + k) % len(SERVE_WORDS)]
-            text = f"And the {word} said unto them ({index}, {k})"
-            results.append(_stream_chat(url, model, [{"role": "user", "content": text}],
-                                        args.new_tokens))
+            text = _prompt_text(index, k, words)
+            result = _stream_chat(url, model, [{"role": "user", "content": text}],
+                                  args.new_tokens)
+            results.append(result)
+            if answers is not None:
+                answers[f"{clients}/{index}/{k}"] = result["text"]
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -438,13 +528,15 @@ def _serve_level(url: str, model: str, clients: int, args: argparse.Namespace) -
     wall = time.perf_counter() - start
     ttft = sorted(r["ttft_s"] for r in results)
     tokens = sum(r["completion_tokens"] for r in results)
+    rates = [r["completion_tokens"] / r["stream_s"] for r in results]
     return {"clients": clients, "requests": len(results), "wall_s": round(wall, 2),
             "requests_per_s": round(len(results) / wall, 2),
+            "prompt_tokens_median": statistics.median(r["prompt_tokens"] for r in results),
             "ttft_ms_median": round(statistics.median(ttft) * 1e3, 1),
             "ttft_ms_p90": round(ttft[int(0.9 * (len(ttft) - 1))] * 1e3, 1),
             "tokens_per_s_total": round(tokens / wall, 1),
-            "tokens_per_s_per_stream": round(statistics.median(
-                r["completion_tokens"] / r["stream_s"] for r in results), 1)}
+            "tokens_per_s_per_stream": round(statistics.median(rates), 1),
+            "tokens_per_s_slowest_stream": round(min(rates), 1)}
 
 
 def _prefix_reuse(url: str, model: str) -> dict:
@@ -554,9 +646,20 @@ def parse_args() -> argparse.Namespace:
     serve.add_argument("--requests-per-client", type=int, default=4,
                        help="streamed requests each client sends in turn (default 4)")
     serve.add_argument("--new-tokens", type=int, default=128, help="max_tokens per request")
-    serve.add_argument("--parallel", type=int, default=1,
-                       help="the server's slots, requests decoded together (default 1)")
+    serve.add_argument("--parallel", type=_whole_numbers, default=[1],
+                       help="the server's slots, requests decoded together (default 1); "
+                       "several, comma-separated: one server each, in turn, and how many "
+                       "greedy answers equal the first's")
+    serve.add_argument("--prompt-tokens", type=int, default=None, help="about this many prompt "
+                       "tokens per request (default: a short sentence)")
+    serve.add_argument("--max-seq-len", "--max_seq_len", type=int, default=None,
+                       help="the server's context (default: the model's)")
     return parser.parse_args()
+
+
+def _whole_numbers(text: str) -> list[int]:
+    """'1,16,64' -> [1, 16, 64]; a bad item is kept as text for check_args to refuse."""
+    return [int(n) if n.strip().isdigit() else n for n in text.split(",")]
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -581,10 +684,11 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse bad counts and lists before anything loads (one sentence each, exit code 2)."""
     for name in ("prompt_tokens", "new_tokens", "reps", "requests_per_client", "vocab_size",
                  "parallel"):
-        value = getattr(args, name, None)
-        if value is not None and not is_whole_number(value):
-            raise UserError(f"--{name.replace('_', '-')} {value} is invalid; use a whole number "
-                            "of at least 1.")
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not is_whole_number(value):
+                raise UserError(f"--{name.replace('_', '-')} {value} is invalid; use a whole "
+                                "number of at least 1.")
     if getattr(args, "prompt_tokens", None) is not None and args.prompt_tokens < 2 \
             and args.command == "compare":
         raise UserError("--prompt-tokens must be at least 2 for compare (BOS and one token).")

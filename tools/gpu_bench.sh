@@ -10,6 +10,10 @@
 #   bash tools/gpu_bench.sh webgpu  WORK [PRECISIONS]   # our WebGPU path: capture on and off
 #   bash tools/gpu_bench.sh webgpu_tune WORK [PRECISIONS]  # WebGPU forms/options; int4 profile
 #   bash tools/gpu_bench.sh webgpu_float32 WORK         # float16 forms' tokens against float32
+#   bash tools/gpu_bench.sh genai_webgpu WORK [PRECISIONS] # genai's builder with -e webgpu
+#   bash tools/gpu_bench.sh side WORK [PRECISIONS]      # ours CUDA, ours WebGPU, genai-webgpu
+#   bash tools/gpu_bench.sh serve WORK [PRECISIONS]     # the server: --parallel 1, 16, 64
+#   bash tools/gpu_bench.sh slots_profile WORK          # a batched decode step's host time
 #
 # PRECISIONS: float16 and/or int4 (default "float16"). JSON results go to $OUT (or WORK/results).
 #
@@ -26,6 +30,16 @@
 # against split-K products (graph_forms.SPLIT_K, 8 and 16 parts). `webgpu_float32` (CPU only,
 # after webgpu_tune float16) sends each float16 form's tokens through a float32 forward of the
 # checkpoint (tools/float32_agreement.py): how often each form picked the float32 argmax.
+# `side` runs tools/webgpu_tune.py with our CUDA path first (the reference for the tokens), our
+# WebGPU default form, onnxruntime-genai on the plugin (stage `genai_webgpu` builds its model)
+# and, for int4, the split-K int4 experiments (nbits_split4/8), each 128 -> 256 greedy, median
+# of 3. `serve` runs tools/benchmark.py serve (128-token prompts, 128 new tokens, one request
+# per client, a 1,024-token context): --parallel 1 and 16 at 1, 4 and 16 clients, then 16 and
+# 64 at 16 and 64 clients (greedy answers compared with the first value's), then --parallel 16
+# again with SERVE_PREFILL_TOKENS (default 512) prompt tokens a tick
+# (batching.PREFILL_TOKENS_PER_TICK).
+# `slots_profile` times decode steps on the GPU (tools/gpu_profile.py): one slot captured and
+# uncaptured, 16 and 64 slots (uncaptured): the host's share of a batched step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=$1; work=$2; precisions=${3:-float16}
@@ -111,6 +125,54 @@ webgpu_tune() {
 webgpu_float32() {
   $py tools/float32_agreement.py --hf "$work/rand7b" --tune "$out/webgpu_tune_float16.json" \
     | tee "$out/webgpu_float32_agreement.json"
+}
+
+genai_webgpu() {  # genai's own WebGPU model of the same checkpoint
+  checkpoint
+  for p in $precisions; do
+    [ -f "$work/genai_webgpu_$p/genai_config.json" ] && continue
+    /usr/bin/time -v $py -m onnxruntime_genai.models.builder -i "$work/rand7b" \
+      -o "$work/genai_webgpu_$p" -p "$(genai_precision "$p")" -e webgpu -c "$work/hfcache" \
+      > "$out/genai_webgpu_build_$p.log" 2>&1 || tail -20 "$out/genai_webgpu_build_$p.log"
+    grep -E "Elapsed|Maximum resident" "$out/genai_webgpu_build_$p.log" || true
+  done
+}
+
+side() {
+  for p in $precisions; do
+    case $p in
+      int4) configs=cuda,packed,genai,nbits_split4,nbits_split8 ;;
+      *) configs=cuda,packed,genai ;;
+    esac
+    $py tools/webgpu_tune.py --variant "$work/ours_$p" --configs "$configs" \
+      --genai "$work/genai_webgpu_$p" --out "$out/side_$p.json"
+  done
+}
+
+serve() {  # one request per client: --parallel 1 at 64 clients alone would take minutes
+  for p in $precisions; do
+    common=(--variant "$work/ours_$p" --provider cuda --requests-per-client 1
+            --prompt-tokens 128 --new-tokens 128 --max-seq-len 1024)
+    $py tools/benchmark.py serve "${common[@]}" --clients 1,4,16 --parallel 1,16 \
+      > "$out/serve_$p.json"
+    $py tools/benchmark.py serve "${common[@]}" --clients 16,64 --parallel 16,64 \
+      > "$out/serve_${p}_64.json"
+    LLAMA2_ONNX_PREFILL_TOKENS_PER_TICK=${SERVE_PREFILL_TOKENS:-512} \
+      $py tools/benchmark.py serve "${common[@]}" --clients 16 --parallel 16 \
+      > "$out/serve_${p}_prefill.json"
+  done
+}
+
+slots_profile() {
+  v="$work/ours_float16"
+  $py tools/gpu_profile.py --variant "$v" --steps 32 --max-seq-len 1024 \
+    > "$out/profile_p1_capture.json"
+  $py tools/gpu_profile.py --variant "$v" --steps 32 --max-seq-len 1024 --no-graph-capture \
+    > "$out/profile_p1_nocapture.json"
+  for n in 16 64; do
+    $py tools/gpu_profile.py --variant "$v" --steps 32 --max-seq-len 1024 --parallel $n \
+      > "$out/profile_p$n.json"
+  done
 }
 
 "$stage"

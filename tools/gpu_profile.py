@@ -77,6 +77,11 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32, help="decode steps recorded")
     parser.add_argument("--no-graph-capture", action="store_true")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="context (default: the "
+                        "model's)")
+    parser.add_argument("--parallel", type=int, default=1, help="slots: each decode step runs "
+                        "this many rows together (session.Runtime.run_rows), every row at the "
+                        "prompt's length; no graph capture")
     args = parser.parse_args()
     try:
         import torch
@@ -93,12 +98,17 @@ def main() -> None:
     from llama2_onnx.generation import Engine
 
     torch.zeros(1, device="cuda")  # PyTorch's CUDA context first, so CUPTI sees all kernels
-    engine = Engine.from_variant(args.variant, provider="cuda",
-                                 graph_capture=not args.no_graph_capture)
+    engine = Engine.from_variant(args.variant, provider="cuda", parallel=args.parallel,
+                                 max_seq_len=args.max_seq_len,
+                                 graph_capture=not args.no_graph_capture and args.parallel == 1)
     prompt = [engine.tokenizer.bos_id] + [100 + i * 37 % 20000
                                           for i in range(args.prompt_tokens - 1)]
 
+    rows = args.parallel
+
     def decode(steps: int, recorder=None) -> float:
+        if rows > 1:
+            return decode_rows(steps, recorder)
         engine.reset()
         token = int(np.argmax(engine.prefill(prompt)))
         if recorder:
@@ -106,6 +116,22 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(steps):
             token = int(np.argmax(engine.decode_step(token)))
+        wall = time.perf_counter() - start
+        if recorder:
+            recorder.__exit__(None, None, None)
+        return wall
+
+    def decode_rows(steps: int, recorder=None) -> float:
+        """The same prompt in every slot, then steps of all rows (as batching.SlotEngine)."""
+        runner = engine.runner
+        first = [runner.run(engine.embeddings[prompt], 0, row=r).copy() for r in range(rows)]
+        tokens = np.array([int(np.argmax(x)) for x in first])
+        if recorder:
+            recorder.__enter__()
+        start = time.perf_counter()
+        for step in range(steps):
+            logits = runner.run_rows(engine.embeddings[tokens], [len(prompt) + step] * rows)
+            tokens = logits.reshape(rows, -1).argmax(-1)
         wall = time.perf_counter() - start
         if recorder:
             recorder.__exit__(None, None, None)
@@ -120,8 +146,11 @@ def main() -> None:
     config = engine.config
     table = config.vocab_size * config.dim * np.dtype(NP_DTYPES[config.dtype]).itemsize
     report = summarize(kernels, args.steps, wall, config.weight_bytes() - table)
+    report["host_gap_us_per_step"] = round(report["wall_us_per_step"]
+                                           - report["kernel_us_per_step"], 1)
     print(json.dumps({"variant": args.variant.name, "prompt_tokens": args.prompt_tokens,
-                      "graph_capture": engine.runner.graph_capture, **report}, indent=2))
+                      "parallel": rows, "graph_capture": engine.runner.graph_capture, **report},
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python tools/serve.py                        # http://127.0.0.1:8000/v1, demo or first ready
     python tools/serve.py --variant 7B_FT_float16 --provider cuda --api-key "$KEY"
     python tools/serve.py --parallel 8           # 8 requests decoded together (CPU or CUDA)
+                                                 # (default auto: up to 16 on CUDA, 1 elsewhere)
 
 It binds 127.0.0.1 unless --host says otherwise. With --api-key (or LLAMA2_ONNX_API_KEY) every
 request needs `Authorization: Bearer KEY`. Needs `pip install -e .[serve]`.
@@ -72,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"one idle longest is closed, or a new one gets 503 (default "
                         f"{MAX_CONNECTIONS})")
     add_engine_args(parser)
+    parser.set_defaults(parallel="auto")  # a server's slots: placement.auto_slots
     parser.add_argument("--token_delay", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--body_timeout", type=float, default=BODY_TIMEOUT_S,
                         help=argparse.SUPPRESS)  # tests only, as --token_delay
