@@ -83,7 +83,7 @@ def random_prompt(engine, length: int, seed: int = 0) -> list[int]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return [engine.tokenizer.bos_id] + rng.integers(3, engine.config.vocab_size,
+    return engine.tokenizer.encode("", bos=True) + rng.integers(3, engine.config.vocab_size,
                                                     length - 1).tolist()
 
 

@@ -40,7 +40,7 @@ def check(folder: Path, provider: str, steps: int, cache_len: int = 512) -> dict
     prefix = str(Path(tempfile.gettempdir()) / "gpu_check")
     engine = profiled_engine(folder, provider, cache_len, prefix)
     addresses = list(engine.runner.caches)
-    prompt = [engine.tokenizer.bos_id] + list(range(100, 131))
+    prompt = engine.tokenizer.encode("", bos=True) + list(range(100, 131))
     list(engine.generate(prompt, SamplingSettings(temperature=0), steps, ignore_eos=True))
     profile = Path(engine.runner.session.end_profiling())
     events = node_events(profile)
@@ -68,7 +68,7 @@ def check(folder: Path, provider: str, steps: int, cache_len: int = 512) -> dict
 
 def decode_speed(folder: Path, provider: str, cache_len: int, fill: int, steps: int) -> float:
     engine = Engine.from_variant(folder, provider=provider, max_seq_len=cache_len)
-    prompt = [engine.tokenizer.bos_id] + [100 + i % 1000 for i in range(fill - 1)]
+    prompt = engine.tokenizer.encode("", bos=True) + [100 + i % 1000 for i in range(fill - 1)]
     list(engine.generate(prompt, SamplingSettings(temperature=0), steps, ignore_eos=True))
     return round(engine.last_stats.decode_tok_s, 1)
 

@@ -101,7 +101,7 @@ def main() -> None:
     engine = Engine.from_variant(args.variant, provider="cuda", parallel=args.parallel,
                                  max_seq_len=args.max_seq_len,
                                  graph_capture=not args.no_graph_capture and args.parallel == 1)
-    prompt = [engine.tokenizer.bos_id] + [100 + i * 37 % 20000
+    prompt = engine.tokenizer.encode("", bos=True) + [100 + i * 37 % 20000
                                           for i in range(args.prompt_tokens - 1)]
 
     rows = args.parallel
