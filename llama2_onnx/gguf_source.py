@@ -92,6 +92,10 @@ class GGUFSource(_Checked):
         self.keys: dict[str, str] = {}  # canonical name -> the file's own
         size = self.path.stat().st_size
         for tensor in self.reader.tensors:
+            if tensor.name == ROPE_FREQS:
+                self.config = self.config.replace(rope_scaling=llama3_scaling(
+                    np.asarray(tensor.data, np.float64), self.config, str(self.path)))
+                continue
             self._add(tensor, size)
         self.tied = "output.weight" not in self.tensors and "tok_embeddings.weight" in self.tensors
         if self.tied:  # the output projection is the embedding table (SmolLM2, Llama 3.2 1B)
@@ -102,10 +106,6 @@ class GGUFSource(_Checked):
 
     def _add(self, tensor, file_size: int) -> None:
         key, kind = tensor.name, tensor.tensor_type.name
-        if key == "rope_freqs.weight":
-            raise ConfigError(f"{self.path} holds rope_freqs.weight (Llama 3.1-style rope "
-                              "scaling factors), which this exporter cannot map back to a rope "
-                              "scaling config; export the Hugging Face folder with --hf instead.")
         parts = key.split(".", 2)
         if key in GGUF_NAMES:
             name = GGUF_NAMES[key]
@@ -263,6 +263,33 @@ def gguf_config(fields: dict, source: str) -> Config:
                   rope_theta=float(key("rope.freq_base", 10000.0)),
                   max_seq_len=int(key("context_length", 4096)),
                   intermediate_size=int(key("feed_forward_length")), **extra)
+
+
+ROPE_FREQS = "rope_freqs.weight"
+# llama.cpp writes Llama 3.1-style scaling as per-pair factors (rope_freqs.weight: each pair's
+# angle is divided by its factor) without the parameters they came from; these are the
+# parameters Meta's models use (3.1: factor 8; 3.2 and 3.3: 32 or 8), recognised by the factors.
+LLAMA3_CANDIDATES = tuple(
+    {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192} for factor in (8.0, 32.0, 16.0, 4.0, 2.0))
+
+
+def llama3_scaling(factors: np.ndarray, config: Config, source: str) -> dict:
+    """The rope_scaling (llama3) whose per-pair factors equal a file's rope_freqs.weight.
+
+    Raises:
+        ConfigError when no known parameters give those factors.
+    """
+    from .rope import inverse_frequencies
+
+    plain = inverse_frequencies(config.head_dim, config.rope_theta)
+    if factors.shape == plain.shape:
+        for scaling in LLAMA3_CANDIDATES:
+            theirs = plain / inverse_frequencies(config.head_dim, config.rope_theta, scaling)
+            if np.allclose(factors, theirs, rtol=1e-4):
+                return dict(scaling)
+    raise ConfigError(f"{source} holds rope scaling factors ({ROPE_FREQS}) that match no known "
+                      "Llama 3 scaling; export the model's Hugging Face folder with --hf instead.")
 
 
 def _rope_scaling(fields: dict, kind: str, source: str) -> dict:

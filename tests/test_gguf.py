@@ -76,7 +76,7 @@ def _k_quant_bytes(rng, rows: int, cols: int, kind) -> np.ndarray:
 
 
 def write_gguf(path: Path, types: dict[str, object], arch: str = "llama", tied: bool = True,
-               seed: int = 0) -> Path:
+               seed: int = 0, rope_freqs: np.ndarray | None = None) -> Path:
     """A random 2-layer Llama in GGUF: `types` maps GGUF tensor names (or their endings) to
     their block type; others are F32. Weights are drawn in Hugging Face's layout and wq/wk
     permuted as llama.cpp does."""
@@ -102,6 +102,8 @@ def write_gguf(path: Path, types: dict[str, object], arch: str = "llama", tied: 
     writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
                              "{{ m['content'] }}<|im_end|>\n{% endfor %}")
     shapes = {"token_embd.weight": (vocab, DIM), "output_norm.weight": (DIM,)}
+    if rope_freqs is not None:  # Llama 3.1-style scaling as llama.cpp writes it
+        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     if not tied:
         shapes["output.weight"] = (vocab, DIM)
     kv = KV_HEADS * DIM // HEADS
@@ -347,6 +349,41 @@ def test_other_types_are_quantized_again(tiny, tmp_path):
     model = onnx.load(str(find_graph(folder)), load_external_data=False)
     assert not any(n.op_type == "MatMulNBits" and n.input[1].startswith("output")
                    for n in model.graph.node)
+
+
+def llama_cpp_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
+                           trained: int) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's converter computes it for Llama 3.1-style scaling: per
+    rotary pair the number its angle is divided by."""
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * np.pi * theta ** (i / head_dim)
+        if wavelength < trained / high:
+            factors.append(1.0)
+        elif wavelength > trained / low:
+            factors.append(factor)
+        else:
+            smooth = (trained / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors)
+
+
+def test_llama3_rope_factors_become_the_scaling_they_came_from(tmp_path):
+    """A Llama 3.2-style file (rope_freqs.weight, factor 32) gives the llama3 rope_scaling whose
+    frequencies are the file's; factors from no known parameters are one sentence."""
+    from llama2_onnx.rope import inverse_frequencies
+
+    head = DIM // HEADS
+    factors = llama_cpp_rope_factors(head, 10000.0, 32.0, 1.0, 4.0, 8192)
+    assert len(set(np.round(factors, 6))) > 2  # short, long and in-between pairs all present
+    config = GGUFSource(write_gguf(tmp_path / "l32.gguf", {}, rope_freqs=factors)).config
+    assert config.rope_scaling == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}
+    np.testing.assert_allclose(inverse_frequencies(head, 10000.0, config.rope_scaling),
+                               inverse_frequencies(head, 10000.0) / factors, rtol=1e-6)
+    odd = write_gguf(tmp_path / "odd.gguf", {}, rope_freqs=factors * 1.5)
+    _one_sentence(cli_export(odd, tmp_path / "out"), "match no known Llama 3 scaling")
 
 
 # --- bad inputs --------------------------------------------------------------------------------
