@@ -19,7 +19,7 @@ def export_command(args: argparse.Namespace, root: Path) -> int:
     if not args.publish and (args.remote or args.hub):
         raise UserError("--remote/--hub only apply with --publish; add --publish.")
     request = ExportRequest(variant=args.variant, precision=args.precision,
-                            block_size=args.block_size, hf=args.hf,
+                            block_size=args.block_size, int4_output=args.int4_output, hf=args.hf,
                             meta=args.meta, gguf=args.gguf, tokenizer=args.tokenizer, out=args.out,
                             max_seq_len=args.max_seq_len, chat=args.chat, force=args.force,
                             skip_verify=args.skip_verify, progress=not args.no_progress,

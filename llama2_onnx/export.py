@@ -59,6 +59,7 @@ from .variants import REPO_ROOT, check_variant_name
 VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 VERIFY_STEPS = 20
 DEFAULT_BLOCK_SIZE = 32
+INT4_OUTPUTS = ("int4", "float16")  # what --int4-output takes
 
 
 @dataclass
@@ -68,6 +69,7 @@ class ExportRequest:
     variant: str
     precision: str
     block_size: int | None = None  # int4 only; default DEFAULT_BLOCK_SIZE
+    int4_output: str | None = None  # int4 only: "int4" or "float16" output projection
     hf: Path | None = None
     meta: Path | None = None
     gguf: Path | None = None  # a GGUF file (gguf_source.py); its tokenizer comes from it
@@ -96,6 +98,11 @@ def export_variant(req: ExportRequest) -> Path:
         raise UserError(f"--precision {req.precision!r} is not one of float32, float16, int4.")
     if req.block_size is not None and req.precision != "int4":
         raise UserError("--block-size only applies to --precision int4.")
+    if req.int4_output is not None and req.precision != "int4":
+        raise UserError("--int4-output only applies to --precision int4.")
+    if req.int4_output not in (None, *INT4_OUTPUTS):
+        raise UserError(f"--int4-output {req.int4_output!r} is not one of "
+                        f"{', '.join(INT4_OUTPUTS)}.")
     protected = [REPO_ROOT, *(p for p in (req.hf, req.meta, req.gguf, req.tokenizer)
                               if p is not None)]
     remove_stale_leftovers(final.parent)  # first: a variant hidden by a killed export returns
@@ -205,7 +212,9 @@ def _variant_config(source: Source, req: ExportRequest, chat: bool) -> Config:
     block = None if req.precision != "int4" else (
         DEFAULT_BLOCK_SIZE if req.block_size is None else req.block_size)
     output_int4 = None
-    if block is not None and source.prequantized:
+    if req.int4_output is not None:  # asked: 4-bit codes (re-rounded if need be) or float16
+        output_int4 = req.int4_output == "int4"
+    elif block is not None and source.prequantized:
         # llama.cpp keeps the output projection above 4 bits (SmolLM2's tied table: Q8_0);
         # rounding it to int4 again cost most of int4's error there (docs/export.md), so it
         # stays float16 unless the file's own 4-bit codes can be kept.

@@ -129,6 +129,20 @@ def test_int4_export_passes_its_verification(make_variant, fmt, gqa):
     assert inputs["inputs_embeds"] == inputs["past_key.0"] == TensorProto.FLOAT16
 
 
+def test_the_output_projection_can_stay_float16(tmp_path, make_checkpoint, tokenizer_path):
+    """--int4-output float16: the blocks' layers 4-bit, the output projection a float16 MatMul
+    (what a small model with a large vocabulary loses least by; docs/export.md), verified."""
+    reports = []
+    folder = export_variant(ExportRequest(variant="o16", precision="int4", int4_output="float16",
+                                          tokenizer=tokenizer_path, out=tmp_path, progress=False,
+                                          hf=make_checkpoint("hf"), on_verified=reports.append))
+    assert reports[0].ok and Config.load(folder / "config.json").output_int4 is False
+    model = onnx.load(str(next((folder / "ONNX").glob("*.onnx"))), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * 2 and not any(n.input[1].startswith("output") for n in nbits)
+    assert [n.op_type for n in model.graph.node if "output.weight_t" in n.input] == ["MatMul"]
+
+
 @pytest.mark.parametrize("precision", ["float32", "int4"])
 def test_a_corrupted_layer_is_refused(tmp_path, monkeypatch, make_checkpoint, tokenizer_path,
                                       precision):
@@ -153,6 +167,8 @@ def test_a_corrupted_layer_is_refused(tmp_path, monkeypatch, make_checkpoint, to
     (["--precision", "int4", "--block-size", "7"], "block size 7 is not one of 32, 64, 128"),
     (["--precision", "int4", "--block-size", "128"], "dim 64 is not a multiple of the int4"),
     (["--precision", "float16", "--block-size", "32"], "only applies to --precision int4"),
+    (["--precision", "float32", "--int4-output", "float16"], "--int4-output only applies to "
+     "--precision int4"),
 ])
 def test_bad_int4_flags_get_one_sentence_and_exit_2(tmp_path, make_checkpoint, tokenizer_path,
                                                     flags, message):

@@ -38,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="weights of the variant: float32, float16 or int4 (4-bit weights)")
     export.add_argument("--block-size", type=int, help="int4 only: weights per quantization "
                         "block, 32 (default), 64 or 128")
+    export.add_argument("--int4-output", choices=("int4", "float16"),
+                        help="int4 only: the output projection's weights (default: int4, or "
+                        "float16 from a GGUF file whose output is not 4-bit); float16 costs "
+                        "speed on small models and gains quality (docs/export.md)")
     export.add_argument("--variant", required=True, help="variant name, e.g. 7B_FT_float16")
     export.add_argument("--out", type=Path, default=ROOT, help="parent folder (default: repo)")
     export.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
