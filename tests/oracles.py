@@ -116,6 +116,14 @@ _HF_FROM_META = {
 }
 
 
+def hf_name(canonical: str) -> str:
+    """Hugging Face's name of a canonical (Meta-named) tensor."""
+    if canonical.startswith("layers."):
+        _, i, rest = canonical.split(".", 2)
+        return f"model.layers.{i}.{_HF_FROM_META[rest]}"
+    return _HF_FROM_META[canonical]
+
+
 def _llama(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int,
            eps: float, theta: float, state: dict[str, torch.Tensor]):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -155,11 +163,7 @@ def transformers_from_meta(folder: Path):
             tensor = interleaved_to_half_split(tensor, heads)
         elif name.endswith("attention.wk.weight"):
             tensor = interleaved_to_half_split(tensor, kv_heads)
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            state[f"model.layers.{i}.{_HF_FROM_META[rest]}"] = tensor
-        else:
-            state[_HF_FROM_META[name]] = tensor
+        state[hf_name(name)] = tensor
     vocab, dim = raw["tok_embeddings.weight"].shape
     return _llama(dim, raw["layers.0.feed_forward.w1.weight"].shape[0],
                   sum(k.endswith("attention.wq.weight") for k in raw), heads, kv_heads, vocab,

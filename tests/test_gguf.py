@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 import onnx
 import pytest
+from oracles import hf_name
 
 from llama2_onnx import graph_forms
 from llama2_onnx.config import Config
@@ -169,24 +170,6 @@ def transformers_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-HF_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight",
-            "attention.wk.weight": "self_attn.k_proj.weight",
-            "attention.wv.weight": "self_attn.v_proj.weight",
-            "attention.wo.weight": "self_attn.o_proj.weight",
-            "feed_forward.w1.weight": "mlp.gate_proj.weight",
-            "feed_forward.w2.weight": "mlp.down_proj.weight",
-            "feed_forward.w3.weight": "mlp.up_proj.weight",
-            "attention_norm.weight": "input_layernorm.weight",
-            "ffn_norm.weight": "post_attention_layernorm.weight"}
-
-
-def hf_name(canonical: str) -> str:
-    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight":
-           "model.norm.weight", "output.weight": "lm_head.weight"}
-    if canonical in top:
-        return top[canonical]
-    _, i, rest = canonical.split(".", 2)
-    return f"model.layers.{i}.{HF_NAMES[rest]}"
 
 
 @pytest.mark.parametrize("which", ["mixed", "four_bit", "untied"])

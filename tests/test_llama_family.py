@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT
+from test_oracle_transformers import free_running
 
 from llama2_onnx.checkpoints import HF_CONFIG, hf_config
 from llama2_onnx.config import Config
@@ -103,13 +104,7 @@ def export(folder: Path, precision: str, tokenizer_path: Path, out: Path,
 
 def ours(variant: Path, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
     """Our greedy tokens (with the KV cache) and the logits (steps, vocab) they came from."""
-    engine = Engine.from_variant(variant, provider="cpu")
-    logits, tokens, seen = engine.prefill(prompt), [], []
-    for _ in range(steps):
-        seen.append(np.array(logits, dtype=np.float64))
-        tokens.append(int(logits.argmax()))
-        logits = engine.decode_step(tokens[-1])
-    return tokens, np.stack(seen)
+    return free_running(Engine.from_variant(variant, provider="cpu"), prompt, steps)
 
 
 def worst_relative(logits: np.ndarray, model, prompt: list[int], tokens: list[int]) -> float:
