@@ -384,8 +384,9 @@ def _index_of(mask: np.ndarray) -> list[int]:
 
 
 class _Progress:
-    """A tqdm bar counting the tensors written (its total is exact), with the bytes written so
-    far beside it; or nothing when disabled."""
+    """A tqdm bar counting the tensors written, with the bytes written so far beside it; or
+    nothing when disabled. Its total is exact but for int4 kept from Q4_1 blocks, whose
+    matrices each add an offset tensor: the total grows by those as they come."""
 
     def __init__(self, config: Config, enabled: bool) -> None:
         self.enabled, self.bar = enabled, None
@@ -403,6 +404,8 @@ class _Progress:
         self.bytes += nbytes
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.bytes / 1e9:.2f} GB", refresh=False)
+            if self.bar.n >= self.bar.total:  # an offset tensor beside kept Q4_1 codes
+                self.bar.total = self.bar.n + 1
             self.bar.update(1)
 
     def __exit__(self, *exc) -> None:

@@ -76,6 +76,8 @@ class GGUFSource(_Checked):
 
     def __init__(self, path: Path, max_seq_len: int | None = None) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise CheckpointError(f"--gguf {self.path} is a folder; pass the .gguf file in it.")
         if not self.path.is_file():
             raise CheckpointError(f"--gguf {self.path} does not exist; pass the .gguf file.")
         gguf = _gguf()

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -158,6 +159,26 @@ def check_replaceable(final: Path, force: bool, protected: Sequence[Path]) -> No
     if stranger is not None:
         raise UserError(f"--force only replaces a folder this exporter wrote, but {final} "
                         f"holds {stranger}; move it away or choose another --variant/--out.")
+    tracked = tracked_by_enclosing_git(final)
+    if tracked:
+        raise UserError(f"--force would replace {final}, whose files are part of the git "
+                        f"repository around it ({tracked[0]} among them; the demo ships that "
+                        "way); choose another --variant or --out.")
+
+
+def tracked_by_enclosing_git(folder: Path) -> list[str]:
+    """Files in `folder` that the git repository around it tracks as its own (a submodule,
+    such as a published variant, is its own repository and does not count); [] when there is
+    no such repository or git is not installed."""
+    try:
+        done = subprocess.run(["git", "-C", str(folder.parent), "ls-files", "--stage", "-z",
+                               "--", folder.name], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if done.returncode:
+        return []
+    entries = [e.split("\t", 1) for e in done.stdout.decode("utf-8", "replace").split("\0") if e]
+    return [path for mode, path in entries if not mode.startswith("160000")]
 
 
 def _first_unlisted_file(folder: Path) -> str | None:

@@ -129,7 +129,7 @@ def variant_state(path: Path) -> VariantState:
     if missing == ABSENT:
         declared = name in submodule_paths(path.parent)
         return VariantState(name, path, ABSENT, pull if declared else (
-            "not published in this distribution yet; README 'Exporting your own variant'"))
+            "not published in this distribution yet; README 'Exporting and publishing'"))
     if missing == NOT_INITIALISED:
         return VariantState(name, path, NOT_INITIALISED, pull)
     kind = folder_format(path)

@@ -421,6 +421,8 @@ def test_unknown_architecture_and_rope_scaling_are_one_sentence(tmp_path):
         gguf_config(fields, "x.gguf")
     with pytest.raises(CheckpointError, match="does not exist"):
         GGUFSource(tmp_path / "missing.gguf")
+    with pytest.raises(CheckpointError, match="is a folder; pass the .gguf file in it"):
+        GGUFSource(tmp_path)
 
 
 # --- the real model: SmolLM2-135M-Instruct, Q4_1 ----------------------------------------------

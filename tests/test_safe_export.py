@@ -103,6 +103,15 @@ def test_force_never_replaces_the_checkout(clone, hf_args):
     assert tree_digest(clone) == before
 
 
+def test_force_never_replaces_the_demo_the_repository_tracks(clone, hf_args):
+    """The demo is an exporter-written variant folder (manifest, config) and part of the
+    repository's own files: --force refuses it and names why."""
+    before = tree_digest(clone / "demo")
+    run = export_cli(*hf_args, "--variant", "demo", "--force", tool_root=clone)
+    assert_refused(run, "part of the git repository around it", "demo/")
+    assert tree_digest(clone / "demo") == before
+
+
 def test_force_refuses_folders_it_did_not_write(tmp_path, hf_args):
     notes = tmp_path / "notes"
     notes.mkdir()
