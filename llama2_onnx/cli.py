@@ -80,7 +80,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=parallel_count, default=1,
                         help="requests held in the KV cache and decoded together, on the CPU or "
                         "CUDA (slots; default 1: one at a time; the cache grows N times; auto: "
-                        "the provider's default for a server)")
+                        "on CUDA as many as half the free GPU memory holds, at most 16)")
 
 
 def parallel_count(text: str) -> int | str:
