@@ -259,9 +259,8 @@ def place(config: Config, options: RunOptions, installed: list[str] | None = Non
     form = _form(provider, config.dtype, contract, float16)
     wide = form in graph_forms.FLOAT32_FORMS and provider == "webgpu"
     if options.parallel == "auto":
-        options = replace(options, parallel=1 if options.graph_capture is True
-                          or contract == ORIGINAL else auto_slots(
-                              provider, config, cache_len, _activation(form, config)))
+        options = replace(options, parallel=1 if contract == ORIGINAL else auto_slots(
+            provider, config, cache_len, _activation(form, config)))
     return Placement(
         provider=provider, device=provider if provider in ("cuda", "dml", "webgpu") else "cpu",
         form=form, activation=_activation(form, config),
@@ -331,20 +330,21 @@ CAPTURE_DEFAULT = ("cuda", "webgpu")
 
 def _graph_capture(provider: str, options: RunOptions, contract: str) -> bool:
     """On by default where shown and faster (CUDA, WebGPU); refused where not shown; the
-    original format's runtime has no fixed buffers to capture. A batched decode step over
-    several slots has not been captured and compared with the plain path, so it runs without
-    capture."""
+    original format's runtime has no fixed buffers to capture. A decode step of several slots
+    is captured once per width it runs at (session.Runtime.run_rows) where that is shown
+    token-identical too (SLOTS_CAPTURE_SHOWN)."""
     if contract == ORIGINAL:
         if options.graph_capture is True:
             raise UserError("graph capture needs this repository's graph contract; the "
                             "original Llama-2-Onnx format runs without it (drop "
                             "--graph_capture).")
         return False
-    if options.parallel > 1:
+    if options.parallel != 1 and provider not in SLOTS_CAPTURE_SHOWN:
         if options.graph_capture is True:
             raise UserError(f"graph capture is not shown to give the same tokens for a decode "
-                            f"step of several slots yet, so it is not offered with --parallel "
-                            f"{options.parallel}; drop --graph_capture or use --parallel 1.")
+                            f"step of several slots on {provider} yet, so it is not offered "
+                            f"with --parallel {options.parallel}; drop --graph_capture or use "
+                            "--parallel 1.")
         return False
     if options.graph_capture == "auto":
         return provider in CAPTURE_DEFAULT
@@ -352,6 +352,13 @@ def _graph_capture(provider: str, options: RunOptions, contract: str) -> bool:
         raise UserError(f"graph capture is not shown to give the same tokens on {provider} "
                         "yet, so it is not offered there; drop --graph_capture.")
     return bool(options.graph_capture)
+
+
+# Where a decode step of several slots, captured once per width, is shown token-identical to
+# the uncaptured batched step: the CPU runs the captured path's bindings (whole-cache total
+# length, a run option per width), compared with the plain path by tests/test_parallel.py;
+# CUDA: tools/slots_capture_check.py on an H200 (docs/serving.md).
+SLOTS_CAPTURE_SHOWN = ("cuda", "cpu")
 
 
 # Where several slots share one KV cache: each layer's buffer holds a row per slot, a prefill is

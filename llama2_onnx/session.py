@@ -205,7 +205,10 @@ class Runtime:
             return
         placement = self.placement
         assert self.by_address and not placement.outputs_on_device, placement
-        assert not placement.graph_capture, placement
+        # Under graph capture each width's step is its own graph (id = the width; prefill
+        # runs opt out): a replay reuses the addresses bound when it was captured, which for a
+        # width are always the same (_bind_width binds the first rows of fixed blocks).
+        self.width_options: dict[int, ort.RunOptions] = {}
         self.row_binding = self.session.io_binding()
         self.row_binding.bind_ortvalue_input("total_sequence_length", self.total_value)
         self._run_in_row = self._fast_run(self.row_binding)
@@ -380,7 +383,7 @@ class Runtime:
             b.bind_cpu_input(graph_forms.LOGITS_AT, np.array([real - 1], np.int64))
 
     def _run_row(self, embeds: np.ndarray, start: int, real: int, row: int) -> None:
-        """One run of slot `row` alone, at batch 1 (several slots; no graph capture)."""
+        """One run of slot `row` alone, at batch 1 (several slots; never captured)."""
         self.total[...] = start + embeds.shape[0]
         if self.row != row:
             self._bind_row(row)
@@ -418,13 +421,24 @@ class Runtime:
         self.step["inputs_embeds"][:k, 0] = embeds
         self.step["position_ids"][:k, 0] = positions
         self.step["seqlens_k"][:k] = positions
-        self.total[...] = max(positions) + 1  # each row reads up to its own seqlens_k
+        # Each row reads up to its own seqlens_k; a captured step says "up to the whole cache"
+        # as a captured one-slot step does (_run_once).
+        self.total[...] = self.cache_len if self.graph_capture else max(positions) + 1
         if not self.placement.on_host:
             self.step_block.update_inplace(self.step_host)
         if self.width != k:
             self._bind_width(k)
-        self._run(self.decode_options)
+        self._run(self._width_options(k))
         return self.logits[:k, 0]
+
+    def _width_options(self, k: int) -> ort.RunOptions:
+        """The run options of a decode step of width k: under graph capture, graph k's."""
+        if not self.graph_capture:
+            return self.decode_options
+        if k not in self.width_options:
+            self.width_options[k] = options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(k))
+        return self.width_options[k]
 
     def _bind_width(self, k: int) -> None:
         """Bind decode steps to the first k rows of the step inputs, the caches and the logits

@@ -44,14 +44,19 @@ def greedy_alone(engine: Engine, prompt: list[int], steps: int) -> tuple[list, l
     return tokens, seen
 
 
+@pytest.mark.parametrize("capture", [False, True], ids=["plain", "captured-bindings"])
 @pytest.mark.parametrize("precision, gqa", PRECISIONS)
 def test_a_batched_decode_step_gives_each_row_the_logits_it_gets_alone(make_variant, precision,
-                                                                       gqa):
+                                                                       gqa, capture):
     """Rows of different lengths decoded together at batch 4, 3 and 1 (the step's width is the
-    highest busy row + 1) against each sequence decoded alone by the one-slot runtime."""
+    highest busy row + 1) against each sequence decoded alone by the one-slot runtime (plain).
+    With graph capture asked on the CPU, the steps run the captured path's bindings: the whole
+    cache as total length and a run option per width."""
     folder = make_variant("hf", precision, gqa)
     one = Engine.from_variant(folder, provider="cpu")
-    runtime = Engine.from_variant(folder, provider="cpu", parallel=4).runner
+    runtime = Engine.from_variant(folder, provider="cpu", parallel=4,
+                                  graph_capture=capture).runner
+    assert runtime.graph_capture == capture
     layer = 4 * one.config.n_kv_heads * one.context_len * one.config.head_dim * (
         np.dtype(runtime.dtype).itemsize)  # one layer's K (or V) for 4 rows
     assert runtime.slots == 4 and np.diff(runtime.caches).tolist() == [layer] * 3
@@ -132,15 +137,20 @@ def run_all(slots: SlotEngine, requests: list, ticks: int = 5000) -> dict:
     raise AssertionError("the requests did not end")
 
 
-@pytest.fixture(scope="module", params=[None, 16], ids=["whole-prompts", "chunks-of-16"])
+@pytest.fixture(scope="module", params=[(None, False), (16, False), (16, True)],
+                ids=["whole-prompts", "chunks-of-16", "chunks-of-16-captured-bindings"])
 def engines(make_variant, request):
     """The one-slot engine and a four-slot SlotEngine of one variant, pre-filling whole prompts
     (the CPU's default) or in power-of-two runs of up to 16 tokens, padded, with decode steps
-    at widths 1, 2 and 4 only (the CUDA default's way: every shape seen at load)."""
+    at widths 1, 2 and 4 only (the CUDA default's way: every shape seen at load), and that way
+    with the captured path's bindings (CUDA's default: a graph per width)."""
     folder = make_variant("hf", "float32", True)
-    options = RunOptions(provider="cpu", prefill_chunk=request.param)
-    return (Engine.from_variant(folder, options),
-            SlotEngine(Engine.from_variant(folder, replace(options, parallel=4))))
+    chunk, capture = request.param
+    options = RunOptions(provider="cpu", prefill_chunk=chunk)
+    slots = SlotEngine(Engine.from_variant(folder, replace(options, parallel=4,
+                                                           graph_capture=capture)))
+    assert slots.runner.graph_capture == capture
+    return Engine.from_variant(folder, options), slots
 
 
 ASKS = [  # (text, settings, max tokens, stop strings): long and short, greedy and seeded

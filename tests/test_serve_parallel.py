@@ -138,7 +138,7 @@ def test_a_client_leaving_frees_its_slot_and_a_full_server_is_503(busy_server):
 
 @pytest.mark.parametrize("args, message", [
     (["--parallel", "0"], "--parallel 0 is invalid"),
-    (["--parallel", "2", "--graph-capture"], "not offered with --parallel 2"),
+    (["--parallel", "two"], "--parallel 'two' is invalid; use a whole number"),
 ])
 def test_parallel_mistakes_give_one_error_line(args, message):
     done = subprocess.run([sys.executable, str(SERVE), "--variant", "demo", "--provider", "cpu",

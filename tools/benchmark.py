@@ -397,7 +397,9 @@ def _serve_once(args: argparse.Namespace, parallel: int) -> dict:
     cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--port", "0", "--provider",
            args.provider, "--max-queue", "128", "--parallel", str(parallel)] + (
         ["--variant", args.variant] if args.variant else []) + (
-        ["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else [])
+        ["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else []) + (
+        [] if args.graph_capture == "auto" else
+        ["--graph-capture" if args.graph_capture else "--no-graph-capture"])
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         seen = []  # the server's notes and warnings before its "serving" line
@@ -654,12 +656,22 @@ def parse_args() -> argparse.Namespace:
                        "tokens per request (default: a short sentence)")
     serve.add_argument("--max-seq-len", "--max_seq_len", type=int, default=None,
                        help="the server's context (default: the model's)")
+    add_capture_options(serve)
     return parser.parse_args()
 
 
 def _whole_numbers(text: str) -> list[int]:
     """'1,16,64' -> [1, 16, 64]; a bad item is kept as text for check_args to refuse."""
     return [int(n) if n.strip().isdigit() else n for n in text.split(",")]
+
+
+def add_capture_options(parser: argparse.ArgumentParser) -> None:
+    capture = parser.add_mutually_exclusive_group()
+    capture.add_argument("--graph-capture", "--graph_capture", action="store_const", const=True,
+                         default="auto", help="capture the decode step as a GPU graph "
+                         "(default: the provider's default, on for CUDA and WebGPU)")
+    capture.add_argument("--no-graph-capture", "--no_graph_capture", action="store_const",
+                         const=False, dest="graph_capture", help="no graph capture")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -669,12 +681,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help=PROVIDERS_HELP)
     parser.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None,
                         help="context to allocate (default: the model's)")
-    capture = parser.add_mutually_exclusive_group()
-    capture.add_argument("--graph-capture", "--graph_capture", action="store_const", const=True,
-                         default="auto", help="capture the decode step as a GPU graph "
-                         "(default: the provider's default, on for CUDA and WebGPU)")
-    capture.add_argument("--no-graph-capture", "--no_graph_capture", action="store_const",
-                         const=False, dest="graph_capture", help="no graph capture")
+    add_capture_options(parser)
     parser.add_argument("--prefill-chunk", "--prefill_chunk", type=int, default=None,
                         help="longest prefill chunk (power of two); 0: whole prompts; default: "
                         "the provider's")

@@ -100,7 +100,7 @@ def main() -> None:
     torch.zeros(1, device="cuda")  # PyTorch's CUDA context first, so CUPTI sees all kernels
     engine = Engine.from_variant(args.variant, provider="cuda", parallel=args.parallel,
                                  max_seq_len=args.max_seq_len,
-                                 graph_capture=not args.no_graph_capture and args.parallel == 1)
+                                 graph_capture=not args.no_graph_capture)
     prompt = engine.tokenizer.encode("", bos=True) + [100 + i * 37 % 20000
                                           for i in range(args.prompt_tokens - 1)]
 
