@@ -61,6 +61,10 @@ class SlotRunner(Runner, Protocol):
         """The k that a step of slots 0..rows-1 runs at (k >= rows)."""
         ...
 
+    def warm_up_decode(self) -> None:
+        """Run (and capture) the decode step of each width on the calling thread."""
+        ...
+
 
 @dataclass(eq=False)
 class Slot:
@@ -111,7 +115,8 @@ def prefill_tokens_per_tick() -> int:
 
 class SlotEngine:
     """Runs requests in the engine's slots (Placement.slots rows of its KV cache), a tick at a
-    time (see the module comment). It owns the cache: use the engine through it only.
+    time (see the module comment). It owns the cache: use the engine through it only, from the
+    thread that made it (a captured decode graph belongs to the thread that captured it).
     `prefill_tokens`: see PREFILL_TOKENS_PER_TICK (None: that, or the variable).
     """
 
@@ -124,6 +129,7 @@ class SlotEngine:
         self._ended = itertools.count(1)
         self.prefill_tokens = prefill_tokens_per_tick() if prefill_tokens is None \
             else prefill_tokens
+        self.runner.warm_up_decode()  # on the thread that will call step()
 
     def free(self) -> int:
         """How many slots have no request."""

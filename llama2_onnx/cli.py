@@ -79,8 +79,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                          help="run decode steps without graph capture")
     parser.add_argument("--parallel", type=parallel_count, default=1,
                         help="requests held in the KV cache and decoded together, on the CPU or "
-                        "CUDA (slots; default 1: one at a time; the cache grows N times; auto: "
-                        "on CUDA as many as half the free GPU memory holds, at most 16)")
+                        "CUDA (slots; the cache grows N times; 1: one at a time, the default "
+                        "except for tools/serve.py, whose default is auto: on CUDA as many as "
+                        "half the free GPU memory holds, at most 16, one elsewhere)")
 
 
 def parallel_count(text: str) -> int | str:

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from .tokenizer import HFTokenizer, Tokenizer
 
 OPSET_ZEROS = 17
+# Runs of a graph id until ONNX Runtime's CUDA provider has captured it: two plain runs, then
+# the capture (its min_num_runs_before_cuda_graph_capture_ is 2).
+CAPTURE_RUNS = 3
 
 
 def create_session(graph: Path, placement: Placement) -> ort.InferenceSession:
@@ -348,8 +351,18 @@ class Runtime:
                 self._run_row(zeros[:size], 0, size, 0)
             else:
                 self._run_once(zeros[:size], 0)
-        if self.slots > 1:  # and each decode width, at position 1 of every row
-            for width in sorted({self.decode_width(k) for k in range(1, self.slots + 1)}):
+
+    def warm_up_decode(self) -> None:
+        """With several slots, run a decode step of each width (at position 1 of every row;
+        garbage, as in warm_up) where every shape is seen before use, and under graph capture
+        enough times to capture each width's graph now: ONNX Runtime's CUDA provider captures
+        on a graph's third run and keeps it in the calling thread's context, so this runs on
+        the thread that will decode (batching.SlotEngine calls it), and a width is never first
+        captured in the middle of a burst of requests."""
+        if self.slots == 1 or not (self.graph_capture or self.max_chunk is not None):
+            return
+        for width in sorted({self.decode_width(k) for k in range(1, self.slots + 1)}):
+            for _ in range(CAPTURE_RUNS if self.graph_capture else 1):
                 self.run_rows(np.zeros((width, self.config.dim), self.dtype), [1] * width)
 
     def _run_once(self, embeds: np.ndarray, start: int, real: int | None = None) -> None:

@@ -5,20 +5,29 @@ tests/test_serve_parallel.py."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import tiny_config
 
+from llama2_onnx import session
 from llama2_onnx.batching import SlotEngine
 from llama2_onnx.errors import UserError
 from llama2_onnx.generation import Engine, common_prefix
 from llama2_onnx.loading import check_memory
 from llama2_onnx.placement import RunOptions, place
 from llama2_onnx.sampling import SamplingSettings
+from llama2_onnx.scheduler import Scheduler
 from llama2_onnx.variant_folder import find_graph
 
+ROOT = Path(__file__).resolve().parent.parent
 GREEDY = SamplingSettings(temperature=0)
 PRECISIONS = [("float32", False), ("float32", True), ("float16", True), ("int4", True)]
 
@@ -305,6 +314,9 @@ class RowRunner:
     def decode_width(self, rows: int) -> int:
         return rows
 
+    def warm_up_decode(self) -> None:
+        pass
+
 
 def test_slot_bookkeeping_reuses_rows_and_holds_what_each_row_holds(tokenizer):
     """Two slots, five requests: rows are reused, a follow-up goes to its conversation's slot,
@@ -392,3 +404,54 @@ def test_a_new_conversation_takes_a_low_row(tokenizer):
         slots.step()
     assert max(runner.widths[-4:]) == 4
     assert slots.start([1, 300], GREEDY, 4, ignore_eos=True).slot.row == 3
+
+
+@pytest.mark.parametrize("chunk, capture, widths", [
+    (None, False, []),  # the CPU's default: no shape is fixed at load, nothing captured
+    (16, False, [1, 2, 4]),
+    (16, True, [1, 1, 1, 2, 2, 2, 4, 4, 4]),  # CAPTURE_RUNS each: captured before any request
+])
+def test_slots_warm_up_every_decode_width_before_the_first_request(make_variant, chunk,
+                                                                   capture, widths):
+    folder = make_variant("hf", "float32", True)
+    engine = Engine.from_variant(folder, provider="cpu", parallel=4, prefill_chunk=chunk,
+                                 graph_capture=capture)
+    seen, run_rows = [], engine.runner.run_rows
+    engine.runner.run_rows = lambda embeds, positions: (seen.append(len(positions)),
+                                                        run_rows(embeds, positions))[1]
+    assert session.CAPTURE_RUNS == 3
+    SlotEngine(engine)
+    assert seen == widths
+
+
+def test_the_servers_slots_warm_up_on_the_thread_that_decodes(make_variant):
+    """A captured graph belongs to the thread that captured it (ONNX Runtime's CUDA provider
+    keeps it per thread): the scheduler's worker makes its SlotEngine, so the warm-up runs
+    there."""
+    engine = Engine.from_variant(make_variant("hf", "float32", True), provider="cpu",
+                                 parallel=4, prefill_chunk=16, graph_capture=True)
+    threads, warm_up = [], engine.runner.warm_up_decode
+    engine.runner.warm_up_decode = lambda: (threads.append(threading.current_thread()),
+                                            warm_up())
+    scheduler = Scheduler(engine, slots=4)
+    try:
+        for _ in range(200):
+            if threads:
+                break
+            time.sleep(0.01)
+        assert threads == [scheduler._thread]
+    finally:
+        scheduler.close()
+
+
+def test_the_slots_capture_check_finds_the_cpus_batched_tokens_equal_to_one_slots():
+    """tools/slots_capture_check.py (run on the GPU for docs/serving.md) on the demo: on the CPU
+    captured bindings, plain batched steps and one slot give every request the same tokens."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "slots_capture_check.py"),
+                           "--variant", str(ROOT / "demo"), "--provider", "cpu", "--parallel",
+                           "4", "--requests", "6", "--max-seq-len", "512"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["captured_equals_uncaptured"] and report["tokens"] > 6 * 32
+    assert report["requests_equal_to_one_slot"] == 6 and report["divergences_from_one_slot"] == []

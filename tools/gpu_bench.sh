@@ -14,6 +14,8 @@
 #   bash tools/gpu_bench.sh side WORK [PRECISIONS]      # ours CUDA, ours WebGPU, genai-webgpu
 #   bash tools/gpu_bench.sh serve WORK [PRECISIONS]     # the server: --parallel 1, 16, 64
 #   bash tools/gpu_bench.sh slots_profile WORK          # a batched decode step's host time
+#   bash tools/gpu_bench.sh slots_check WORK [PRECISIONS]  # 16 slots captured = uncaptured;
+#                                                       # divergences from one slot: margins
 #
 # PRECISIONS: float16 and/or int4 (default "float16"). JSON results go to $OUT (or WORK/results).
 #
@@ -39,7 +41,7 @@
 # again with SERVE_PREFILL_TOKENS (default 512) prompt tokens a tick
 # (batching.PREFILL_TOKENS_PER_TICK).
 # `slots_profile` times decode steps on the GPU (tools/gpu_profile.py): one slot captured and
-# uncaptured, 16 and 64 slots (uncaptured): the host's share of a batched step.
+# uncaptured, 16 and 64 slots (captured): the host's share of a batched step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=$1; work=$2; precisions=${3:-float16}
@@ -160,6 +162,13 @@ serve() {  # one request per client: --parallel 1 at 64 clients alone would take
     LLAMA2_ONNX_PREFILL_TOKENS_PER_TICK=${SERVE_PREFILL_TOKENS:-512} \
       $py tools/benchmark.py serve "${common[@]}" --clients 16 --parallel 16 \
       > "$out/serve_${p}_prefill.json"
+  done
+}
+
+slots_check() {  # tools/slots_capture_check.py: 40 greedy requests through 16 slots
+  for p in $precisions; do
+    $py tools/slots_capture_check.py --variant "$work/ours_$p" --parallel 16 --requests 40 \
+      | tee "$out/slots_check_$p.json"
   done
 }
 

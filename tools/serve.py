@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"one idle longest is closed, or a new one gets 503 (default "
                         f"{MAX_CONNECTIONS})")
     add_engine_args(parser)
+    parser.set_defaults(parallel="auto")  # a server's slots: placement.auto_slots
     parser.add_argument("--token_delay", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--body_timeout", type=float, default=BODY_TIMEOUT_S,
                         help=argparse.SUPPRESS)  # tests only, as --token_delay
