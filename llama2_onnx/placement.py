@@ -331,20 +331,13 @@ CAPTURE_DEFAULT = ("cuda", "webgpu")
 def _graph_capture(provider: str, options: RunOptions, contract: str) -> bool:
     """On by default where shown and faster (CUDA, WebGPU); refused where not shown; the
     original format's runtime has no fixed buffers to capture. A decode step of several slots
-    is captured once per width it runs at (session.Runtime.run_rows) where that is shown
-    token-identical too (SLOTS_CAPTURE_SHOWN)."""
+    is captured once per width it runs at (session.Runtime.run_rows), shown token-identical
+    wherever slots are offered (SLOTS_OFFERED)."""
     if contract == ORIGINAL:
         if options.graph_capture is True:
             raise UserError("graph capture needs this repository's graph contract; the "
                             "original Llama-2-Onnx format runs without it (drop "
                             "--graph_capture).")
-        return False
-    if options.parallel != 1 and provider not in SLOTS_CAPTURE_SHOWN:
-        if options.graph_capture is True:
-            raise UserError(f"graph capture is not shown to give the same tokens for a decode "
-                            f"step of several slots on {provider} yet, so it is not offered "
-                            f"with --parallel {options.parallel}; drop --graph_capture or use "
-                            "--parallel 1.")
         return False
     if options.graph_capture == "auto":
         return provider in CAPTURE_DEFAULT
@@ -354,18 +347,14 @@ def _graph_capture(provider: str, options: RunOptions, contract: str) -> bool:
     return bool(options.graph_capture)
 
 
-# Where a decode step of several slots, captured once per width, is shown token-identical to
-# the uncaptured batched step: the CPU runs the captured path's bindings (whole-cache total
-# length, a run option per width), compared with the plain path by tests/test_parallel.py;
-# CUDA: tools/slots_capture_check.py on an H200 (docs/serving.md).
-SLOTS_CAPTURE_SHOWN = ("cuda", "cpu")
-
-
 # Where several slots share one KV cache: each layer's buffer holds a row per slot, a prefill is
 # bound into its slot's row by address and a decode step runs the rows together, each with its
 # own seqlens_k. DirectML and WebGPU buffers have no addresses to offset into (and DirectML's
 # GroupQueryAttention reads per-row lengths only for single-token steps); the original format's
-# runtime holds one sequence.
+# runtime holds one sequence. On both, a decode step of several slots captured once per width
+# is shown token-identical to the uncaptured one: the CPU runs the captured path's bindings
+# (tests/test_parallel.py), CUDA on an H200 (tools/slots_capture_check.py, docs/serving.md); a
+# provider added here needs that shown first, or _graph_capture must refuse it.
 SLOTS_OFFERED = ("cuda", "cpu")
 
 
